@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="taps_peft",
+    version="0.1.0",
+    description="Task Adaptive Parameter Sharing (TAPS, CVPR 2022) as a PEFT method for vision models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["taps_peft", "taps_peft.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "peft>=0.21,<0.22",
+        "transformers>=4.50",
+        "accelerate>=1.0",
+        "safetensors",
+    ],
+    extras_require={
+        "timm": ["timm>=1.0", "torchvision"],
+        "hub": ["huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
+        "dev": ["pytest>=8", "timm>=1.0", "torchvision", "huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
+    },
+)

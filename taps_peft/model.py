@@ -1,0 +1,171 @@
+"""`TAPSModel`: the PEFT tuner that injects TAPS layers and owns the penalty and the gate report."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import ModulesToSaveWrapper
+
+from .config import TAPSConfig
+from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer
+from .targets import default_targets, find_head, norm_modules
+
+
+class TAPSModel(BaseTuner):
+    """Injects TAPS layers into a model; created by ``peft.get_peft_model`` (after ``import taps_peft``).
+
+    Example:
+        >>> import timm, taps_peft
+        >>> from peft import get_peft_model
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+        >>> model = get_peft_model(vit, taps_peft.TAPSConfig(lam=0.5))
+        >>> loss = task_loss + model.taps_penalty(step)  # doctest: +SKIP
+        >>> model.print_taps_summary()  # doctest: +SKIP
+    """
+
+    prefix: str = "taps_"
+    tuner_layer_cls = TAPSLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: TAPSConfig, model_config: dict) -> TAPSConfig:
+        head = find_head(self.model)
+        if peft_config.modules_to_save is None and head is not None:
+            peft_config.modules_to_save = [head]
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(default_targets(self.model, head))
+        if peft_config.train_norms:
+            saved = list(peft_config.modules_to_save or [])
+            norms = [n for n in norm_modules(self.model, skip=saved) if n not in saved]
+            peft_config.modules_to_save = saved + norms
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: TAPSConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, TAPSLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if isinstance(target, nn.Linear):
+            new_module = Linear(target, adapter_name, peft_config)
+        elif isinstance(target, _CONV):
+            new_module = Conv(target, adapter_name, peft_config)
+        else:
+            raise TypeError(
+                f"TAPS cannot gate `{current_key}` ({type(target).__name__}): it supports "
+                f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} and their subclasses. "
+                "Remove it from `target_modules` or add it to `exclude_modules`."
+            )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter starts frozen, as in PEFT
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ----- the paper's penalty and the gate report -----
+
+    def taps_layers(self) -> list[tuple[str, TAPSLayer]]:
+        """Every TAPS layer of the model, as (module name, layer)."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, TAPSLayer)]
+
+    def taps_penalty(self, step: Optional[int] = None) -> torch.Tensor:
+        """``(lam / L) * sum_i |s_i|`` over the gated layers of each active adapter; add it to the task loss.
+
+        ``step`` (optimizer steps so far) enables the warm-up: no penalty while ``step < warmup_steps``.
+
+        Example:
+            >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)  # doctest: +SKIP
+        """
+        total: Optional[torch.Tensor] = None
+        layers = self.taps_layers()
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            scores = [m.taps_score[name] for _, m in layers if name in m.taps_score]
+            if not scores or (step is not None and step < config.warmup_steps):
+                continue
+            term = torch.cat(scores).abs().sum() * (config.lam / len(scores))
+            total = term if total is None else total + term
+        if total is None:
+            device = next(iter(self.model.parameters())).device
+            return torch.zeros((), device=device)
+        return total
+
+    def taps_layer_report(self, adapter_name: Optional[str] = None) -> list[dict[str, Any]]:
+        """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau) and ``params`` (delta size).
+
+        Example:
+            >>> [r["name"] for r in model.taps_layer_report() if r["active"]]  # doctest: +SKIP
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        return [
+            {
+                "name": name,
+                "score": float(layer.taps_score[adapter_name].detach().float().item()),
+                "active": layer.is_active(adapter_name),
+                "params": layer.taps_delta[adapter_name].numel(),
+            }
+            for name, layer in self.taps_layers()
+            if adapter_name in layer.taps_score
+        ]
+
+    def taps_summary(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
+        """Active layers k/L, task-specific parameters (active deltas, scores, norms, head) and adapter bytes."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        report = self.taps_layer_report(adapter_name)
+        active = [r for r in report if r["active"]]
+        layers = dict(self.taps_layers())
+        delta_bytes = sum(layers[r["name"]].taps_delta[adapter_name].nbytes for r in active)
+        score_params = len(report)
+        saved = [
+            t
+            for m in self.model.modules()
+            if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save
+            for t in m.modules_to_save[adapter_name].state_dict().values()
+        ]
+        saved_params = sum(t.numel() for t in saved if t.is_floating_point())
+        task_params = sum(r["params"] for r in active) + score_params + saved_params
+        base_params = _base_param_count(self.model)
+        return {
+            "adapter": adapter_name,
+            "active_layers": len(active),
+            "total_layers": len(report),
+            "task_specific_params": task_params,
+            "base_params": base_params,
+            "task_specific_percent": 100.0 * task_params / max(base_params, 1),
+            "adapter_bytes": delta_bytes + 4 * score_params + sum(t.nbytes for t in saved),
+        }
+
+    def print_taps_summary(self, adapter_name: Optional[str] = None, show_layers: bool = False) -> None:
+        """Print the summary (like ``print_trainable_parameters``), optionally with the per-layer table."""
+        s = self.taps_summary(adapter_name)
+        if show_layers:
+            rows = self.taps_layer_report(s["adapter"])
+            width = max([len(r["name"]) for r in rows] + [5])
+            print(f"{'layer':<{width}}  {'score':>8}  active  {'params':>10}")
+            for r in rows:
+                print(f"{r['name']:<{width}}  {r['score']:>8.4f}  {'yes' if r['active'] else 'no':>6}  {r['params']:>10,}")
+        pct = 100.0 * s["active_layers"] / max(s["total_layers"], 1)
+        print(
+            f"TAPS adapter '{s['adapter']}': active layers: {s['active_layers']}/{s['total_layers']} ({pct:.1f}%) || "
+            f"task-specific params: {s['task_specific_params']:,} ({s['task_specific_percent']:.2f}% of base "
+            f"{s['base_params']:,}) || adapter size: {s['adapter_bytes'] / 2**20:.2f} MiB"
+        )
+
+
+def _base_param_count(model: nn.Module) -> int:
+    """Parameters of the base model alone (no deltas, scores or per-adapter copies)."""
+    extra = set()
+    for m in model.modules():
+        if isinstance(m, TAPSLayer):
+            extra |= {id(p) for p in [*m.taps_delta.values(), *m.taps_score.values()]}
+        elif isinstance(m, ModulesToSaveWrapper):
+            extra |= {id(p) for p in m.modules_to_save.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in extra)
