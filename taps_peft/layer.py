@@ -103,6 +103,7 @@ class TAPSLayer(BaseTunerLayer):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             weight.data.copy_(merged)
             self.merged_adapters.append(name)
+        self._cached_weight = None
 
     def unmerge(self) -> None:
         """Subtract the merged deltas again (exact up to float rounding)."""
@@ -114,6 +115,7 @@ class TAPSLayer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             if name in self.taps_delta:
                 weight.data.sub_(self.get_delta_weight(name))
+        self._cached_weight = None
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -130,7 +132,12 @@ class TAPSLayer(BaseTunerLayer):
         return weight
 
     def _inference_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
-        """No-grad path: the formed weight, cached until a parameter changes; None when no gate is on."""
+        """No-grad path: the formed weight, cached until a parameter changes; None when no gate is on.
+
+        The cache is keyed on the tensors' storage and version counters (bumped by in-place updates such as
+        optimizer steps and ``load_state_dict``) and dropped on ``train()``/``eval()`` and merge/unmerge. Edits made
+        through ``param.data`` bypass version counters: switch modes after such edits.
+        """
         weight = self.get_base_layer().weight
         tensors = [weight] + [t for a in adapters for t in (self.taps_delta[a], self.taps_score[a])]
         key = (tuple(adapters), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
@@ -174,6 +181,10 @@ class _TAPSModule(nn.Module, TAPSLayer):
             if weight is None:  # every gate off: exactly the base layer, at no extra cost
                 return self.base_layer(x, *args, **kwargs)
         return self._functional_forward(x, weight, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> "_TAPSModule":
+        self._cached_weight = None
+        return super().train(mode)
 
     def __repr__(self) -> str:
         return "taps." + super().__repr__()

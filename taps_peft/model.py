@@ -12,7 +12,7 @@ from peft.utils.other import ModulesToSaveWrapper
 
 from .config import TAPSConfig
 from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer
-from .targets import default_targets, find_head, norm_modules
+from .targets import check_targets, default_targets, find_head, norm_modules
 
 
 class TAPSModel(BaseTuner):
@@ -37,6 +37,8 @@ class TAPSModel(BaseTuner):
             peft_config.modules_to_save = [head]
         if peft_config.target_modules is None:
             peft_config.target_modules = set(default_targets(self.model, head))
+        else:
+            check_targets(self.model, peft_config.target_modules)
         if peft_config.train_norms:
             saved = list(peft_config.modules_to_save or [])
             norms = [n for n in norm_modules(self.model, skip=saved) if n not in saved]

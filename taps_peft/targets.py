@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Optional, Union
 
 from torch import nn
 
@@ -66,6 +67,22 @@ def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
             "outside the head and patch embedding. Pass `target_modules=[...]` naming the layers to adapt."
         )
     return names
+
+
+def check_targets(model: nn.Module, target_modules: Union[str, set[str], list[str]]) -> None:
+    """Raise a ValueError naming every ``target_modules`` entry that matches no module, and what is there."""
+    names = [n for n in plain_modules(model) if n]
+    if isinstance(target_modules, str):
+        missing = [] if any(re.fullmatch(target_modules, n) for n in names) else [target_modules]
+    else:
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        gateable = [n for n, m in plain_modules(model).items() if isinstance(m, SUPPORTED_LAYERS)]
+        raise ValueError(
+            f"TAPSConfig.target_modules: {sorted(missing)} matched no module of {type(model).__name__}. "
+            f"Gateable layers include {gateable[:8]}{' ...' if len(gateable) > 8 else ''}; "
+            "fix the names, or pass target_modules=None for the default layers."
+        )
 
 
 def norm_modules(model: nn.Module, skip: Optional[list[str]] = None) -> list[str]:

@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Time one training step of TAPS against full fine-tuning of the same model, in the same run.
+
+A training step is ``zero_grad -> forward -> loss (+ taps_penalty() for TAPS) -> backward -> optimizer.step()``.
+Every strategy starts from the same random-init timm model (deep copies), sees the same batch and runs in the same
+precision. Steps are interleaved in rounds (one step of each strategy per round, the order rotated every round), so
+machine noise hits every strategy alike; the table reports medians and the ratio of each strategy to full fine-tuning.
+
+TAPS runs as after ``get_peft_model``: every gate active (score_init > tau), head and norms trainable, optimizer from
+``taps_peft.create_taps_optimizer``. ``--lora`` adds PEFT LoRA r=16 on the blocks' qkv, proj, fc1, fc2 with the head
+in ``modules_to_save`` (the comparison of docs/performance notes).
+
+Examples:
+    python benchmarks/bench_train_step.py                       # CPU defaults, about a minute on 2 cores
+    python benchmarks/bench_train_step.py --lora --json out.json
+    python benchmarks/bench_train_step.py --device cuda --dtype bf16 --model vit_base_patch16_224 \\
+        --img-size 224 --batch 128 --steps 30 --warmup 8
+
+Goal: TAPS step / full-FT step <= 1.05 on CPU, <= 1.00 on GPU. The script prints whether it is met; it never fails
+because of it (exit code 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Run from a checkout without installing: make the repository root importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+GOAL = {"cpu": 1.05, "cuda": 1.00}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (pretrained=False)")
+    p.add_argument("--img-size", type=int, default=64, help="input resolution (passed to timm as img_size)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 40 on cpu, 30 on cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 5 on cpu, 8 on cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast(bfloat16)")
+    p.add_argument("--optim", choices=["sgd", "adamw"], default="sgd", help="sgd = SGD momentum 0.9 (paper)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 1e-4 for adamw")
+    p.add_argument("--lam", type=float, default=0.5, help="TAPS lam")
+    p.add_argument("--lora", action="store_true", help="also time PEFT LoRA r=16 on qkv, proj, fc1, fc2")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 40 if args.device == "cpu" else 30
+    if args.warmup is None:
+        args.warmup = 5 if args.device == "cpu" else 8
+    if args.lr is None:
+        args.lr = 0.01 if args.optim == "sgd" else 1e-4
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--steps must be >= 1, --warmup >= 0, --batch >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Strategy:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    extra_loss: Optional[Callable[[], torch.Tensor]] = None
+    times_ms: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _optimizer_cls(args: argparse.Namespace) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    if args.optim == "sgd":
+        return torch.optim.SGD, {"momentum": 0.9}
+    return torch.optim.AdamW, {}
+
+
+def _param_info(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "all_params": sum(p.numel() for p in model.parameters()),
+        "optimizer_tensors": len(opt_params),
+    }
+
+
+def build_base(args: argparse.Namespace) -> nn.Module:
+    import timm
+
+    torch.manual_seed(args.seed)
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": args.num_classes}
+    try:
+        return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+    except TypeError:  # models without an img_size argument (CNNs) take any resolution
+        return timm.create_model(args.model, **kwargs)
+
+
+def make_full(base: nn.Module, args: argparse.Namespace) -> Strategy:
+    model = copy.deepcopy(base).to(args.device).train()
+    model.requires_grad_(True)
+    cls, kw = _optimizer_cls(args)
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)
+    return Strategy("full FT", model, opt, info=_param_info(model, opt))
+
+
+def make_taps(base: nn.Module, args: argparse.Namespace) -> Strategy:
+    import taps_peft
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), taps_peft.TAPSConfig(lam=args.lam)).to(args.device).train()
+    cls, kw = _optimizer_cls(args)
+    opt = taps_peft.create_taps_optimizer(model, cls, lr=args.lr, **kw)
+    summary = model.taps_summary()
+    info = _param_info(model, opt)
+    info["active_layers"] = f"{summary['active_layers']}/{summary['total_layers']}"
+    return Strategy("TAPS", model, opt, extra_loss=model.taps_penalty, info=info)
+
+
+def make_lora(base: nn.Module, args: argparse.Namespace) -> Strategy:
+    from peft import LoraConfig, get_peft_model
+
+    # A regex, so that timm's patch_embed.proj (a Conv2d) is not matched by "proj".
+    targets = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))$"
+    config = LoraConfig(r=16, lora_alpha=16, target_modules=targets, modules_to_save=["head"])
+    model = get_peft_model(copy.deepcopy(base), config).to(args.device).train()
+    cls, kw = _optimizer_cls(args)
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)
+    return Strategy("LoRA r=16", model, opt, info=_param_info(model, opt))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _autocast(args: argparse.Namespace):
+    if args.dtype == "bf16":
+        return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(s: Strategy, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    s.optimizer.zero_grad(set_to_none=True)
+    with _autocast(args):
+        loss = F.cross_entropy(s.model(x), y)
+        if s.extra_loss is not None:
+            loss = loss + s.extra_loss()
+    loss.backward()
+    s.optimizer.step()
+
+
+def _static_bytes(s: Strategy) -> int:
+    """Bytes this strategy keeps between steps: parameters, buffers, optimizer state (grads are None then)."""
+    seen: dict[int, int] = {}
+    tensors = list(s.model.parameters()) + list(s.model.buffers())
+    for state in s.optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    for t in tensors:
+        if t.device.type == "cuda":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def timed_step(s: Strategy, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, record: bool) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        train_step(s, x, y, args)
+        end.record()
+        torch.cuda.synchronize()
+        if record:
+            s.times_ms.append(start.elapsed_time(end))
+            # Peak as if this strategy were alone on the device: subtract what the other strategies hold.
+            others = before - _static_bytes(s)
+            s.peak_bytes.append(torch.cuda.max_memory_allocated() - others)
+    else:
+        t0 = time.perf_counter()
+        train_step(s, x, y, args)
+        elapsed = time.perf_counter() - t0
+        if record:
+            s.times_ms.append(elapsed * 1e3)
+    s.optimizer.zero_grad(set_to_none=True)  # hold no grads while the other strategies step
+
+
+def run_rounds(strategies: list[Strategy], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    n = len(strategies)
+    for r in range(args.warmup + args.steps):
+        record = r >= args.warmup
+        order = strategies[r % n :] + strategies[: r % n]  # rotate, so no strategy always runs first
+        for s in order:
+            timed_step(s, x, y, args, record)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _quantile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarize(strategies: list[Strategy], args: argparse.Namespace) -> dict[str, Any]:
+    full = strategies[0]
+    full_med = statistics.median(full.times_ms)
+    rows = []
+    for s in strategies:
+        med = statistics.median(s.times_ms)
+        paired = [a / b for a, b in zip(s.times_ms, full.times_ms)]
+        row = {
+            "strategy": s.name,
+            "median_ms": med,
+            "mean_ms": statistics.fmean(s.times_ms),
+            "min_ms": min(s.times_ms),
+            "p25_ms": _quantile(s.times_ms, 0.25),
+            "p75_ms": _quantile(s.times_ms, 0.75),
+            "ratio_vs_full": med / full_med,
+            "paired_ratio_median": statistics.median(paired),
+            "peak_mem_bytes": max(s.peak_bytes) if s.peak_bytes else None,
+            "times_ms": s.times_ms,
+            **s.info,
+        }
+        rows.append(row)
+    taps = next(r for r in rows if r["strategy"] == "TAPS")
+    goal = GOAL[args.device]
+    full_peak = rows[0]["peak_mem_bytes"]
+    return {
+        "benchmark": "train_step",
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "peft": _version("peft"),
+            "timm": _version("timm"),
+            "taps_peft": _version("taps_peft"),
+            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        },
+        "results": rows,
+        "taps_over_full": taps["ratio_vs_full"],
+        "taps_over_full_paired": taps["paired_ratio_median"],
+        "taps_peak_mem_over_full": (taps["peak_mem_bytes"] / full_peak) if full_peak else None,
+        "goal": goal,
+        "goal_met": taps["ratio_vs_full"] <= goal,
+    }
+
+
+def _version(pkg: str) -> Optional[str]:
+    try:
+        mod = __import__(pkg)
+        return getattr(mod, "__version__", None)
+    except Exception:
+        return None
+
+
+def print_table(res: dict[str, Any]) -> None:
+    cfg = res["config"]
+    env = res["env"]
+    print(
+        f"\n{cfg['model']} img {cfg['img_size']} batch {cfg['batch']} | {cfg['device']} {cfg['dtype']} | "
+        f"{cfg['optim']} | {cfg['steps']} timed rounds after {cfg['warmup']} warm-up, interleaved | "
+        f"torch {env['torch']} threads {env['torch_threads']}"
+    )
+    mem = cfg["device"] == "cuda"
+    head = f"{'strategy':<10} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} {'min ms':>8} "
+    head += f"{'vs full':>8} {'paired':>7}" + (f" {'peak GiB':>9}" if mem else "")
+    print(head)
+    print("-" * len(head))
+    for r in res["results"]:
+        line = (
+            f"{r['strategy']:<10} {r['trainable_params'] / 1e6:>11.3f} {r['optimizer_tensors']:>11d} "
+            f"{r['median_ms']:>10.2f} {r['p25_ms']:>7.2f}-{r['p75_ms']:<7.2f} {r['min_ms']:>8.2f} "
+            f"{r['ratio_vs_full']:>8.3f} {r['paired_ratio_median']:>7.3f}"
+        )
+        if mem:
+            line += f" {r['peak_mem_bytes'] / 2**30:>9.3f}"
+        print(line)
+    verdict = "MET" if res["goal_met"] else "NOT met"
+    print(
+        f"\nTAPS / full FT step (ratio of medians) = {res['taps_over_full']:.3f} "
+        f"(median of paired per-round ratios {res['taps_over_full_paired']:.3f}); "
+        f"goal <= {res['goal']:.2f} on {cfg['device']}: {verdict}"
+    )
+    if res["taps_peak_mem_over_full"] is not None:
+        print(f"TAPS / full FT peak memory = {res['taps_peak_mem_over_full']:.3f}")
+
+
+def write_json(path: str, res: dict[str, Any]) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = build_base(args)
+    strategies = [make_full(base, args), make_taps(base, args)]
+    if args.lora:
+        strategies.append(make_lora(base, args))
+    del base
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(args.device)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(args.device)
+
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # no collector pauses inside timed steps
+    try:
+        run_rounds(strategies, x, y, args)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    res = summarize(strategies, args)
+    print_table(res)
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

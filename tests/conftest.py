@@ -1,0 +1,50 @@
+"""Tiny random-init models shared by the tests (nothing is downloaded)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import taps_peft  # noqa: E402,F401  (registers TAPS with PEFT)
+
+
+def tiny_timm_vit(num_classes: int = 5, depth: int = 2):
+    timm = pytest.importorskip("timm")
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=32, patch_size=8, depth=depth
+    )
+
+
+def tiny_hf_vit(num_classes: int = 5):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=num_classes,
+    )
+    return ViTForImageClassification(cfg)
+
+
+def tiny_resnet(num_classes: int = 5):
+    timm = pytest.importorskip("timm")
+    return timm.create_model("resnet10t", pretrained=False, num_classes=num_classes)
+
+
+def logits(model, x):
+    out = model(x) if not hasattr(getattr(model, "config", None), "model_type") else model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+MODELS = {"timm_vit": tiny_timm_vit, "hf_vit": tiny_hf_vit, "timm_resnet": tiny_resnet}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def images():
+    return torch.randn(4, 3, 32, 32)

@@ -1,0 +1,354 @@
+"""The TAPS tuner against PEFT's invariants for a method (design/peft-seam.md section 8), on tiny real models."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftConfig, PeftModel, PeftType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from torch import nn
+
+import taps_peft
+from taps_peft import TAPSConfig, TAPSLayer, TAPSModel, create_taps_optimizer
+from conftest import MODELS, logits, tiny_hf_vit, tiny_resnet, tiny_timm_vit
+
+
+def taps_layers(model):
+    return [m for m in model.modules() if isinstance(m, TAPSLayer)]
+
+
+@torch.no_grad()
+def set_scores(model, value):
+    for layer in taps_layers(model):
+        layer.taps_score["default"].fill_(value)
+
+
+# ----- registration and config -----
+
+
+def test_registered_with_peft():
+    assert PeftType.TAPS.value == "TAPS" and PeftType("TAPS") is PeftType.TAPS
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.TAPS] is TAPSConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.TAPS] is TAPSModel
+    taps_peft._register()  # importing twice (or reloading) must not raise
+
+
+def test_config_round_trips(tmp_path):
+    config = TAPSConfig(lam=0.25, tau=0.05, score_init=0.2, warmup_steps=3, target_modules=["qkv"])
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, TAPSConfig) and loaded.peft_type == PeftType.TAPS
+    assert (loaded.lam, loaded.tau, loaded.score_init, loaded.warmup_steps) == (0.25, 0.05, 0.2, 3)
+    assert loaded.target_modules == {"qkv"}
+    assert pickle.loads(pickle.dumps(config)) == config and copy.deepcopy(config) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"lam": -1.0}, "lam"), ({"tau": 0.0}, "tau"), ({"score_init": 0.05}, "score_init"),
+     ({"lam": float("nan")}, "lam"), ({"warmup_steps": -2}, "warmup_steps")],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"TAPSConfig\.{field}=.*invalid: use"):
+        TAPSConfig(**kwargs)
+
+
+# ----- injection and defaults -----
+
+
+def test_default_targets_timm_vit():
+    model = get_peft_model(tiny_timm_vit(depth=3), TAPSConfig())
+    names = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, TAPSLayer)}
+    expected = {f"blocks.{i}.{s}" for i in range(3) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert names == expected  # L = 12: no patch_embed.proj, no head
+    config = model.peft_config["default"]
+    assert config.modules_to_save[0] == "head"
+    assert {"blocks.0.norm1", "blocks.2.norm2", "norm"} <= set(config.modules_to_save)
+
+
+def test_default_targets_transformers_vit():
+    model = get_peft_model(tiny_hf_vit(), TAPSConfig())
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, TAPSLayer))
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    assert len(names) == 2 * 6 and suffixes == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert "classifier" in model.peft_config["default"].modules_to_save
+
+
+@pytest.mark.parametrize(
+    "arch, expected_layers, head",
+    [("resnet50", 53, "fc"), ("densenet121", 120, "classifier")],  # the paper's L for these networks
+)
+def test_default_targets_convnets_count_like_the_paper(arch, expected_layers, head):
+    timm = pytest.importorskip("timm")
+    model = get_peft_model(timm.create_model(arch, pretrained=False, num_classes=3), TAPSConfig())
+    assert len(taps_layers(model)) == expected_layers
+    assert model.peft_config["default"].modules_to_save[0] == head
+    assert model.taps_summary()["total_layers"] == expected_layers
+
+
+def test_default_targets_convnext_gate_convs_and_mlp_not_head():
+    timm = pytest.importorskip("timm")
+    base = timm.create_model("convnext_atto", pretrained=False, num_classes=3)
+    n_gateable = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in base.modules()) - 1  # minus head.fc
+    model = get_peft_model(base, TAPSConfig())
+    assert len(taps_layers(model)) == n_gateable
+    assert model.peft_config["default"].modules_to_save[0] == "head.fc"
+    assert "head.norm" in model.peft_config["default"].modules_to_save
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 3)
+
+
+def test_target_forms_list_regex_exclude():
+    base = tiny_timm_vit(depth=2)
+    by_list = get_peft_model(copy.deepcopy(base), TAPSConfig(target_modules=["qkv", "fc2"]))
+    assert len(taps_layers(by_list)) == 4
+    by_regex = get_peft_model(copy.deepcopy(base), TAPSConfig(target_modules=r"blocks\.1\..*(qkv|fc1)"))
+    assert len(taps_layers(by_regex)) == 2
+    excluded = get_peft_model(copy.deepcopy(base), TAPSConfig(exclude_modules=["fc1", "fc2"]))
+    assert len(taps_layers(excluded)) == 4
+
+
+def test_no_match_names_what_was_searched():
+    with pytest.raises(ValueError, match=r"target_modules: \['does_not_exist'\] matched no module.*blocks\.0\.attn\.qkv"):
+        get_peft_model(tiny_timm_vit(), TAPSConfig(target_modules=["does_not_exist"]))
+
+
+def test_unsupported_layer_type_names_module_and_fix():
+    with pytest.raises(TypeError, match=r"blocks\.0\.norm1.*LayerNorm.*Remove it from `target_modules`"):
+        get_peft_model(tiny_timm_vit(), TAPSConfig(target_modules=["blocks.0.norm1"], train_norms=False))
+
+
+# ----- forward semantics -----
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_identity_at_init_and_only_adapter_trainable(name, images):
+    base = MODELS[name]().eval()
+    expected = logits(base, images)
+    model = get_peft_model(base, TAPSConfig()).eval()
+    torch.testing.assert_close(logits(model, images), expected, rtol=0, atol=0)
+    for param_name, param in model.named_parameters():
+        is_adapter = ".taps_" in param_name or ".modules_to_save.default." in param_name
+        assert param.requires_grad == is_adapter, param_name
+        assert ".default" in param_name or not is_adapter  # adapter name appears in parameter names
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_three_sgd_steps_change_adapter_not_base(name, images):
+    model = get_peft_model(MODELS[name](), TAPSConfig(lam=1.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    target = torch.randint(0, 5, (images.shape[0],))
+    for step in range(3):
+        loss = F.cross_entropy(logits(model, images), target) + model.taps_penalty(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        if p.requires_grad:
+            # deltas, scores, head; a norm copy whose output feeds nothing differentiable may stay put
+            if ".taps_" in n or ".head." in n or ".fc." in n or ".classifier." in n:
+                assert changed, n
+        else:
+            assert not changed, n
+
+
+def test_disable_adapter_gives_base_output(images):
+    base = tiny_timm_vit().eval()
+    expected = base(images)
+    model = get_peft_model(base, TAPSConfig(init_weights=False)).eval()
+    assert not torch.allclose(model(images), expected)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+    assert not torch.allclose(model(images), expected)  # state restored on exit
+
+
+def test_every_targeted_layer_changes_the_output(images):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False, train_norms=False)).eval()
+    set_scores(model, 0.0)
+    with torch.no_grad():
+        base_out = model(images)
+        for layer in taps_layers(model):
+            layer.taps_score["default"].fill_(1.0)
+            assert not torch.allclose(model(images), base_out)
+            layer.taps_score["default"].fill_(0.0)
+
+
+class OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("score", [0.3, 0.05])
+def test_straight_through_gradients_match_hand_computation(score):
+    model = get_peft_model(OneLinear(), TAPSConfig(target_modules=["lin"], init_weights=False, lam=0.0))
+    layer = taps_layers(model)[0]
+    layer.taps_score["default"].data.fill_(score)
+    x, target = torch.randn(5, 6), torch.randn(5, 4)
+    F.mse_loss(model(x), target).backward()
+
+    base = layer.get_base_layer()
+    delta = layer.taps_delta["default"].detach()
+    gate = float(score >= 0.1)
+    w_eff = (base.weight.detach() + gate * delta).requires_grad_(True)
+    F.mse_loss(F.linear(x, w_eff, base.bias.detach()), target).backward()
+    torch.testing.assert_close(layer.taps_delta["default"].grad, gate * w_eff.grad)  # zeros when off, not None
+    torch.testing.assert_close(layer.taps_score["default"].grad, (w_eff.grad * delta).sum().reshape(1))
+    assert base.weight.grad is None and base.bias.grad is None
+
+
+def test_conv_layers_grouped_depthwise_conv1d_and_timm_subclasses():
+    timm = pytest.importorskip("timm")
+    from timm.layers import Conv2dSame, StdConv2d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = nn.Conv2d(4, 8, 3, groups=2, padding=1)
+            self.depthwise = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+            self.same = Conv2dSame(8, 8, 3, stride=2)
+            self.std = StdConv2d(8, 8, 3, padding=1)
+            self.conv1d = nn.Conv1d(8, 4, 3)
+
+        def forward(self, x):
+            x = self.std(self.same(self.depthwise(self.grouped(x))))
+            return self.conv1d(x.flatten(2))
+
+    base = Net().eval()
+    model = get_peft_model(base, TAPSConfig(target_modules=list(base._modules), init_weights=False)).eval()
+    x = torch.randn(2, 4, 9, 9)
+    # reference: each base module run with its own forward on W + dW
+    ref = copy.deepcopy(model.get_base_model())
+    expected = x
+    for name in ["grouped", "depthwise", "same", "std", "conv1d"]:
+        layer = getattr(ref, name)
+        w = layer.get_base_layer().weight + layer.taps_delta["default"]
+        if name == "conv1d":
+            expected = expected.flatten(2)
+        expected = torch.func.functional_call(layer.get_base_layer(), {"weight": w}, (expected,))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_inactive_layers_cost_nothing_in_eval_and_cache_follows_updates(images):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).eval()
+    set_scores(model, 0.0)
+    with torch.no_grad():
+        model(images)
+    assert all(layer._cached_weight[1] is None for layer in taps_layers(model))  # base layer called directly
+    set_scores(model, 1.0)
+    with torch.no_grad():
+        first = model(images)
+        layer = taps_layers(model)[0]
+        layer.taps_delta["default"].add_(0.5)  # an in-place update (as an optimizer step) invalidates the cache
+        second = model(images)
+    assert not torch.allclose(first, second)
+    model.train()
+    with torch.enable_grad():
+        torch.testing.assert_close(model(images), second)  # grad path forms the same weight
+
+
+# ----- norms -----
+
+
+def test_batchnorm_is_task_specific_and_base_stats_do_not_drift(images):
+    model = get_peft_model(tiny_resnet(), TAPSConfig())
+    bn_wrapper = model.base_model.model.bn1
+    base_mean = bn_wrapper.original_module.running_mean.clone()
+    model.train()
+    for _ in range(2):
+        model(images)
+    torch.testing.assert_close(bn_wrapper.original_module.running_mean, base_mean, rtol=0, atol=0)
+    assert not torch.equal(bn_wrapper.modules_to_save["default"].running_mean, base_mean)
+    assert bn_wrapper.modules_to_save["default"].weight.requires_grad
+
+
+def test_train_norms_false_keeps_norms_frozen():
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(train_norms=False))
+    assert model.peft_config["default"].modules_to_save == ["head"]
+    assert not any("norm" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+# ----- penalty, optimizer, report, dtype -----
+
+
+def test_penalty_is_lam_over_L_sum_abs_scores_with_warmup():
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.6, warmup_steps=5))
+    layers = taps_layers(model)
+    for i, layer in enumerate(layers):
+        layer.taps_score["default"].data.fill_(0.1 * i - 0.2)
+    expected = 0.6 / len(layers) * sum(abs(0.1 * i - 0.2) for i in range(len(layers)))
+    assert model.taps_penalty(step=4).item() == 0.0
+    assert model.taps_penalty(step=5).item() == pytest.approx(expected, rel=1e-6)
+    assert model.taps_penalty().item() == pytest.approx(expected, rel=1e-6)
+    model.taps_penalty().backward()
+    assert layers[0].taps_score["default"].grad.item() == pytest.approx(-0.6 / len(layers))
+
+
+def test_create_taps_optimizer_gives_scores_their_own_lr():
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig())
+    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-4, score_lr=1e-2, weight_decay=0.05)
+    n_scores = len(taps_layers(model))
+    assert [len(g["params"]) for g in opt.param_groups][1] == n_scores
+    assert opt.param_groups[1]["lr"] == 1e-2 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.param_groups[0]["lr"] == 1e-4 and opt.param_groups[0]["weight_decay"] == 0.05
+    n_trainable = sum(p.requires_grad for p in model.parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
+
+
+def test_report_and_summary(capsys):
+    model = get_peft_model(tiny_timm_vit(depth=2), TAPSConfig())
+    layers = taps_layers(model)
+    for layer in layers[:5]:
+        layer.taps_score["default"].data.fill_(0.0)
+    rows = model.taps_layer_report()
+    assert [r["active"] for r in rows] == [False] * 5 + [True] * 3
+    summary = model.taps_summary()
+    assert (summary["active_layers"], summary["total_layers"]) == (3, 8)
+    active_params = sum(r["params"] for r in rows if r["active"])
+    assert summary["task_specific_params"] > active_params
+    base_params = sum(p.numel() for p in tiny_timm_vit(depth=2).parameters())
+    assert summary["base_params"] == base_params
+    model.print_taps_summary(show_layers=True)
+    out = capsys.readouterr().out
+    assert "active layers: 3/8 (37.5%)" in out and "blocks.0.attn.qkv" in out
+
+
+def test_bf16_base_trains(images):
+    model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig(init_weights=False))
+    out = model(images.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    (out.float().sum() + model.taps_penalty()).backward()
+    layer = taps_layers(model)[0]
+    assert layer.taps_score["default"].dtype == torch.float32
+    assert layer.taps_delta["default"].grad is not None and layer.taps_score["default"].grad is not None
+
+
+def test_merge_and_unmerge_round_trip(images):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).eval()
+    taps_layers(model)[0].taps_score["default"].data.fill_(0.0)  # one inactive layer must not be merged
+    with torch.no_grad():
+        unmerged = model(images)
+        model.merge_adapter()
+        torch.testing.assert_close(model(images), unmerged, atol=1e-4, rtol=1e-4)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(images), unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_loading_round_trip_through_peft(tmp_path, images):
+    base = tiny_timm_vit()
+    fresh_base = copy.deepcopy(base)
+    model = get_peft_model(base, TAPSConfig(init_weights=False)).eval()
+    with torch.no_grad():
+        expected = model(images)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh_base, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), expected)
