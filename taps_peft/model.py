@@ -72,6 +72,32 @@ class TAPSModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter starts frozen, as in PEFT
         self._replace_module(parent, target_name, new_module, target)
 
+    # ----- saving only the active deltas (PEFT's state-dict hooks) -----
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection, minus each delta whose score (read from the state dict itself) is below tau."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        suffix = f".taps_delta.{adapter_name}"
+        for key in [k for k in selected if k.endswith(suffix)]:
+            score = selected[key[: -len(suffix)] + f".taps_score.{adapter_name}"]
+            if float(score.float().max()) < config.tau:
+                del selected[key]
+        return selected
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key mapping, plus real zeros for the deltas of inactive layers (absent from the file)."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, module in model.named_modules():
+            if isinstance(module, TAPSLayer) and adapter_name in module.taps_delta:
+                key = f"{name}.taps_delta.{adapter_name}"
+                if key not in remapped:
+                    delta = module.taps_delta[adapter_name]
+                    device = module.get_base_layer().weight.device
+                    remapped[key] = torch.zeros(delta.shape, dtype=delta.dtype, device=device)
+        return remapped
+
     # ----- the paper's penalty and the gate report -----
 
     def taps_layers(self) -> list[tuple[str, TAPSLayer]]:

@@ -352,3 +352,29 @@ def test_loading_round_trip_through_peft(tmp_path, images):
     loaded = PeftModel.from_pretrained(fresh_base, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), expected)
+
+
+def test_save_keeps_only_active_deltas_and_loads_without_warnings(tmp_path, images, recwarn):
+    from safetensors.torch import load_file
+
+    base = tiny_timm_vit()
+    fresh_base = copy.deepcopy(base)
+    model = get_peft_model(base, TAPSConfig(init_weights=False)).eval()
+    layers = taps_layers(model)
+    with torch.no_grad():
+        for layer in layers[:5]:
+            layer.taps_score["default"].fill_(0.05)
+        expected = model(images)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    deltas = [k for k in saved if ".taps_delta" in k]
+    assert len(deltas) == 3 and len([k for k in saved if ".taps_score" in k]) == 8
+    assert sum(saved[k].numel() for k in deltas) == sum(layer.taps_delta["default"].numel() for layer in layers[5:])
+    assert any("running" not in k and "norm1" in k for k in saved) and any(".head." in k for k in saved)
+
+    recwarn.clear()
+    loaded = PeftModel.from_pretrained(fresh_base, tmp_path, low_cpu_mem_usage=True).eval()
+    assert not [w for w in recwarn if "missing adapter keys" in str(w.message)]
+    assert all(p.device.type != "meta" for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
