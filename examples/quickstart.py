@@ -22,6 +22,7 @@ def digits(labels: range, train: bool):
     x, y = load_digits(return_X_y=True)
     keep = torch.isin(torch.as_tensor(y), torch.tensor(list(labels)))
     x = torch.as_tensor(x, dtype=torch.float32)[keep].reshape(-1, 1, 8, 8).repeat(1, 3, 1, 1) / 16.0
+    x = (x - 0.3) / 0.4  # roughly zero mean, unit variance
     y = torch.as_tensor(y)[keep] - labels.start
     split = int(0.8 * len(y))
     return (x[:split], y[:split]) if train else (x[split:], y[split:])
@@ -53,21 +54,21 @@ def accuracy(model, data):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lam", type=float, default=0.2)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--out", default="runs/quickstart")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     base = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=8, patch_size=2, embed_dim=64,
-        depth=4, num_heads=4,
+        depth=4, num_heads=4, global_pool="avg",
     )
-    fit(base, digits(range(0, 5), True), torch.optim.AdamW(base.parameters(), lr=2e-3), args.epochs)
+    fit(base, digits(range(0, 5), True), torch.optim.AdamW(base.parameters(), lr=1e-3), args.epochs)
     print(f"base model, digits 0-4: accuracy {accuracy(base, digits(range(0, 5), False)):.3f}")
 
     base.reset_classifier(5)  # a fresh head for the new task
     model = get_peft_model(base, taps_peft.TAPSConfig(lam=args.lam))
-    optimizer = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=2e-3, score_lr=1e-2)
+    optimizer = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=1e-3, score_lr=1e-2)
     fit(model, digits(range(5, 10), True), optimizer, args.epochs, penalty=model.taps_penalty)
     print(f"TAPS adapter, digits 5-9: accuracy {accuracy(model, digits(range(5, 10), False)):.3f}")
     model.print_taps_summary(show_layers=True)

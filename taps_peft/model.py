@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -71,6 +72,16 @@ class TAPSModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter starts frozen, as in PEFT
         self._replace_module(parent, target_name, new_module, target)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        # PEFT silently drops `adapter_names` for tuners without this hook; say so instead.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "TAPS does not support mixed-adapter batches (`adapter_names=...`) yet: run one task per batch "
+                "with `model.set_adapter(name)`."
+            )
+        yield
 
     # ----- saving only the active deltas (PEFT's state-dict hooks) -----
 

@@ -378,3 +378,9 @@ def test_save_keeps_only_active_deltas_and_loads_without_warnings(tmp_path, imag
     assert all(p.device.type != "meta" for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
+
+
+def test_adapter_names_is_refused_not_silently_ignored(images):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig()).eval()
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(images, adapter_names=["default"] * 4)
