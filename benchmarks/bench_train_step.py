@@ -299,6 +299,7 @@ def print_table(res: dict[str, Any]) -> None:
     head += f"{'vs full':>8} {'paired':>7}" + (f" {'peak GiB':>9}" if mem else "")
     print(head)
     print("-" * len(head))
+    notes = []
     for r in res["results"]:
         line = (
             f"{r['strategy']:<10} {r['trainable_params'] / 1e6:>11.3f} {r['optimizer_tensors']:>11d} "
@@ -308,6 +309,10 @@ def print_table(res: dict[str, Any]) -> None:
         if mem:
             line += f" {r['peak_mem_bytes'] / 2**30:>9.3f}"
         print(line)
+        if "active_layers" in r:
+            notes.append(f"{r['strategy']}: active layers {r['active_layers']}")
+    if notes:
+        print("(" + "; ".join(notes) + ")")
     verdict = "MET" if res["goal_met"] else "NOT met"
     print(
         f"\nTAPS / full FT step (ratio of medians) = {res['taps_over_full']:.3f} "

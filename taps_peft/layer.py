@@ -26,16 +26,21 @@ class _GatedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, delta: torch.Tensor, score: torch.Tensor, tau: float) -> torch.Tensor:
-        gate = (score >= tau).to(weight.dtype)
+        on = score >= tau
+        # On CPU the gate is read for free, so an open gate skips the multiply (no GPU sync is ever forced).
+        ctx.open = weight.device.type == "cpu" and bool(on)
+        gate = on.to(weight.dtype)
         ctx.save_for_backward(delta, gate)
         ctx.score_dtype = score.dtype
-        return torch.addcmul(weight, gate, delta)
+        return weight + delta if ctx.open else torch.addcmul(weight, gate, delta)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         delta, gate = ctx.saved_tensors
         grad_weight = grad if ctx.needs_input_grad[0] else None
-        grad_delta = grad * gate if ctx.needs_input_grad[1] else None
+        grad_delta = None
+        if ctx.needs_input_grad[1]:
+            grad_delta = grad if ctx.open else grad * gate
         grad_score = None
         if ctx.needs_input_grad[2]:
             grad_score = torch.dot(grad.reshape(-1), delta.reshape(-1)).reshape(1).to(ctx.score_dtype)

@@ -112,8 +112,20 @@ class TAPSModel(BaseTuner):
     # ----- the paper's penalty and the gate report -----
 
     def taps_layers(self) -> list[tuple[str, TAPSLayer]]:
-        """Every TAPS layer of the model, as (module name, layer)."""
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, TAPSLayer)]
+        """Every TAPS layer of the model, as (module name, layer); cached, refreshed when adapters change."""
+        cache = self.__dict__.get("_taps_layer_cache")
+        if cache is None:
+            cache = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TAPSLayer)]
+            self.__dict__["_taps_layer_cache"] = cache
+        return cache
+
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_taps_layer_cache", None)
+        super().inject_adapter(*args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.__dict__.pop("_taps_layer_cache", None)
+        super().delete_adapter(adapter_name)
 
     def taps_penalty(self, step: Optional[int] = None) -> torch.Tensor:
         """``(lam / L) * sum_i |s_i|`` over the gated layers of each active adapter; add it to the task loss.
