@@ -71,13 +71,14 @@ def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
 
 def check_targets(model: nn.Module, target_modules: Union[str, set[str], list[str]]) -> None:
     """Raise a ValueError naming every ``target_modules`` entry that matches no module, and what is there."""
-    names = [n for n in plain_modules(model) if n]
+    modules = plain_modules(model)
+    names = [n for n in modules if n]
     if isinstance(target_modules, str):
         missing = [] if any(re.fullmatch(target_modules, n) for n in names) else [target_modules]
     else:
         missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        gateable = [n for n, m in plain_modules(model).items() if isinstance(m, SUPPORTED_LAYERS)]
+        gateable = [n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS)]
         raise ValueError(
             f"TAPSConfig.target_modules: {sorted(missing)} matched no module of {type(model).__name__}. "
             f"Gateable layers include {gateable[:8]}{' ...' if len(gateable) > 8 else ''}; "
