@@ -20,4 +20,5 @@ setup(
         "hub": ["huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
         "dev": ["pytest>=8", "timm>=1.0", "torchvision", "huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
     },
+    entry_points={"console_scripts": ["taps-peft=taps_peft.train:main"]},
 )

@@ -10,12 +10,14 @@ Example:
 """
 
 from ._registration import register as _register
+from .card import install as _install_card_hooks
 from .config import TAPSConfig
 from .layer import Conv, Linear, TAPSLayer
 from .model import TAPSModel
 from .optim import create_taps_optimizer
 
 _register()
+_install_card_hooks()  # TAPS PeftModels get the model card, atomic save_pretrained and a card-aware push_to_hub
 
 __version__ = "0.1.0"
 __all__ = ["Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "create_taps_optimizer"]

@@ -35,6 +35,8 @@ class TAPSConfig(PeftConfig):
             GroupNorm) and save it with the adapter.
         init_weights: ``True`` starts deltas at zero (the model equals its base). ``False`` draws small random deltas,
             as PEFT's tests expect.
+        save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
+            checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -52,6 +54,9 @@ class TAPSConfig(PeftConfig):
     warmup_steps: int = field(default=0, metadata={"help": "No penalty for the first warmup_steps steps."})
     train_norms: bool = field(default=True, metadata={"help": "Train and save task-specific norm layers."})
     init_weights: bool = field(default=True, metadata={"help": "Zero deltas (identity); False = random, for tests."})
+    save_inactive_deltas: bool = field(
+        default=False, metadata={"help": "Also save inactive layers' deltas (resumable checkpoints)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,33 +18,29 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class _GatedWeight(torch.autograd.Function):
-    """``weight + 1[score >= tau] * delta`` in one fused op, with the straight-through gate of the paper.
+    """``W_base + 1[s >= tau] * dW`` with the paper's straight-through gate; ``is_open`` is read on the host.
 
-    Backward: grad(delta) = gate * grad(W), grad(score) = <grad(W), delta>; no extra matmul. An inactive delta gets a
-    zero gradient (not None), so DDP never sees unused parameters.
+    Backward: grad(dW) = gate * grad(W) (a zero tensor, not None, when closed, so DDP never sees unused parameters)
+    and grad(s) = <grad(W), dW>; no extra matmul.
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, delta: torch.Tensor, score: torch.Tensor, tau: float) -> torch.Tensor:
-        on = score >= tau
-        # On CPU the gate is read for free, so an open gate skips the multiply (no GPU sync is ever forced).
-        ctx.open = weight.device.type == "cpu" and bool(on)
-        gate = on.to(weight.dtype)
-        ctx.save_for_backward(delta, gate)
+    def forward(ctx, base: torch.Tensor, delta: torch.Tensor, score: torch.Tensor, is_open: bool) -> torch.Tensor:
+        ctx.is_open = is_open
         ctx.score_dtype = score.dtype
-        return weight + delta if ctx.open else torch.addcmul(weight, gate, delta)
+        ctx.save_for_backward(delta)
+        return base + delta.to(base.dtype) if is_open else base.view_as(base)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        delta, gate = ctx.saved_tensors
-        grad_weight = grad if ctx.needs_input_grad[0] else None
-        grad_delta = None
+        (delta,) = ctx.saved_tensors
+        grad_delta = grad_score = None
         if ctx.needs_input_grad[1]:
-            grad_delta = grad if ctx.open else grad * gate
-        grad_score = None
+            grad_delta = grad.to(delta.dtype) if ctx.is_open else torch.zeros_like(delta)
         if ctx.needs_input_grad[2]:
-            grad_score = torch.dot(grad.reshape(-1), delta.reshape(-1)).reshape(1).to(ctx.score_dtype)
-        return grad_weight, grad_delta, grad_score, None
+            dot = torch.dot(grad.reshape(-1), delta.reshape(-1).to(grad.dtype))
+            grad_score = dot.reshape(1).to(ctx.score_dtype)
+        return None, grad_delta, grad_score, None
 
 
 class TAPSLayer(BaseTunerLayer):
@@ -60,6 +56,8 @@ class TAPSLayer(BaseTunerLayer):
         self.taps_tau: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self._unmerged_weight: Optional[torch.Tensor] = None  # the base weight's own data while merged
+        self._gates: dict[str, tuple[tuple[int, int], bool]] = {}  # host copy of each gate, keyed on the score
         self._cached_weight: Optional[tuple[tuple, Optional[torch.Tensor]]] = None
         base = self.get_base_layer()
         if isinstance(base, _CONV):
@@ -87,39 +85,49 @@ class TAPSLayer(BaseTunerLayer):
             self.taps_score[adapter_name] = nn.Parameter(score.float(), requires_grad=score.requires_grad)
 
     def is_active(self, adapter_name: str) -> bool:
-        """Whether the layer is task-specific for ``adapter_name`` (score >= tau)."""
-        return bool(self.taps_score[adapter_name].detach().item() >= self.taps_tau[adapter_name])
+        """Whether the layer is task-specific for ``adapter_name`` (score >= tau); read once per score update."""
+        score = self.taps_score[adapter_name]
+        cached = self._gates.get(adapter_name)
+        if cached is None or cached[0] != (score.data_ptr(), score._version):
+            self._set_gate(adapter_name, score.detach().item())
+        return self._gates[adapter_name][1]
+
+    def _set_gate(self, adapter_name: str, value: float) -> None:
+        """Record a score read elsewhere (``TAPSModel`` reads every score in one transfer per step)."""
+        score = self.taps_score[adapter_name]
+        self._gates[adapter_name] = ((score.data_ptr(), score._version), value >= self.taps_tau[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The gated delta ``1[s >= tau] * dW`` in the base weight's dtype."""
-        weight = self.get_base_layer().weight
-        gate = (self.taps_score[adapter_name].detach() >= self.taps_tau[adapter_name]).to(weight.dtype)
-        return gate * self.taps_delta[adapter_name].detach().to(weight.dtype)
+        """The gated delta ``1[s >= tau] * dW`` in the base weight's dtype, detached."""
+        delta = self.taps_delta[adapter_name].detach().to(self.get_base_layer().weight.dtype)
+        return delta if self.is_active(adapter_name) else torch.zeros_like(delta)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add each adapter's gated delta to the base weight in place."""
+        """Add the open adapters' deltas to the base weight; its own data is set aside so unmerge is exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
         for name in adapter_names:
             if name not in self.taps_delta:
                 continue
-            merged = weight.data + self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            weight.data.copy_(merged)
+            if self.is_active(name):
+                merged = weight.data + self.get_delta_weight(name)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                if self._unmerged_weight is None:
+                    self._unmerged_weight = weight.data
+                weight.data = merged
             self.merged_adapters.append(name)
         self._cached_weight = None
 
     def unmerge(self) -> None:
-        """Subtract the merged deltas again (exact up to float rounding)."""
+        """Undo every merge: the base weight gets its own data back, bit for bit."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.taps_delta:
-                weight.data.sub_(self.get_delta_weight(name))
+        if self._unmerged_weight is not None:
+            self.get_base_layer().weight.data = self._unmerged_weight
+            self._unmerged_weight = None
+        self.merged_adapters.clear()
         self._cached_weight = None
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -128,28 +136,32 @@ class TAPSLayer(BaseTunerLayer):
     def _adapters_in_use(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.taps_delta]
 
-    def _effective_weight(self, adapters: list[str]) -> torch.Tensor:
-        """Training path: always form the gated weight (every gate stays in the graph)."""
-        weight = self.get_base_layer().weight
-        for name in adapters:
-            delta = self.taps_delta[name].to(weight.dtype)
-            weight = _GatedWeight.apply(weight, delta, self.taps_score[name], self.taps_tau[name])
-        return weight
+    def _weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
+        """The weight to run with; None when every gate is off outside autograd (the base layer runs as is)."""
+        if torch.is_grad_enabled() and any(
+            self.taps_delta[a].requires_grad or self.taps_score[a].requires_grad for a in adapters
+        ):
+            self._cached_weight = None
+            weight = self.get_base_layer().weight
+            for name in adapters:
+                gate = self.is_active(name)
+                weight = _GatedWeight.apply(weight, self.taps_delta[name], self.taps_score[name], gate)
+            return weight
+        return self._inference_weight(adapters)
 
     def _inference_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
         """No-grad path: the formed weight, cached until a parameter changes; None when no gate is on.
 
-        The cache is keyed on the tensors' storage and version counters (bumped by in-place updates such as
-        optimizer steps and ``load_state_dict``) and dropped on ``train()``/``eval()`` and merge/unmerge. Edits made
-        through ``param.data`` bypass version counters: switch modes after such edits.
+        The cache is keyed on the tensors' storage and version counters (bumped by in-place updates such as optimizer
+        steps and ``load_state_dict``) and dropped on ``train()``/``eval()`` and merge/unmerge. Edits made through
+        ``param.data`` bypass version counters: switch modes after such edits.
         """
         weight = self.get_base_layer().weight
         tensors = [weight] + [t for a in adapters for t in (self.taps_delta[a], self.taps_score[a])]
         key = (tuple(adapters), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
         if self._cached_weight is None or self._cached_weight[0] != key:
-            on = [a for a in adapters if self.is_active(a)]
-            formed = weight + sum(self.taps_delta[a].to(weight.dtype) for a in on) if on else None
-            self._cached_weight = (key, formed)
+            deltas = [self.taps_delta[a].detach().to(weight.dtype) for a in adapters if self.is_active(a)]
+            self._cached_weight = (key, weight.detach() + sum(deltas) if deltas else None)
         return self._cached_weight[1]
 
     def _functional_forward(self, x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -170,22 +182,36 @@ class _TAPSModule(nn.Module, TAPSLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         adapters = self._adapters_in_use()
-        if self.merged or not adapters:
+        weight = None if self.merged or not adapters else self._weight(adapters)
+        if weight is None:
             return self.base_layer(x, *args, **kwargs)
-        if torch.is_grad_enabled():
-            self._cached_weight = None
-            weight = self._effective_weight(adapters)
-        else:
-            weight = self._inference_weight(adapters)
-            if weight is None:  # every gate off: exactly the base layer, at no extra cost
-                return self.base_layer(x, *args, **kwargs)
         return self._functional_forward(x, weight, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each sample runs with its own adapter (``"__base__"``: the base layer): one matmul/conv per adapter."""
+        out: Optional[torch.Tensor] = None
+        for name in dict.fromkeys(adapter_names):
+            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+            weight = None  # formed per call: a cache per adapter would hold a full weight per task
+            if name in self.taps_delta and self.is_active(name):
+                weight = self.get_base_layer().weight + self.get_delta_weight(name)
+            xs = x.index_select(0, rows)
+            if weight is None:
+                ys = self.base_layer(xs, *args, **kwargs)
+            else:
+                ys = self._functional_forward(xs, weight, *args, **kwargs)
+            if out is None:
+                out = ys.new_empty((x.shape[0], *ys.shape[1:]))
+            out.index_copy_(0, rows, ys)
+        return out
 
     def train(self, mode: bool = True) -> "_TAPSModule":
         self._cached_weight = None

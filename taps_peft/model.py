@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -73,22 +74,64 @@ class TAPSModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter starts frozen, as in PEFT
         self._replace_module(parent, target_name, new_module, target)
 
+    def forward(self, *args: Any, **kwargs: Any):
+        self._read_gates()
+        return super().forward(*args, **kwargs)
+
+    def _read_gates(self) -> None:
+        """Read every changed score in one device-to-host transfer, so no layer has to sync the GPU on its own."""
+        stale = [
+            (layer, name)
+            for _, layer in self.taps_layers()
+            for name, score in layer.taps_score.items()
+            if score.device.type != "cpu" and layer._gates.get(name, (None,))[0] != (score.data_ptr(), score._version)
+        ]
+        if stale:
+            values = torch.cat([layer.taps_score[name].detach() for layer, name in stale]).tolist()
+            for (layer, name), value in zip(stale, values):
+                layer._set_gate(name, value)
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        # PEFT silently drops `adapter_names` for tuners without this hook; say so instead.
-        if kwargs.get("adapter_names") is not None:
+        """``adapter_names=[...]``: one adapter name per sample (``"__base__"`` for the base model), eval mode only."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode: call model.eval().")
+        layers = [m for _, m in self.taps_layers()]
+        if any(m.merged for m in layers):
+            raise ValueError("Cannot pass `adapter_names` while an adapter is merged: call model.unmerge_adapter().")
+        unknown = set(adapter_names) - {"__base__"} - set(self.peft_config)
+        if unknown:
             raise ValueError(
-                "TAPS does not support mixed-adapter batches (`adapter_names=...`) yet: run one task per batch "
-                "with `model.set_adapter(name)`."
+                f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}. "
+                f"Loaded adapters: {', '.join(self.peft_config)} (or '__base__' for the base model)."
             )
-        yield
+        adapter_names = list(adapter_names)
+        handles = []
+        for m in self.modules():
+            if isinstance(m, TAPSLayer):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+            elif isinstance(m, ModulesToSaveWrapper):  # heads and norms (PEFT's own routing skips norm layers)
+                handles.append(m.register_forward_hook(partial(_route_samples, adapter_names=adapter_names)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
-    # ----- saving only the active deltas (PEFT's state-dict hooks) -----
+    # ----- adapters on disk hold only the active deltas (PEFT's state-dict hooks) -----
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection, minus each delta whose score (read from the state dict itself) is below tau."""
+        """PEFT's selection, minus each delta whose score (read from the state dict itself) is below tau, unless
+        ``config.save_inactive_deltas`` (resumable training checkpoints)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.save_inactive_deltas:
+            return selected
         suffix = f".taps_delta.{adapter_name}"
         for key in [k for k in selected if k.endswith(suffix)]:
             score = selected[key[: -len(suffix)] + f".taps_score.{adapter_name}"]
@@ -98,15 +141,29 @@ class TAPSModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key mapping, plus real zeros for the deltas of inactive layers (absent from the file)."""
+        """PEFT's key mapping, plus real zeros for the deltas of inactive layers (absent from the file); a file
+        that does not fit the model's layers is refused before anything is loaded."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_score")))
+        if orphans:
+            raise ValueError(
+                f"TAPS adapter '{adapter_name}' does not fit this base model: {len(orphans)} saved layer(s) have no "
+                f"matching module, e.g. `{orphans[0]}`. Load the adapter onto the base model it was trained from."
+            )
         for name, module in model.named_modules():
-            if isinstance(module, TAPSLayer) and adapter_name in module.taps_delta:
-                key = f"{name}.taps_delta.{adapter_name}"
-                if key not in remapped:
-                    delta = module.taps_delta[adapter_name]
-                    device = module.get_base_layer().weight.device
-                    remapped[key] = torch.zeros(delta.shape, dtype=delta.dtype, device=device)
+            if not (isinstance(module, TAPSLayer) and adapter_name in module.taps_delta):
+                continue
+            key = f"{name}.taps_delta.{adapter_name}"
+            param = module.taps_delta[adapter_name]
+            if key not in remapped:
+                device = module.get_base_layer().weight.device
+                remapped[key] = torch.zeros(param.shape, dtype=param.dtype, device=device)
+            elif tuple(remapped[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"TAPS adapter '{adapter_name}' does not fit this base model: the delta for `{name}` has shape "
+                    f"{tuple(remapped[key].shape)} but the layer's weight has shape {tuple(param.shape)}. Load the "
+                    "adapter onto the base model it was trained from (its README names it)."
+                )
         return remapped
 
     # ----- the paper's penalty and the gate report -----
@@ -122,6 +179,12 @@ class TAPSModel(BaseTuner):
     def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
         self.__dict__.pop("_taps_layer_cache", None)
         super().inject_adapter(*args, **kwargs)
+        # PEFT matches modules_to_save by name suffix, so "norm" also wraps e.g. timm's `attn.norm` (an Identity);
+        # a module without parameters or buffers has nothing task-specific: put the plain module back.
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module.original_module)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.__dict__.pop("_taps_layer_cache", None)
@@ -220,3 +283,19 @@ def _base_param_count(model: nn.Module) -> int:
         elif isinstance(m, ModulesToSaveWrapper):
             extra |= {id(p) for p in m.modules_to_save.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in extra)
+
+
+def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _route_samples(wrapper: ModulesToSaveWrapper, args: tuple, output: torch.Tensor, adapter_names: list[str]):
+    """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
+    original module). Heads and norms are cheap next to the gated layers."""
+    out = output.clone()
+    for name in dict.fromkeys(adapter_names):
+        rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=output.device)
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
+    return out

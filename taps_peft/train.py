@@ -1,0 +1,572 @@
+"""Train a TAPS adapter with Accelerate: ``taps-peft train ...`` or ``accelerate launch -m taps_peft.train ...``.
+
+One process, several GPUs or several CPU processes: the same script, run through ``accelerate launch``. The model
+comes from timm or transformers by name, the data from ``datasets`` (a Hub dataset or a local image folder); the
+adapter is saved to ``--output-dir`` at the end (and pushed with ``--push-to-hub``).
+
+Example:
+    accelerate launch -m taps_peft.train --model timm:vit_small_patch16_224 --dataset imagefolder:/data/birds \\
+        --output-dir runs/birds --lam 0.5 --optimizer sgd --lr 0.01 --epochs 30 --batch-size 32
+
+    >>> from taps_peft.train import TrainArgs, train
+    >>> metrics = train(TrainArgs(model="timm:resnet18", dataset="imagefolder:/data/birds"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+STATE_PREFIX = "TAPS_STATE "  # the line ``--print-state`` writes on every rank, followed by JSON
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainArgs:
+    """Every option of ``taps-peft train`` (the CLI flag is the field name with dashes).
+
+    Example:
+        >>> args = TrainArgs(model="timm:vit_tiny_patch16_224", dataset="imagefolder:data", lam=0.5, epochs=3)
+    """
+
+    model: str = field(metadata={"help": "timm:NAME, hf:NAME_OR_PATH (or a transformers model type with "
+                                         "--no-pretrained, e.g. hf:vit), or a bare name (timm if it knows it)."})
+    dataset: str = field(metadata={"help": "A Hub dataset name, a local dataset dir, or imagefolder:PATH."})
+    output_dir: str = field(default="runs/taps", metadata={"help": "Adapter, checkpoints/ and results go here."})
+    pretrained: bool = field(default=True, metadata={"help": "Load pretrained weights (--no-pretrained: random)."})
+    model_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "JSON passed to timm.create_model or the transformers config, e.g. '{\"img_size\": 32}'."})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: Optional[str] = field(default="auto", metadata={
+        "help": "Evaluation split; 'auto' picks validation/valid/val/test if present, 'none' skips evaluation."})
+    image_column: Optional[str] = field(default=None, metadata={"help": "Image column (autodetected when unset)."})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (autodetected when unset: a ClassLabel, label, labels)."})
+    image_size: Optional[int] = field(default=None, metadata={"help": "Input size (the model's when unset)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N samples."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "datasets cache directory."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    # TAPS
+    lam: float = field(default=0.5, metadata={"help": "TAPS sparsity weight; larger shares more layers."})
+    tau: float = field(default=0.1, metadata={"help": "Gate threshold on the scores."})
+    score_init: float = field(default=0.15, metadata={"help": "Initial score (>= tau: every layer starts on)."})
+    taps_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps without the TAPS penalty."})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to gate (every Linear/Conv but head and patch embedding when unset)."})
+    score_lr: Optional[float] = field(default=None, metadata={
+        "help": "Learning rate of the scores (--lr when unset; use e.g. 1e-2 with AdamW)."})
+    # optimisation
+    optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum, as in the paper) or adamw.",
+                                                     "choices": ("sgd", "adamw")})
+    lr: float = field(default=0.01, metadata={"help": "Learning rate of deltas, norms and head."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (never on scores)."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine or constant (after the warm-up).",
+                                                          "choices": ("cosine", "constant")})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
+    epochs: int = field(default=30, metadata={"help": "Training epochs."})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after N optimizer steps (overrides "
+                                                                     "--epochs)."})
+    batch_size: int = field(default=32, metadata={"help": "Batch size per process (global = x processes)."})
+    eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Eval batch size (--batch-size when unset)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_grad_norm: Optional[float] = field(default=None, metadata={"help": "Clip gradients to this norm."})
+    mixed_precision: Optional[str] = field(default=None, metadata={
+        "help": "no, fp16 or bf16 (accelerate's config when unset).", "choices": ("no", "fp16", "bf16")})
+    seed: int = field(default=42, metadata={"help": "Seed of the model init and the data order."})
+    shuffle: bool = field(default=True, metadata={"help": "Shuffle the training data each epoch."})
+    cpu: bool = field(default=False, metadata={"help": "Train on CPU even if a GPU is present."})
+    # checkpoints, logging, output
+    checkpoint_every: Optional[int] = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
+    keep_checkpoints: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from: Optional[str] = field(default=None, metadata={
+        "help": "Checkpoint dir to resume from, or 'latest' (newest in OUTPUT_DIR/checkpoints)."})
+    log_every: int = field(default=10, metadata={"help": "Update loss/acc on the progress bar every N steps."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the adapter to the Hub at the end."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id (the output dir's name when unset)."})
+    print_state: bool = field(default=False, metadata={
+        "help": "Print one 'TAPS_STATE {json}' line per rank at the end (scores, active set, parameter hashes)."})
+
+
+@dataclass
+class _Position:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0  # micro-batches of `epoch` consumed by this process
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+
+
+# ----- model and data -----
+
+
+def _load_model(args: TrainArgs, num_classes: int, labels: list[str]):
+    """(model, is_transformers, image_size, mean, std) for ``args.model``."""
+    source, _, name = args.model.partition(":") if ":" in args.model else ("", "", args.model)
+    if source not in ("", "timm", "hf"):
+        raise ValueError(f"--model {args.model!r}: use timm:NAME, hf:NAME or a bare name.")
+    if source == "timm" or (source == "" and _timm_knows(name)):
+        import timm
+
+        kwargs = dict(args.model_kwargs)
+        model = timm.create_model(name, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+        cfg = timm.data.resolve_model_data_config(model)
+        size = kwargs.get("img_size") or getattr(getattr(model, "patch_embed", None), "img_size", None)
+        size = size or cfg["input_size"][1:]
+        return model, False, _pair(size), cfg["mean"], cfg["std"]
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    label_kwargs = dict(num_labels=num_classes, id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)})
+    if args.pretrained:
+        model = AutoModelForImageClassification.from_pretrained(
+            name, ignore_mismatched_sizes=True, **label_kwargs, **args.model_kwargs)
+    else:
+        if name in CONFIG_MAPPING and not os.path.isdir(name):
+            config = AutoConfig.for_model(name, **label_kwargs, **args.model_kwargs)
+        else:
+            config = AutoConfig.from_pretrained(name, **label_kwargs, **args.model_kwargs)
+        model = AutoModelForImageClassification.from_config(config)
+    mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+        mean, std = processor.image_mean, processor.image_std
+    except Exception:  # no processor (a bare config or model type): ImageNet statistics
+        pass
+    return model, True, _pair(getattr(model.config, "image_size", 224)), mean, std
+
+
+def _timm_knows(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(name)
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+
+
+def _load_data(args: TrainArgs):
+    """(train dataset, eval dataset or None, image column, label column, label names)."""
+    import datasets
+
+    name = args.dataset
+    if name.startswith("imagefolder:"):
+        ds = datasets.load_dataset("imagefolder", data_dir=name.split(":", 1)[1], cache_dir=args.cache_dir)
+    elif os.path.isdir(name) and any(Path(name).glob("dataset_dict.json")):
+        ds = datasets.load_from_disk(name)
+    else:
+        ds = datasets.load_dataset(name, args.dataset_config, cache_dir=args.cache_dir)
+    if args.train_split not in ds:
+        raise ValueError(f"--train-split {args.train_split!r} not in the dataset's splits {list(ds)}.")
+    train_ds = ds[args.train_split]
+    eval_name = args.eval_split
+    if eval_name == "auto":
+        eval_name = next((s for s in ("validation", "valid", "val", "test") if s in ds), None)
+    elif eval_name in ("none", "", None):
+        eval_name = None
+    elif eval_name not in ds:
+        raise ValueError(f"--eval-split {eval_name!r} not in the dataset's splits {list(ds)}.")
+    eval_ds = ds[eval_name] if eval_name else None
+    if args.max_train_samples:
+        train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
+
+    features = train_ds.features
+    image_col = args.image_column or next(
+        (c for c, f in features.items() if isinstance(f, datasets.Image)),
+        next((c for c in ("image", "img") if c in features), None))
+    label_col = args.label_column or next(
+        (c for c, f in features.items() if isinstance(f, datasets.ClassLabel)),
+        next((c for c in ("label", "labels", "fine_label") if c in features), None))
+    if image_col is None or label_col is None:
+        raise ValueError(f"Cannot tell the image/label columns among {list(features)}: pass --image-column and "
+                         "--label-column.")
+    feature = features[label_col]
+    if isinstance(feature, datasets.ClassLabel):
+        labels = list(feature.names)
+    else:
+        labels = [str(i) for i in range(int(max(train_ds[label_col])) + 1)]
+    return train_ds, eval_ds, image_col, label_col, labels
+
+
+def _with_transform(ds, image_col: str, label_col: str, size: tuple[int, int], mean, std):
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    def apply(batch: dict[str, list]) -> dict[str, list]:
+        return {"pixel_values": [tf(im.convert("RGB")) for im in batch[image_col]], "labels": batch[label_col]}
+
+    return ds.with_transform(apply)
+
+
+class _EpochOrder:
+    """Data order seeded by (seed, epoch), the same on every rank and for any number of processes.
+
+    Deliberately without ``set_epoch``, so Accelerate's dataloader wrappers leave the epoch to the training loop.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        if not self.shuffle:
+            return iter(range(self.n))
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+
+# ----- state report -----
+
+
+def taps_state(model) -> dict[str, Any]:
+    """Scores, active set and parameter hashes of a TAPS model (to compare ranks or runs).
+
+    Example:
+        >>> taps_state(peft_model)["active"]  # doctest: +SKIP
+        ['blocks.0.attn.qkv', ...]
+    """
+    import torch
+
+    from . import TAPSLayer
+
+    report = model.taps_layer_report()
+    deltas = []
+    for module in model.modules():
+        if isinstance(module, TAPSLayer):
+            shape = module.get_base_layer().weight.shape
+            deltas += [p for p in module.parameters() if p.requires_grad and p.shape == shape]
+    trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    digest = hashlib.sha256()
+    for _, p in trainable:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    with torch.no_grad():
+        return {
+            "scores": [r["score"] for r in report],
+            "active": [r["name"] for r in report if r["active"]],
+            "score_sum": float(sum(r["score"] for r in report)),
+            "delta_sum": float(sum(d.double().sum() for d in deltas)) if deltas else 0.0,
+            "delta_abs_sum": float(sum(d.double().abs().sum() for d in deltas)) if deltas else 0.0,
+            "trainable_sum": float(sum(p.double().sum() for _, p in trainable)),
+            "trainable_sha256": digest.hexdigest(),
+        }
+
+
+# ----- training -----
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Train a TAPS adapter as ``args`` says; the adapter is saved to ``args.output_dir``. Returns the metrics.
+
+    Run it under ``accelerate launch`` for several processes. The metrics: ``step``, ``train_loss`` /
+    ``train_accuracy`` (last logging window, all ranks), ``first_loss``, ``history``, ``eval_loss`` /
+    ``eval_accuracy`` (if there is an eval split), ``summary`` (``model.taps_summary()``), ``active_layers``,
+    ``total_layers`` and ``state`` (see ``taps_state``).
+
+    Example:
+        >>> m = train(TrainArgs(model="timm:resnet18", dataset="imagefolder:data", epochs=5))  # doctest: +SKIP
+        >>> m["active_layers"], m["total_layers"], m["eval_accuracy"]  # doctest: +SKIP
+    """
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    from .config import TAPSConfig
+    from .optim import create_taps_optimizer
+
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+    )
+    out = Path(args.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    with accelerator.main_process_first():
+        train_ds, eval_ds, image_col, label_col, labels = _load_data(args)
+    set_seed(args.seed)
+    base, is_hf, size, mean, std = _load_model(args, len(labels), labels)
+    if args.image_size:
+        size = _pair(args.image_size)
+    config = TAPSConfig(lam=args.lam, tau=args.tau, score_init=args.score_init, warmup_steps=args.taps_warmup_steps,
+                        target_modules=args.target_modules)
+    model = get_peft_model(base, config)
+
+    optimizer_cls, extra = (torch.optim.SGD, {"momentum": args.momentum}) if args.optimizer == "sgd" else (
+        torch.optim.AdamW, {})
+    optimizer = create_taps_optimizer(model, optimizer_cls, lr=args.lr, score_lr=args.score_lr,
+                                      weight_decay=args.weight_decay, **extra)
+    raw_optimizer = optimizer
+
+    order = _EpochOrder(len(train_ds), args.seed, args.shuffle)
+    train_dl = DataLoader(_with_transform(train_ds, image_col, label_col, size, mean, std), sampler=order,
+                          batch_size=args.batch_size, num_workers=args.num_workers)
+    eval_dl = None
+    if eval_ds is not None:
+        eval_dl = DataLoader(_with_transform(eval_ds, image_col, label_col, size, mean, std),
+                             batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
+    peft_model = accelerator.unwrap_model(model)  # the penalty and the reports live here, outside DDP
+
+    steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    schedule = get_cosine_schedule_with_warmup if args.lr_scheduler == "cosine" else (
+        lambda opt, warm, total: get_constant_schedule_with_warmup(opt, warm))
+    # Stepped by hand once per optimizer step (a prepared scheduler would step once per process).
+    scheduler = schedule(raw_optimizer, args.lr_warmup_steps, total_steps)
+    pos = _Position()
+    accelerator.register_for_checkpointing(scheduler, pos)
+
+    if args.resume_from:
+        path = _find_checkpoint(ckpt_root) if args.resume_from == "latest" else Path(args.resume_from)
+        if path is None:
+            raise FileNotFoundError(f"--resume-from latest: no checkpoint in {ckpt_root}.")
+        accelerator.load_state(str(path))
+        if pos.batch >= len(train_dl):
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+        accelerator.print(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
+
+    summary = peft_model.taps_summary()
+    accelerator.print(
+        f"TAPS: {summary['total_layers']} gated layers, {len(train_ds)} training images in {len(labels)} classes, "
+        f"{accelerator.num_processes} process(es) x batch {args.batch_size} x accumulation "
+        f"{args.gradient_accumulation_steps}, {total_steps} steps")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        output = model(pixel_values=x) if is_hf else model(x)
+        return output.logits if hasattr(output, "logits") else output
+
+    bar = tqdm(total=total_steps, initial=pos.step, disable=not accelerator.is_local_main_process,
+               desc="taps train", dynamic_ncols=True)
+    window = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
+    history: list[dict[str, float]] = []
+    done = pos.step >= total_steps
+    for epoch in range(pos.epoch, epochs):
+        if done:
+            break
+        order.epoch = epoch
+        pos.epoch = epoch
+        model.train()
+        loader = accelerator.skip_first_batches(train_dl, pos.batch) if pos.batch else train_dl
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = forward(batch["pixel_values"])
+                task_loss = F.cross_entropy(logits.float(), batch["labels"])
+                loss = task_loss + peft_model.taps_penalty(pos.step)
+                accelerator.backward(loss)
+                if args.max_grad_norm and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            n = batch["labels"].numel()
+            window += torch.stack([task_loss.detach().double() * n,
+                                   (logits.argmax(-1) == batch["labels"]).sum().double(),
+                                   torch.tensor(n, dtype=torch.float64, device=window.device)])
+            pos.batch += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            pos.step += 1
+            bar.update(1)
+            done = pos.step >= total_steps
+            if pos.step % args.log_every == 0 or done or pos.step == 1:
+                total = accelerator.reduce(window.clone(), reduction="sum")
+                window.zero_()
+                report = peft_model.taps_layer_report()
+                entry = {"step": pos.step, "loss": float(total[0] / total[2]), "acc": float(total[1] / total[2]),
+                         "active": sum(r["active"] for r in report)}
+                history.append(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['acc']:.3f}",
+                                active=f"{entry['active']}/{len(report)}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if args.checkpoint_every and (pos.step % args.checkpoint_every == 0 or done):
+                _save_checkpoint(accelerator, ckpt_root, pos.step, args.keep_checkpoints)
+            if done:
+                break
+        else:
+            pos.batch = 0
+    bar.close()
+
+    metrics: dict[str, Any] = {"step": pos.step, "history": history, "num_processes": accelerator.num_processes}
+    if history:
+        metrics.update(first_loss=history[0]["loss"], train_loss=history[-1]["loss"],
+                       train_accuracy=history[-1]["acc"])
+    if eval_dl is not None:
+        metrics.update(_evaluate(accelerator, model, eval_dl, forward))
+    summary = peft_model.taps_summary()
+    state = taps_state(peft_model)
+    metrics.update(summary=summary, active_layers=summary["active_layers"], total_layers=summary["total_layers"],
+                   state=state, output_dir=str(out))
+    if args.print_state:
+        line = {"rank": accelerator.process_index, "world": accelerator.num_processes, "step": pos.step,
+                "wrapper": type(model).__name__,
+                "find_unused_parameters": getattr(model, "find_unused_parameters", None),
+                **state}
+        for rank in range(accelerator.num_processes):  # one rank at a time: the lines share one stdout pipe
+            if rank == accelerator.process_index:
+                sys.stdout.write(STATE_PREFIX + json.dumps(line) + "\n")
+                sys.stdout.flush()
+            accelerator.wait_for_everyone()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(str(out))
+        results = {k: v for k, v in metrics.items() if k != "state"}
+        (out / "train_results.json").write_text(json.dumps(results, indent=2))
+        (out / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or out.resolve().name
+            peft_model.push_to_hub(repo_id)
+            metrics["hub_model_id"] = repo_id
+        accelerator.print(
+            f"done: step {pos.step}, active layers {summary['active_layers']}/{summary['total_layers']}, "
+            f"eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}, adapter saved to {out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes == 1:
+        AcceleratorState._reset_state()  # so a later train() in this process may pick other precision settings
+    return metrics
+
+
+def _evaluate(accelerator, model, loader, forward) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    losses, correct = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits = forward(batch["pixel_values"]).float()
+            loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+            loss, hit = accelerator.gather_for_metrics((loss, logits.argmax(-1) == batch["labels"]))
+            losses.append(loss.cpu())
+            correct.append(hit.cpu())
+    model.train()
+    return {"eval_loss": float(torch.cat(losses).mean()), "eval_accuracy": float(torch.cat(correct).float().mean())}
+
+
+def _save_checkpoint(accelerator, root: Path, step: int, keep: Optional[int]) -> None:
+    """``accelerator.save_state`` into a temporary folder, renamed once every rank has written its part."""
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep:
+            for old in sorted(_checkpoints(root), key=lambda p: int(p.name[5:]))[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+
+
+def _find_checkpoint(root: Path) -> Optional[Path]:
+    found = _checkpoints(root)
+    return max(found, key=lambda p: int(p.name[5:])) if found else None
+
+
+# ----- command line -----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``taps-peft train`` parser, generated from [`TrainArgs`]."""
+    parser = argparse.ArgumentParser(
+        prog="taps-peft train",
+        description="Train a TAPS adapter (Task Adaptive Parameter Sharing) with Accelerate. Several GPUs: "
+                    "accelerate launch -m taps_peft.train ARGS.",
+    )
+    hints = typing.get_type_hints(TrainArgs)
+    for f in dataclasses.fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if kwargs["default"] is not None and kwargs["default"] is not False and kwargs["default"] != {}:
+                kwargs["help"] += f" [{kwargs['default']}]"
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs["nargs"] = "+"
+        elif base is dict:
+            kwargs["type"] = json.loads
+        else:
+            kwargs["type"] = base
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainArgs:
+    """[`TrainArgs`] from a command line (an optional leading ``train`` subcommand is accepted).
+
+    Example:
+        >>> parse_args(["train", "--model", "timm:resnet18", "--dataset", "beans"]).optimizer
+        'sgd'
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    return TrainArgs(**vars(build_parser().parse_args(argv)))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console script ``taps-peft train ...`` and ``python -m taps_peft.train ...``.
+
+    Multi-process runs end with a hard exit after everything is written and flushed: Gloo's threads can abort the
+    interpreter at teardown, which would fail a run that already succeeded.
+    """
+    metrics = train(parse_args(argv))
+    if metrics["num_processes"] > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
