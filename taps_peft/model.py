@@ -78,13 +78,16 @@ class TAPSModel(BaseTuner):
         self._read_gates()
         return super().forward(*args, **kwargs)
 
-    def _read_gates(self) -> None:
+    def _read_gates(self, force: bool = False) -> None:
         """Read every changed score in one device-to-host transfer, so no layer has to sync the GPU on its own."""
+        layers = self.taps_layers()
+        if not layers or (not force and next(iter(layers[0][1].taps_score.values())).device.type == "cpu"):
+            return  # on the CPU each layer reads its own score for free
         stale = [
             (layer, name)
-            for _, layer in self.taps_layers()
+            for _, layer in layers
             for name, score in layer.taps_score.items()
-            if score.device.type != "cpu" and layer._gates.get(name, (None,))[0] != (score.data_ptr(), score._version)
+            if layer._gates.get(name, (None,))[0] != (score.data_ptr(), score._version)
         ]
         if stale:
             values = torch.cat([layer.taps_score[name].detach() for layer, name in stale]).tolist()

@@ -386,3 +386,13 @@ def test_save_keeps_only_active_deltas_and_loads_without_warnings(tmp_path, imag
     assert all(p.device.type != "meta" for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
+
+
+def test_gates_are_read_in_one_transfer_and_follow_score_updates(monkeypatch):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig())
+    layers = taps_layers(model)
+    with torch.no_grad():
+        layers[1].taps_score["default"].fill_(0.0)  # an in-place update, as an optimizer step
+    model.base_model._read_gates(force=True)  # the GPU path: one transfer for every stale score
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a layer synced on its own"))
+    assert [layer.is_active("default") for layer in layers] == [i != 1 for i in range(len(layers))]
