@@ -84,6 +84,7 @@ class TAPSLayer(BaseTunerLayer):
         if score is not None and score.dtype != torch.float32:  # scores stay fp32: 0.15 vs 0.1 must be exact
             self.taps_score[adapter_name] = nn.Parameter(score.float(), requires_grad=score.requires_grad)
 
+    @torch.compiler.disable  # a host-side read: torch.compile breaks the graph here instead of recompiling
     def is_active(self, adapter_name: str) -> bool:
         """Whether the layer is task-specific for ``adapter_name`` (score >= tau); read once per score update."""
         score = self.taps_score[adapter_name]

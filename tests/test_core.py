@@ -396,3 +396,24 @@ def test_gates_are_read_in_one_transfer_and_follow_score_updates(monkeypatch):
     model.base_model._read_gates(force=True)  # the GPU path: one transfer for every stale score
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a layer synced on its own"))
     assert [layer.is_active("default") for layer in layers] == [i != 1 for i in range(len(layers))]
+
+
+def test_torch_compile_trains_like_eager():
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    base = tiny_timm_vit()
+
+    def losses(compiled):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base), TAPSConfig(lam=0.5))
+        opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.05, score_lr=0.05)
+        forward = torch.compile(model) if compiled else model
+        out = []
+        for step in range(3):
+            loss = F.cross_entropy(forward(x), y) + model.taps_penalty(step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    torch.testing.assert_close(losses(True), losses(False), rtol=1e-5, atol=1e-6)
