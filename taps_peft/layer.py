@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
@@ -15,6 +16,20 @@ from .config import TAPSConfig
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_optimizer_steps = 0  # every torch optimizer step, counted: fused optimizers update in place without bumping versions
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
+    """Changes whenever ``t`` may have changed: its storage, its version counter, or any optimizer step since."""
+    return (t.data_ptr(), t._version, _optimizer_steps)
 
 
 class _GatedWeight(torch.autograd.Function):
@@ -57,7 +72,7 @@ class TAPSLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerged_weight: Optional[torch.Tensor] = None  # the base weight's own data while merged
-        self._gates: dict[str, tuple[tuple[int, int], bool]] = {}  # host copy of each gate, keyed on the score
+        self._gates: dict[str, tuple[tuple[int, int, int], bool]] = {}  # host copy of each gate, keyed on the score
         self._cached_weight: Optional[tuple[tuple, Optional[torch.Tensor]]] = None
         base = self.get_base_layer()
         if isinstance(base, _CONV):
@@ -89,14 +104,14 @@ class TAPSLayer(BaseTunerLayer):
         """Whether the layer is task-specific for ``adapter_name`` (score >= tau); read once per score update."""
         score = self.taps_score[adapter_name]
         cached = self._gates.get(adapter_name)
-        if cached is None or cached[0] != (score.data_ptr(), score._version):
+        if cached is None or cached[0] != tensor_key(score):
             self._set_gate(adapter_name, score.detach().item())
         return self._gates[adapter_name][1]
 
     def _set_gate(self, adapter_name: str, value: float) -> None:
         """Record a score read elsewhere (``TAPSModel`` reads every score in one transfer per step)."""
         score = self.taps_score[adapter_name]
-        self._gates[adapter_name] = ((score.data_ptr(), score._version), value >= self.taps_tau[adapter_name])
+        self._gates[adapter_name] = (tensor_key(score), value >= self.taps_tau[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The gated delta ``1[s >= tau] * dW`` in the base weight's dtype, detached."""
@@ -153,13 +168,14 @@ class TAPSLayer(BaseTunerLayer):
     def _inference_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
         """No-grad path: the formed weight, cached until a parameter changes; None when no gate is on.
 
-        The cache is keyed on the tensors' storage and version counters (bumped by in-place updates such as optimizer
-        steps and ``load_state_dict``) and dropped on ``train()``/``eval()`` and merge/unmerge. Edits made through
+        The cache is keyed on the tensors' storage, their version counters (bumped by in-place updates such as
+        ``load_state_dict``) and a count of optimizer steps (fused optimizers bump no version), and dropped on
+        ``train()``/``eval()`` and merge/unmerge. Edits made through
         ``param.data`` bypass version counters: switch modes after such edits.
         """
         weight = self.get_base_layer().weight
         tensors = [weight] + [t for a in adapters for t in (self.taps_delta[a], self.taps_score[a])]
-        key = (tuple(adapters), tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
+        key = (tuple(adapters), tuple((*tensor_key(t), t.dtype) for t in tensors))
         if self._cached_weight is None or self._cached_weight[0] != key:
             deltas = [self.taps_delta[a].detach().to(weight.dtype) for a in adapters if self.is_active(a)]
             self._cached_weight = (key, weight.detach() + sum(deltas) if deltas else None)

@@ -417,3 +417,17 @@ def test_torch_compile_trains_like_eager():
         return out
 
     torch.testing.assert_close(losses(True), losses(False), rtol=1e-5, atol=1e-6)
+
+
+def test_gates_follow_fused_optimizer_steps(images):
+    # fused optimizers update parameters in place without bumping version counters
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=1.0))
+    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-3, score_lr=0.1, fused=True)
+    assert all(layer.is_active("default") for layer in taps_layers(model))
+    for step in range(2):
+        (model(images).square().mean() + model.taps_penalty()).backward()
+        opt.step()
+        opt.zero_grad()
+    scores = [layer.taps_score["default"].item() for layer in taps_layers(model)]
+    assert min(scores) < 0.1  # some gates closed ...
+    assert [layer.is_active("default") for layer in taps_layers(model)] == [s >= 0.1 for s in scores]  # ... and seen

@@ -1,0 +1,235 @@
+"""The 🤗 Trainer integration (taps_peft.trainer): penalty in the loss, score learning rate, TAPS logs, checkpoints.
+
+Model: conftest's tiny random-init transformers ViT (image 32, 2 blocks, 12 gated layers); data: 64 in-memory 32x32
+images, one fixed random pattern per class plus noise, so the task is learnable in a few steps. Nothing is downloaded.
+Torch runs with one thread (a shared 2-core machine).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import taps_peft
+from conftest import tiny_hf_vit
+from taps_peft.trainer import TAPSCallback, TAPSTrainer, taps_param_groups, unwrap_taps_model
+
+STEPS, SAVE_EVERY, LR, SCORE_LR = 20, 10, 1e-2, 1e-2
+
+
+class PatternImages(torch.utils.data.Dataset):
+    """``n`` images of ``k`` classes: the class's fixed random pattern plus noise; items are Trainer-ready dicts."""
+
+    def __init__(self, n: int = 64, k: int = 5, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        patterns = torch.randn(k, 3, 32, 32, generator=g)
+        self.labels = torch.arange(n) % k
+        self.images = patterns[self.labels] + 0.5 * torch.randn(n, 3, 32, 32, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def taps_vit(seed: int = 0, **config):
+    torch.manual_seed(seed)  # the same seed gives the same base weights: what a reload needs
+    return get_peft_model(tiny_hf_vit(), taps_peft.TAPSConfig(**config))
+
+
+def base_vit(seed: int = 0):
+    torch.manual_seed(seed)
+    return tiny_hf_vit()
+
+
+def training_args(out, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(out), max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=8,
+        learning_rate=LR, report_to=[], use_cpu=True, logging_steps=5, disable_tqdm=True, seed=3,
+    )
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def scores(model) -> list[float]:
+    return [r["score"] for r in model.taps_layer_report()]
+
+
+class RecordAt(TrainerCallback):
+    """Keeps a copy of the scores and deltas after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step, self.params = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.params = {n: p.detach().clone() for n, p in model.named_parameters() if ".taps_" in n}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two TAPSTrainer runs on the same data: lam=0.5 with checkpoints every 10 steps, and lam=0 without."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for lam in (0.5, 0.0):
+            path = tmp_path_factory.mktemp(f"lam{lam}")
+            model = taps_vit(lam=lam)
+            record = RecordAt(SAVE_EVERY)
+            args = training_args(path, save_strategy="steps" if lam else "no")
+            trainer = TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), callbacks=[record],
+                                  score_learning_rate=SCORE_LR)
+            trainer.train()
+            out[lam] = {"model": model, "trainer": trainer, "dir": path, "at_save": record.params}
+        yield out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_scores_move_and_the_penalty_closes_gates(runs):
+    penalized, free = runs[0.5]["model"], runs[0.0]["model"]
+    for model in (penalized, free):  # the task gradient (and for lam > 0 the penalty) moves every score
+        assert all(abs(s - 0.15) > 1e-3 for s in scores(model)), scores(model)
+    tau = penalized.peft_config["default"].tau
+    closed = [s < tau for s in scores(penalized)]
+    assert any(closed) and not all(closed), scores(penalized)  # some layers shared, some task-specific
+    assert sum(scores(penalized)) < sum(scores(free)) - 0.1
+    assert penalized.taps_summary()["active_layers"] < free.taps_summary()["active_layers"]
+    # the gates the model computes with follow the scores (fused AdamW, the Trainer's default, leaves no trace)
+    assert penalized.taps_summary()["active_layers"] == sum(not c for c in closed)
+    assert runs[0.5]["trainer"].args.optim == "adamw_torch_fused"
+
+
+def test_logs_carry_active_layers_and_penalty(runs):
+    for lam, run in runs.items():
+        history = run["trainer"].state.log_history
+        train_logs = [h for h in history if "loss" in h]
+        assert [h["step"] for h in train_logs] == [5, 10, 15, 20]
+        for h in train_logs + [history[-1]]:  # the periodic logs and the final train summary
+            assert h["taps_total_layers"] == 12 and 0 <= h["taps_active_layers"] <= 12
+            assert (h["taps_penalty"] > 0) == (lam > 0)
+        assert train_logs[-1]["taps_active_layers"] == run["model"].taps_summary()["active_layers"]
+        if lam:  # the penalty falls as the scores do
+            assert train_logs[-1]["taps_penalty"] < train_logs[0]["taps_penalty"]
+    # TAPSTrainer puts its callback first, so reporters and the progress bar see the values
+    assert isinstance(runs[0.5]["trainer"].callback_handler.callbacks[0], TAPSCallback)
+
+
+def test_checkpoints_hold_the_adapter(runs):
+    run = runs[0.5]
+    for step in (SAVE_EVERY, STEPS):
+        ckpt = run["dir"] / f"checkpoint-{step}"
+        files = set(os.listdir(ckpt))
+        assert {"adapter_model.safetensors", "adapter_config.json", "trainer_state.json"} <= files, files
+        assert not {"model.safetensors", "pytorch_model.bin"} & files  # an adapter, not the full model
+        assert json.loads((ckpt / "adapter_config.json").read_text())["peft_type"] == "TAPS"
+    # checkpoint-10 holds the scores of step 10 and the deltas of the layers active then, bit for bit
+    saved = load_file(str(run["dir"] / f"checkpoint-{SAVE_EVERY}" / "adapter_model.safetensors"))
+    tau = run["model"].peft_config["default"].tau
+    at_save = run["at_save"]
+    score_keys = [k for k in saved if k.endswith(".taps_score")]
+    assert len(score_keys) == 12
+    for key in score_keys:
+        assert torch.equal(saved[key], at_save[key + ".default"])
+        delta_key = key[: -len("taps_score")] + "taps_delta"
+        assert (delta_key in saved) == bool(at_save[key + ".default"].item() >= tau)
+        if delta_key in saved:
+            assert torch.equal(saved[delta_key], at_save[delta_key + ".default"])
+
+
+def test_checkpoint_reloads_the_trained_model_exactly(runs):
+    run = runs[0.5]
+    trained = run["model"].eval()
+    images = PatternImages(n=16, seed=7).images
+    loaded = PeftModel.from_pretrained(base_vit(), str(run["dir"] / f"checkpoint-{STEPS}")).eval()
+    with torch.no_grad():
+        want, got = trained(pixel_values=images).logits, loaded(pixel_values=images).logits
+    assert torch.equal(got, want)
+    assert scores(loaded) == scores(trained)
+    assert loaded.taps_summary()["active_layers"] == trained.taps_summary()["active_layers"]
+    # the mid-training checkpoint is a different (earlier) adapter
+    early = PeftModel.from_pretrained(base_vit(), str(run["dir"] / f"checkpoint-{SAVE_EVERY}")).eval()
+    with torch.no_grad():
+        assert not torch.equal(early(pixel_values=images).logits, want)
+
+
+def test_compute_loss_adds_the_penalty_in_training_only(tmp_path):
+    model = taps_vit(lam=0.5, warmup_steps=3)
+    trainer = TAPSTrainer(model=model, args=training_args(tmp_path), train_dataset=PatternImages())
+    batch = {"pixel_values": PatternImages().images[:8], "labels": PatternImages().labels[:8]}
+    penalty = model.taps_penalty().item()
+    assert penalty > 0
+    model.train()
+    plain = model(**batch).loss
+    trainer.state.global_step = 3
+    assert torch.allclose(trainer.compute_loss(model, dict(batch)), plain + penalty)
+    trainer.state.global_step = 2  # warm-up: no penalty yet
+    assert torch.allclose(trainer.compute_loss(model, dict(batch)), plain)
+    # a loss normalised over an accumulated batch of 2 micro-batches: the penalty counts once per optimizer step
+    trainer.state.global_step, trainer.current_gradient_accumulation_steps = 3, 2
+    n = torch.tensor(16)
+    accumulated = Trainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=n)
+    assert torch.allclose(trainer.compute_loss(model, dict(batch), num_items_in_batch=n), accumulated + penalty / 2)
+    # eval_loss is the task loss alone
+    model.eval()
+    loss, _ = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert torch.allclose(loss, model(**batch).loss)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "sgd"])
+def test_optimizer_follows_args_with_a_score_group(tmp_path, optim):
+    model = taps_vit()
+    args = training_args(tmp_path, optim=optim, weight_decay=0.05)
+    trainer = TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), score_learning_rate=0.1)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.SGD if optim == "sgd" else torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    score_groups = [g for g in optimizer.param_groups if any(".taps_score." in names[id(p)] for p in g["params"])]
+    assert len(score_groups) == 1 and len(score_groups[0]["params"]) == 12
+    assert score_groups[0]["lr"] == 0.1 and score_groups[0]["weight_decay"] == 0.0
+    others = [g for g in optimizer.param_groups if g is not score_groups[0]]
+    assert {g["lr"] for g in others} == {LR} and {g["weight_decay"] for g in others} == {0.05, 0.0}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
+    assert len(taps_param_groups(model)) == 2  # weights, scores (lr of the optimizer)
+
+
+def test_resume_from_a_checkpoint_is_exact_with_inactive_deltas(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trained = {}
+        for name, resume in (("full", None), ("resumed", tmp_path / "full" / f"checkpoint-{SAVE_EVERY}")):
+            model = taps_vit(lam=0.5, save_inactive_deltas=True)
+            trainer = TAPSTrainer(model=model, args=training_args(tmp_path / name), train_dataset=PatternImages(),
+                                  score_learning_rate=SCORE_LR)
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            trained[name] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        torch.set_num_threads(threads)
+    assert trained["full"].keys() == trained["resumed"].keys()
+    for name, value in trained["full"].items():
+        assert torch.equal(value, trained["resumed"][name]), name
+
+
+def test_a_model_without_taps_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="get_peft_model"):
+        TAPSTrainer(model=tiny_hf_vit(), args=training_args(tmp_path))
+    assert unwrap_taps_model(torch.nn.parallel.DataParallel(taps_vit())) is not None
+
+
+def test_callback_logs_with_a_plain_trainer(tmp_path):
+    """Any Trainer can log the TAPS values with callbacks=[TAPSCallback()] (the penalty is TAPSTrainer's part)."""
+    model = taps_vit(lam=0.5)
+    args = training_args(tmp_path, max_steps=5, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=PatternImages(), callbacks=[TAPSCallback()])
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 1 and logged[0]["taps_total_layers"] == 12
+    assert logged[0]["taps_penalty"] == pytest.approx(model.taps_penalty().item(), abs=1e-6)
