@@ -18,7 +18,10 @@ setup(
     extras_require={
         "timm": ["timm>=1.0", "torchvision"],
         "hub": ["huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
-        "dev": ["pytest>=8", "timm>=1.0", "torchvision", "huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
+        "dev": [
+            "pytest>=8", "hypothesis", "timm>=1.0", "torchvision", "huggingface_hub>=0.30", "datasets>=3.0", "pillow",
+            "scikit-learn", "scikit-image", "matplotlib",  # the offline demo's data and its layer-map figure
+        ],
     },
     entry_points={"console_scripts": ["taps-peft=taps_peft.train:main"]},
 )
