@@ -1,0 +1,49 @@
+"""The README's main job (examples/multitask_demo.py) end to end, on a tiny budget (``--quick``, ~10-20 s on CPU)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+for module in ("timm", "matplotlib", "skimage", "sklearn"):
+    pytest.importorskip(module)
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "multitask_demo.py"
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("multitask_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_quick_writes_results_figure_and_adapters(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        report = load_demo().main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the demo runs single-threaded; leave other tests as they were
+
+    figure, results = tmp_path / "layer_map.png", tmp_path / "results.json"
+    assert figure.stat().st_size > 1000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(results.read_text()) == json.loads(json.dumps(report, default=str))
+
+    tasks = report["tasks"]
+    assert len(tasks) >= 3
+    names = None
+    for name, r in tasks.items():
+        for strategy in ("taps", "full_ft", "feature_extraction"):
+            assert 0.0 <= r[strategy] <= 1.0, (name, strategy, r[strategy])
+        rows = r["layers"]
+        assert r["total_layers"] == len(rows) > 0
+        assert 0 <= r["active_layers"] <= r["total_layers"]
+        assert r["active_layers"] == sum(row["active"] for row in rows)
+        names = names or [row["name"] for row in rows]
+        assert [row["name"] for row in rows] == names  # same gated layers, same order for every task (the map's columns)
+        adapter = tmp_path / name.replace(" ", "_") / "adapter_model.safetensors"
+        assert adapter.stat().st_size == r["adapter_bytes"]
+        assert (adapter.parent / "adapter_config.json").exists()
+        assert 0 < r["adapter_bytes"] < r["full_model_bytes"]
