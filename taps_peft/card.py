@@ -202,7 +202,20 @@ def attach(model: nn.Module) -> nn.Module:
 
 def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """PEFT's ``save_pretrained``, atomic per file: written into a temporary folder beside the target, then each file
-    is moved into place with ``os.replace``. A failure part-way leaves the previous adapter files as they were."""
+    is moved into place with ``os.replace``. A failure part-way leaves the previous adapter files as they were.
+
+    TAPS adapters are safetensors only: ``safe_serialization=False`` (a pickled ``adapter_model.bin``) is overridden
+    with a warning rather than refused, so a trainer that passes it still saves its (loadable) adapter."""
+    if not kwargs.get("safe_serialization", True):
+        import warnings
+
+        warnings.warn(
+            f"save_pretrained(safe_serialization={kwargs['safe_serialization']!r}) ignored: TAPS adapters are saved as "
+            "safetensors only (adapter_model.safetensors); taps_peft never writes or loads pickled adapters.",
+            UserWarning,
+            stacklevel=2,
+        )
+    kwargs["safe_serialization"] = True
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.tmp-") as tmp:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -61,21 +65,150 @@ class TAPSConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.TAPS
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        _check_number("lam", self.lam, "a float >= 0, e.g. lam=0.5", lambda v: v >= 0)
-        _check_number("tau", self.tau, "a float > 0, e.g. tau=0.1", lambda v: v > 0)
-        _check_number(
-            "score_init", self.score_init, f"a float >= tau ({self.tau}) so layers start active, e.g. 0.15",
-            lambda v: v >= self.tau,
+        self.target_modules = _check_names(
+            "target_modules", self.target_modules, "None for the default layers, a non-empty list of layer names or "
+            "suffixes such as ['qkv', 'fc1'], or one regex", allow_empty=False,
         )
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
-            raise ValueError(f"TAPSConfig.warmup_steps={self.warmup_steps!r} is invalid: use an int >= 0.")
+        self.exclude_modules = _check_names(
+            "exclude_modules", self.exclude_modules, "None, a list of layer names or suffixes, or one regex",
+            allow_empty=True,
+        )
+        mts = self.modules_to_save
+        if mts is not None:
+            if not isinstance(mts, (list, tuple, set)) or not all(isinstance(n, str) and n for n in mts):
+                raise ValueError(
+                    f"TAPSConfig.modules_to_save={mts!r} is invalid: use a list of module names, e.g. "
+                    "modules_to_save=['head'], or None for the detected classifier head."
+                )
+            self.modules_to_save = list(mts)
+        self.lam = _check_number("lam", self.lam, "a finite float >= 0, e.g. lam=0.5", lambda v: v >= 0)
+        self.tau = _check_number("tau", self.tau, "a finite float > 0, e.g. tau=0.1", lambda v: v > 0)
+        self.score_init = _check_number(
+            "score_init", self.score_init, f"a finite float >= tau ({self.tau}) so layers start active, e.g. 0.15 "
+            "with tau=0.1", lambda v: v >= self.tau,
+        )
+        steps = self.warmup_steps
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"TAPSConfig.warmup_steps={steps!r} is invalid: use an int >= 0.")
+        self.warmup_steps = int(steps)
+        for name in ("train_norms", "init_weights", "save_inactive_deltas"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """PEFT's loading, plus a check of the adapter's weights before any model is touched.
+
+        PEFT calls this from ``PeftModel.from_pretrained`` and ``load_adapter`` before it injects the adapter, but
+        reads the weights only afterwards: a missing, truncated or corrupted file, a pickle (``adapter_model.bin``),
+        NaN/inf values or weights of another method would fail half-way and leave a half-added adapter behind. So
+        the weights file is checked here (it must be ``adapter_model.safetensors``; nothing is ever unpickled), and
+        its tensor names and shapes travel with the config: ``TAPSModel`` checks that they fit the model before it
+        changes any module.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, TAPSConfig):
+            kind = getattr(config.peft_type, "value", config.peft_type)
+            raise ValueError(
+                f"The adapter at '{_where(pretrained_model_name_or_path, subfolder)}' is a {kind} adapter, not TAPS "
+                f"(its adapter_config.json says peft_type={kind!r}): load it with its own PEFT method."
+            )
+        hub_kwargs = cls._split_kwargs(kwargs)[0]
+        weights = _weights_file(pretrained_model_name_or_path, subfolder, hub_kwargs)
+        config._taps_saved_shapes = _check_weights_file(weights)  # popped by TAPSModel._prepare_adapter_config
+        return config
 
 
-def _check_number(name: str, value: object, fix: str, ok) -> None:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and ok(value)
-    if not valid or abs(value) == float("inf"):
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _weights_file(model_id: str, subfolder: Optional[str], hub_kwargs: dict) -> str:
+    """The local path of the adapter's safetensors file (downloaded into the Hub cache for a repo id)."""
+    where = _where(model_id, subfolder)
+    if os.path.isdir(where):
+        path = os.path.join(where, WEIGHTS_NAME)
+        if os.path.isfile(path):
+            return path
+        if os.path.isfile(os.path.join(where, "adapter_model.bin")):
+            raise ValueError(_PICKLE_REFUSED.format(where=where))
+        raise FileNotFoundError(
+            f"No {WEIGHTS_NAME} in '{where}' (it has {sorted(os.listdir(where))}): the adapter's weights are missing. "
+            "Save the adapter again with save_pretrained, or copy the file back."
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(str(model_id), WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except EntryNotFoundError as err:
+        if isinstance(err, LocalEntryNotFoundError):  # offline and not in the cache: the client says so
+            raise
+        raise ValueError(_PICKLE_REFUSED.format(where=where)) from None
+
+
+def _where(model_id: str, subfolder: Optional[str]) -> str:
+    return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+
+
+_PICKLE_REFUSED = (
+    "TAPS adapters are loaded from safetensors only, and '{where}' has no adapter_model.safetensors: taps_peft never "
+    "unpickles (torch.load) an adapter file such as adapter_model.bin. Save the adapter with save_pretrained, or, if "
+    "you trust the pickle, convert it once with safetensors.torch.save_file."
+)
+
+
+def _check_weights_file(path: str) -> dict[str, tuple[int, ...]]:
+    """Open a safetensors file (header, sizes, every value finite); return its tensors' names and shapes."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {}
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise ValueError(
+                        f"The TAPS adapter file '{path}' holds {bad} NaN/inf value(s) in `{key}`: the adapter is "
+                        "broken (it diverged in training, or the file was damaged). Load an earlier checkpoint."
+                    )
+                shapes[key] = tuple(tensor.shape)
+    except SafetensorError as err:
+        raise ValueError(
+            f"The TAPS adapter file '{path}' is not a valid safetensors file ({err}): it is truncated or corrupted. "
+            "Save or download the adapter again."
+        ) from None
+    if not any(k.endswith(".taps_score") for k in shapes):
+        raise ValueError(
+            f"'{path}' holds no TAPS layer scores ({len(shapes)} tensors, e.g. {sorted(shapes)[:3]}): these are not "
+            "the weights of a TAPS adapter, though its adapter_config.json says TAPS. Save the adapter again."
+        )
+    return shapes
+
+
+def _check_names(name: str, value: object, fix: str, allow_empty: bool) -> Optional[Union[str, set[str]]]:
+    """``target_modules`` / ``exclude_modules``: None, one regex, or names (a list becomes a set, as in PEFT)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"TAPSConfig.{name}={value!r} is invalid (not a regex: {err}): use {fix}.") from None
+        if value or allow_empty:
+            return value
+    elif isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+        if value or allow_empty:
+            return set(value)
+    raise ValueError(f"TAPSConfig.{name}={value!r} is invalid: use {fix}.")
+
+
+def _check_number(name: str, value: object, fix: str, ok) -> float:
+    try:
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int too large for a float
+        number = math.nan
+    if not (math.isfinite(number) and ok(number)):
         raise ValueError(f"TAPSConfig.{name}={value!r} is invalid: use {fix}.")
+    return number

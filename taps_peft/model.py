@@ -13,8 +13,16 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import ModulesToSaveWrapper
 
 from .config import TAPSConfig
-from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer
-from .targets import check_targets, default_targets, find_head, norm_modules
+from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, tensor_key
+from .targets import (
+    check_modules_to_save,
+    check_saved_adapter,
+    check_targets,
+    default_targets,
+    find_head,
+    norm_modules,
+    planned_targets,
+)
 
 
 class TAPSModel(BaseTuner):
@@ -34,17 +42,25 @@ class TAPSModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: TAPSConfig, model_config: dict) -> TAPSConfig:
+        """Resolve the targets, head and norms, and check everything before PEFT replaces a module: a bad config
+        or a saved adapter that does not fit raises here and leaves the model (and its other adapters) as it was."""
         head = find_head(self.model)
         if peft_config.modules_to_save is None and head is not None:
             peft_config.modules_to_save = [head]
+        requested = peft_config.target_modules
         if peft_config.target_modules is None:
             peft_config.target_modules = set(default_targets(self.model, head))
         else:
             check_targets(self.model, peft_config.target_modules)
+        check_modules_to_save(self.model, peft_config.modules_to_save)
         if peft_config.train_norms:
             saved = list(peft_config.modules_to_save or [])
             norms = [n for n in norm_modules(self.model, skip=saved) if n not in saved]
             peft_config.modules_to_save = saved + norms
+        targets = planned_targets(self.model, peft_config, requested)
+        saved_shapes = peft_config.__dict__.pop("_taps_saved_shapes", None)  # set by TAPSConfig.from_pretrained
+        if saved_shapes is not None:
+            check_saved_adapter(self.model, peft_config.modules_to_save, targets, saved_shapes)
         return peft_config
 
     def _create_and_replace(
@@ -87,7 +103,7 @@ class TAPSModel(BaseTuner):
             (layer, name)
             for _, layer in layers
             for name, score in layer.taps_score.items()
-            if layer._gates.get(name, (None,))[0] != (score.data_ptr(), score._version)
+            if layer._gates.get(name, (None,))[0] != tensor_key(score)
         ]
         if stale:
             values = torch.cat([layer.taps_score[name].detach() for layer, name in stale]).tolist()
@@ -145,7 +161,10 @@ class TAPSModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's key mapping, plus real zeros for the deltas of inactive layers (absent from the file); a file
-        that does not fit the model's layers is refused before anything is loaded."""
+        that does not fit the model's layers, or holds NaN/inf, is refused before anything is loaded.
+
+        (``PeftModel.from_pretrained`` / ``load_adapter`` have checked the file before the adapter was injected, see
+        ``TAPSConfig.from_pretrained``; these checks cover the other ways in, e.g. ``set_peft_model_state_dict``.)"""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_score")))
         if orphans:
@@ -153,9 +172,21 @@ class TAPSModel(BaseTuner):
                 f"TAPS adapter '{adapter_name}' does not fit this base model: {len(orphans)} saved layer(s) have no "
                 f"matching module, e.g. `{orphans[0]}`. Load the adapter onto the base model it was trained from."
             )
+        broken = [k for k, v in remapped.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise ValueError(
+                f"TAPS adapter '{adapter_name}' holds NaN/inf values in {len(broken)} tensor(s), e.g. `{broken[0]}`: "
+                "it is broken (it diverged in training, or the file was damaged). Load an earlier checkpoint."
+            )
         for name, module in model.named_modules():
             if not (isinstance(module, TAPSLayer) and adapter_name in module.taps_delta):
                 continue
+            if f"{name}.taps_score.{adapter_name}" not in remapped:
+                raise ValueError(
+                    f"TAPS adapter '{adapter_name}' does not fit this base model: the weights have no score for the "
+                    f"layer `{name}` (every TAPS adapter saves all its scores). Load the adapter onto the base model "
+                    "it was trained from, with the weights saved with it."
+                )
             key = f"{name}.taps_delta.{adapter_name}"
             param = module.taps_delta[adapter_name]
             if key not in remapped:

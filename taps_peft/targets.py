@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Optional, Union
 
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from .layer import SUPPORTED_LAYERS
@@ -85,6 +86,111 @@ def check_targets(model: nn.Module, target_modules: Union[str, set[str], list[st
             "fix the names, or pass target_modules=None for the default layers. (Loading a saved adapter? It does "
             "not fit this base model: load it onto the base it was trained from.)"
         )
+
+
+def planned_targets(model: nn.Module, config, requested: object) -> list[str]:
+    """The layers PEFT will gate with ``config`` (its own matching rules), checked before any module is replaced:
+    a ValueError if none is left after ``exclude_modules`` and ``modules_to_save``, a TypeError naming every
+    target that is not a Linear/Conv. ``requested`` is the user's ``target_modules`` (None: the defaults)."""
+    modules = plain_modules(model)
+    targets = [n for n in modules if n and check_target_module_exists(config, n)]
+    if not targets:
+        only_targets = SimpleNamespace(target_modules=config.target_modules, target_parameters=None)
+        matched = [n for n in modules if n and check_target_module_exists(only_targets, n)]
+        shown = "None (the default layers)" if requested is None else repr(requested)
+        raise ValueError(
+            f"TAPSConfig.target_modules={shown} is invalid for {type(model).__name__}: it leaves no layer to gate. "
+            f"The layers it matches ({_few(matched)}) are all excluded by exclude_modules={config.exclude_modules!r} "
+            f"or trained in full by modules_to_save={config.modules_to_save!r}. Use target_modules=None for the "
+            "default layers, or name Linear/Conv layers outside exclude_modules and modules_to_save."
+        )
+    unsupported = [
+        f"`{n}` ({type(modules[n]).__name__})" for n in targets if not isinstance(modules[n], SUPPORTED_LAYERS)
+    ]
+    if unsupported:
+        raise TypeError(
+            f"TAPSConfig.target_modules: TAPS cannot gate {', '.join(unsupported[:8])}"
+            f"{' ...' if len(unsupported) > 8 else ''}: it supports "
+            f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} and their subclasses. "
+            "Remove it from `target_modules` or add it to `exclude_modules`."
+        )
+    return targets
+
+
+def saved_modules(model: nn.Module, modules_to_save: Optional[list[str]]) -> dict[str, list[str]]:
+    """For each ``modules_to_save`` entry, the modules it wraps (PEFT matches entries as plain name suffixes)."""
+    names = [n for n in plain_modules(model) if n]
+    out: dict[str, list[str]] = {}
+    for entry in modules_to_save or []:
+        found: list[str] = []
+        for name in names:
+            if name.endswith(entry) and not any(name.startswith(f + ".") for f in found):
+                found.append(name)
+        out[entry] = found
+    return out
+
+
+def check_modules_to_save(model: nn.Module, modules_to_save: Optional[list[str]]) -> None:
+    """Raise a ValueError naming every ``modules_to_save`` entry that matches no module with parameters or buffers
+    (TAPS puts such modules back unwrapped: nothing would be trained or saved). Norm layers count even without
+    state, as a saved adapter lists every norm layer of its base."""
+    modules = plain_modules(model)
+    missing = [
+        entry
+        for entry, found in saved_modules(model, modules_to_save).items()
+        if not any(modules[n].state_dict() or isinstance(modules[n], _NORM_TYPES) for n in found)
+    ]
+    if missing:
+        top = [n for n in plain_modules(model) if n and "." not in n]
+        raise ValueError(
+            f"TAPSConfig.modules_to_save: {sorted(missing)} matched no module with parameters in "
+            f"{type(model).__name__} (entries match module names or their endings). Its top-level modules are "
+            f"{_few(top)}; fix the names, or pass modules_to_save=None for the detected classifier head "
+            f"({find_head(model)!r}). (Loading a saved adapter? It does not fit this base model: load it onto the "
+            "base it was trained from.)"
+        )
+
+
+def check_saved_adapter(
+    model: nn.Module, modules_to_save: Optional[list[str]], targets: list[str], saved: dict[str, tuple]
+) -> None:
+    """Check a saved adapter's tensor names and shapes (``saved``, read by ``TAPSConfig.from_pretrained``) against
+    the layers it will load into, before any module is replaced. Every gated layer needs its score; deltas, head
+    and norms need the model's shapes; no saved layer may be left without a module."""
+    modules = plain_modules(model)
+    shapes = {k.removeprefix("base_model.model."): tuple(v) for k, v in saved.items()}
+    problems: list[str] = []
+    for name in targets:
+        weight = tuple(modules[name].weight.shape)
+        if shapes.get(f"{name}.taps_score") != (1,):
+            problems.append(f"the file has no score for the layer `{name}`")
+        delta = shapes.get(f"{name}.taps_delta")
+        if delta is not None and delta != weight:
+            problems.append(f"the delta for `{name}` has shape {delta} but the layer's weight has shape {weight}")
+    planned = set(targets)
+    problems += [
+        f"the saved layer `{key.rpartition('.')[0]}` has no matching module"
+        for key in shapes
+        if key.endswith((".taps_delta", ".taps_score")) and key.rpartition(".")[0] not in planned
+    ]
+    for found in saved_modules(model, modules_to_save).values():
+        for name in found:
+            for key, tensor in modules[name].state_dict().items():
+                got = shapes.get(f"{name}.{key}")
+                if got is None:
+                    problems.append(f"the file has no `{name}.{key}`")
+                elif got != tuple(tensor.shape):
+                    problems.append(f"`{name}.{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
+    if problems:
+        raise ValueError(
+            f"The TAPS adapter does not fit this base model ({type(model).__name__}): {len(problems)} problem(s): "
+            f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Load the adapter onto the base model "
+            "it was trained from (same architecture and number of classes; its README shows how to build it)."
+        )
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    return f"{names[:n]}{' ...' if len(names) > n else ''}"
 
 
 def norm_modules(model: nn.Module, skip: Optional[list[str]] = None) -> list[str]:

@@ -9,6 +9,8 @@ import torch  # noqa: E402
 
 import taps_peft  # noqa: E402,F401  (registers TAPS with PEFT)
 
+torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI machines are shared
+
 
 def tiny_timm_vit(num_classes: int = 5, depth: int = 2):
     timm = pytest.importorskip("timm")
