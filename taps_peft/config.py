@@ -39,6 +39,10 @@ class TAPSConfig(PeftConfig):
             GroupNorm) and save it with the adapter.
         init_weights: ``True`` starts deltas at zero (the model equals its base). ``False`` draws small random deltas,
             as PEFT's tests expect.
+        budget_layers: At most this many active layers: instead of a fixed ``lam``, training adapts ``lam`` (dual
+            ascent, starting from ``lam``) until the active layers fit; the adapted value is kept in ``lam``.
+        budget_mib: At most this many MiB of active deltas, handled the same way (both budgets may be set).
+        budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per penalty call.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
     """
@@ -58,6 +62,9 @@ class TAPSConfig(PeftConfig):
     warmup_steps: int = field(default=0, metadata={"help": "No penalty for the first warmup_steps steps."})
     train_norms: bool = field(default=True, metadata={"help": "Train and save task-specific norm layers."})
     init_weights: bool = field(default=True, metadata={"help": "Zero deltas (identity); False = random, for tests."})
+    budget_layers: Optional[int] = field(default=None, metadata={"help": "At most this many active layers."})
+    budget_mib: Optional[float] = field(default=None, metadata={"help": "At most this many MiB of active deltas."})
+    budget_rate: float = field(default=0.05, metadata={"help": "Dual-ascent step on lam for the budgets."})
     save_inactive_deltas: bool = field(
         default=False, metadata={"help": "Also save inactive layers' deltas (resumable checkpoints)."}
     )
@@ -91,6 +98,14 @@ class TAPSConfig(PeftConfig):
         if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"TAPSConfig.warmup_steps={steps!r} is invalid: use an int >= 0.")
         self.warmup_steps = int(steps)
+        if self.budget_layers is not None and (
+            not isinstance(self.budget_layers, numbers.Integral) or isinstance(self.budget_layers, bool)
+            or self.budget_layers < 0
+        ):
+            raise ValueError(f"TAPSConfig.budget_layers={self.budget_layers!r} is invalid: use an int >= 0 or None.")
+        if self.budget_mib is not None:
+            self.budget_mib = _check_number("budget_mib", self.budget_mib, "a float > 0 or None", lambda v: v > 0)
+        self.budget_rate = _check_number("budget_rate", self.budget_rate, "a float > 0, e.g. 0.05", lambda v: v > 0)
         for name in ("train_norms", "init_weights", "save_inactive_deltas"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")

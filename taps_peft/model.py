@@ -227,7 +227,9 @@ class TAPSModel(BaseTuner):
     def taps_penalty(self, step: Optional[int] = None) -> torch.Tensor:
         """``(lam / L) * sum_i |s_i|`` over the gated layers of each active adapter; add it to the task loss.
 
-        ``step`` (optimizer steps so far) enables the warm-up: no penalty while ``step < warmup_steps``.
+        ``step`` (optimizer steps so far) enables the warm-up: no penalty while ``step < warmup_steps``. With a
+        budget (``budget_layers`` / ``budget_mib``), each call in training first moves ``lam`` by dual ascent:
+        up while the active layers exceed the budget, down (to 0 at least) while they are within it.
 
         Example:
             >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)  # doctest: +SKIP
@@ -239,12 +241,30 @@ class TAPSModel(BaseTuner):
             scores = [m.taps_score[name] for _, m in layers if name in m.taps_score]
             if not scores or (step is not None and step < config.warmup_steps):
                 continue
+            if self.training and torch.is_grad_enabled():
+                self._adapt_lam(name)
             term = torch.cat(scores).abs().sum() * (config.lam / len(scores))
             total = term if total is None else total + term
         if total is None:
             device = next(iter(self.model.parameters())).device
             return torch.zeros((), device=device)
         return total
+
+    def budget_usage(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+        """The budgeted quantities now: ``layers`` (active layers) and ``mib`` (MiB of active deltas)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        active = [m for _, m in self.taps_layers() if adapter_name in m.taps_score and m.is_active(adapter_name)]
+        return {"layers": len(active), "mib": sum(m.taps_delta[adapter_name].nbytes for m in active) / 2**20}
+
+    def _adapt_lam(self, adapter_name: str) -> None:
+        """One dual-ascent step on ``lam`` for each budget the adapter has."""
+        config = self.peft_config[adapter_name]
+        budgets = {"layers": config.budget_layers, "mib": config.budget_mib}
+        if all(b is None for b in budgets.values()):
+            return
+        used = self.budget_usage(adapter_name)
+        excess = max((used[k] - b) / max(b, 1e-9) for k, b in budgets.items() if b is not None)
+        config.lam = max(0.0, config.lam + config.budget_rate * excess)
 
     def taps_layer_report(self, adapter_name: Optional[str] = None) -> list[dict[str, Any]]:
         """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau) and ``params`` (delta size).
@@ -281,8 +301,12 @@ class TAPSModel(BaseTuner):
         saved_params = sum(t.numel() for t in saved if t.is_floating_point())
         task_params = sum(r["params"] for r in active) + score_params + saved_params
         base_params = _base_param_count(self.model)
+        config = self.peft_config[adapter_name]
+        budget = {k: v for k, v in (("layers", config.budget_layers), ("mib", config.budget_mib)) if v is not None}
         return {
             "adapter": adapter_name,
+            "lam": config.lam,
+            "budget": budget,
             "active_layers": len(active),
             "total_layers": len(report),
             "task_specific_params": task_params,
@@ -301,10 +325,16 @@ class TAPSModel(BaseTuner):
             for r in rows:
                 print(f"{r['name']:<{width}}  {r['score']:>8.4f}  {'yes' if r['active'] else 'no':>6}  {r['params']:>10,}")
         pct = 100.0 * s["active_layers"] / max(s["total_layers"], 1)
+        budget = ""
+        if s["budget"]:
+            used = self.budget_usage(s["adapter"])
+            parts = [f"{used[k]:.3g}/{v:.3g} {k}" for k, v in s["budget"].items()]
+            met = all(used[k] <= v for k, v in s["budget"].items())
+            budget = f" || budget {', '.join(parts)} ({'met' if met else 'NOT met'}, lam={s['lam']:.3g})"
         print(
             f"TAPS adapter '{s['adapter']}': active layers: {s['active_layers']}/{s['total_layers']} ({pct:.1f}%) || "
             f"task-specific params: {s['task_specific_params']:,} ({s['task_specific_percent']:.2f}% of base "
-            f"{s['base_params']:,}) || adapter size: {s['adapter_bytes'] / 2**20:.2f} MiB"
+            f"{s['base_params']:,}) || adapter size: {s['adapter_bytes'] / 2**20:.2f} MiB{budget}"
         )
 
 

@@ -47,3 +47,18 @@ def test_demo_quick_writes_results_figure_and_adapters(tmp_path):
         assert adapter.stat().st_size == r["adapter_bytes"]
         assert (adapter.parent / "adapter_config.json").exists()
         assert 0 < r["adapter_bytes"] < r["full_model_bytes"]
+
+
+def test_lam_sweep_prints_the_curve_and_saves_the_figure(tmp_path):
+    path = DEMO.parent / "lam_sweep.py"
+    spec = importlib.util.spec_from_file_location("lam_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        rows = module.main(["--quick", "--lams", "0", "2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "lam_sweep.png").stat().st_size > 0
+    assert json.loads((tmp_path / "lam_sweep.json").read_text()) == rows
+    assert [r["lam"] for r in rows] == [0, 2] and rows[1]["active_layers"] < rows[0]["active_layers"]

@@ -1,0 +1,50 @@
+"""A budget instead of lam: training adapts lam (dual ascent) until the active layers fit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+
+from taps_peft import TAPSConfig, create_taps_optimizer
+from conftest import tiny_timm_vit
+
+
+def train(config, steps=60):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_timm_vit(), config)
+    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-3, score_lr=2e-2)
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 5
+    for step in range(steps):
+        loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("budget", [{"budget_layers": 3}, {"budget_mib": 0.8}])
+def test_training_lands_within_the_budget(budget, capsys):
+    model = train(TAPSConfig(lam=0.0, **budget))
+    used, summary = model.budget_usage(), model.taps_summary()
+    assert used["layers"] <= budget.get("budget_layers", 8) and used["mib"] <= budget.get("budget_mib", 100.0)
+    assert used["layers"] >= 1  # the budget binds without switching everything off
+    assert summary["lam"] > 0 and summary["budget"] == {k.removeprefix("budget_"): v for k, v in budget.items()}
+    model.print_taps_summary()
+    assert "(met, lam=" in capsys.readouterr().out
+
+
+def test_a_loose_budget_brings_lam_down():
+    model = train(TAPSConfig(lam=0.3, budget_layers=8), steps=10)  # 8 = every layer: the budget never binds
+    assert model.taps_summary()["lam"] < 0.3
+
+
+def test_without_a_budget_lam_is_fixed():
+    model = train(TAPSConfig(lam=0.3), steps=3)
+    assert model.taps_summary()["lam"] == 0.3 and model.taps_summary()["budget"] == {}
+
+
+@pytest.mark.parametrize("kwargs", [{"budget_layers": -1}, {"budget_layers": 2.5}, {"budget_mib": 0.0},
+                                    {"budget_rate": 0.0}])
+def test_bad_budgets_name_the_field(kwargs):
+    with pytest.raises(ValueError, match=rf"TAPSConfig\.{next(iter(kwargs))}=.*invalid: use"):
+        TAPSConfig(**kwargs)
