@@ -99,11 +99,12 @@ class TAPSModel(BaseTuner):
         layers = self.taps_layers()
         if not layers or (not force and next(iter(layers[0][1].taps_score.values())).device.type == "cpu"):
             return  # on the CPU each layer reads its own score for free
+        active = self.active_adapters
         stale = [
             (layer, name)
             for _, layer in layers
-            for name, score in layer.taps_score.items()
-            if layer._gates.get(name, (None,))[0] != tensor_key(score)
+            for name in active
+            if name in layer.taps_score and layer._gates.get(name, (None,))[0] != tensor_key(layer.taps_score[name])
         ]
         if stale:
             values = torch.cat([layer.taps_score[name].detach() for layer, name in stale]).tolist()
