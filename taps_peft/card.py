@@ -8,7 +8,8 @@ Why a hook: PEFT 0.21's ``PeftModel.push_to_hub`` is transformers' ``PushToHubMi
 card over the README that ``save_pretrained`` produced (even PEFT's own card never reaches the Hub), and no tuner or
 config method runs in between. :func:`install` therefore gives every PeftModel wrapping a TAPS tuner (and only those)
 card-aware ``create_or_update_model_card`` and ``push_to_hub`` methods, and a ``save_pretrained`` that writes into a
-temporary folder first (a failed save leaves the previous adapter intact); PEFT's classes are left untouched.
+temporary folder first (a failed save leaves the previous adapter intact) and a ``load_adapter`` that frees the
+inactive layers of adapters loaded for inference; PEFT's classes are left untouched.
 
 Example:
     >>> from taps_peft.card import build_model_card
@@ -197,7 +198,19 @@ def attach(model: nn.Module) -> nn.Module:
     model.create_or_update_model_card = functools.partial(create_or_update_model_card, model)
     model.push_to_hub = functools.partial(push_to_hub, model)
     model.save_pretrained = functools.partial(save_pretrained, model)
+    model.load_adapter = functools.partial(load_adapter, model)
     return model
+
+
+def load_adapter(self: nn.Module, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    """PEFT's ``load_adapter`` (also behind ``PeftModel.from_pretrained``); an adapter loaded for inference then
+    holds memory only for its active layers (inactive ones share one zero), so many tasks fit on one base."""
+    result = type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
+    if self.peft_config[adapter_name].inference_mode:
+        for _, layer in self.base_model.taps_layers():
+            if adapter_name in layer.taps_delta:
+                layer.release_inactive_delta(adapter_name)
+    return result
 
 
 def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:

@@ -113,6 +113,16 @@ class TAPSLayer(BaseTunerLayer):
         score = self.taps_score[adapter_name]
         self._gates[adapter_name] = (tensor_key(score), value >= self.taps_tau[adapter_name])
 
+    def release_inactive_delta(self, adapter_name: str) -> bool:
+        """Free the memory of a frozen, inactive, all-zero delta (a loaded layer absent from the adapter file): it
+        becomes a stride-0 view of one zero. Returns whether it did. Used for adapters loaded for inference."""
+        delta = self.taps_delta[adapter_name]
+        if delta.requires_grad or self.is_active(adapter_name) or 0 in delta.stride() or delta.any():
+            return False
+        zero = torch.zeros((), dtype=delta.dtype, device=delta.device).expand(delta.shape)
+        self.taps_delta[adapter_name] = nn.Parameter(zero, requires_grad=False)
+        return True
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The gated delta ``1[s >= tau] * dW`` in the base weight's dtype, detached."""
         delta = self.taps_delta[adapter_name].detach().to(self.get_base_layer().weight.dtype)

@@ -1,10 +1,8 @@
 """Joint multi-task TAPS (the paper's Eq. 4) and the memory-efficient shared-then-incremental variant.
 
-``train_joint`` learns, in one run, a shared base (trainable) plus per-task deltas, scores, norms and heads for K
-tasks: one PeftModel with one TAPS adapter per task. Each task's batch runs with that task's adapter
-(``set_adapter``) and adds that task's penalty, so the sum over tasks is Eq. 4: ``sum_t L_t(w + g_t * dw_t) +
-lam / L * |s_t|``. ``schedule="round_robin"`` takes one optimizer step per task batch (task 1, 2, ..., K, 1, ...);
-``"mixed"`` takes one step per round with the gradients of one batch of every task summed (a mixed-task batch).
+``train_joint`` learns in one run a shared base plus, per task, a TAPS adapter (deltas, scores, norms, head) on one
+PeftModel. A task's batch runs with its adapter (``set_adapter``) and adds its own penalty: summed over tasks, Eq. 4.
+``schedule="round_robin"``: one optimizer step per task batch; ``"mixed"``: one step per round of K task batches.
 
 Example:
     >>> model = train_joint(vit, {"cars": (x1, y1), "birds": (x2, y2)}, TAPSConfig(lam=0.2), steps=300,
@@ -103,8 +101,6 @@ def _run(accelerator: Any, model: nn.Module, opt: torch.optim.Optimizer, loaders
          steps: int, select: Callable[[str], None], loss_fn: LossFn, penalty: Callable[[int], torch.Tensor],
          schedule: str) -> None:
     """``steps`` batches per task, round-robin (one optimizer step each) or mixed (one step per round), cosine lr."""
-    if schedule not in ("round_robin", "mixed"):
-        raise ValueError(f"schedule={schedule!r}: use 'round_robin' or 'mixed'.")
     per_round = len(names) if schedule == "round_robin" else 1
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps * per_round)  # stepped by hand: once per step
     model, opt, *loaders = accelerator.prepare(model, opt, *loaders)
@@ -140,8 +136,9 @@ def train_joint(
         >>> model = train_joint(vit, {"a": (xa, ya), "b": (xb, yb)}, TAPSConfig(lam=0.2), 300)  # doctest: +SKIP
         >>> model.set_adapter("b"); logits = model.eval()(xb)  # doctest: +SKIP
     """
-    if train_base not in ("none", "gated", "all"):
-        raise ValueError(f"train_base={train_base!r}: use 'none', 'gated' or 'all'.")
+    if train_base not in ("none", "gated", "all") or schedule not in ("round_robin", "mixed"):
+        raise ValueError(f"train_base={train_base!r}, schedule={schedule!r}: use train_base 'none', 'gated' or "
+                         "'all' and schedule 'round_robin' or 'mixed'.")
     names = list(tasks)
     if not names or "base" in names:
         raise ValueError(f"tasks={names}: give at least one task, none named 'base' (save_joint's base folder).")
@@ -158,22 +155,16 @@ def train_joint(
         for t, h in heads.items():
             old = wrapper.modules_to_save[t].weight
             wrapper.modules_to_save[t] = copy.deepcopy(h).to(device=old.device, dtype=old.dtype)
-    adapters: list[nn.Parameter] = []  # every task's parameters, trainable from the start: the optimizer sees all
-    for m in model.modules():
-        if isinstance(m, TAPSLayer):
-            adapters += [p for t in names for p in (m.taps_delta[t], m.taps_score[t])]
-    adapters += [p for w in wrappers for t in names for p in w.modules_to_save[t].parameters()]
-    for p in adapters:
-        p.requires_grad_(True)
-    opt = create_taps_optimizer(model, optimizer_cls, lr=lr, score_lr=score_lr, weight_decay=weight_decay)
+    layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
+    adapters = [p.requires_grad_(True) for m in layers for t in names for p in (m.taps_delta[t], m.taps_score[t])]
+    adapters += [p.requires_grad_(True) for w in wrappers for t in names for p in w.modules_to_save[t].parameters()]
+    opt = create_taps_optimizer(model, optimizer_cls, lr=lr, score_lr=score_lr, weight_decay=weight_decay)  # all tasks
     skip = {id(p) for p in adapters} | {id(p) for w in wrappers for p in w.original_module.parameters()}
     if train_base == "gated":
-        shared = [p for m in model.modules() if isinstance(m, TAPSLayer) for p in m.get_base_layer().parameters()]
+        shared = [p for m in layers for p in m.get_base_layer().parameters()]
     else:
         shared = [p for p in model.parameters() if id(p) not in skip] if train_base == "all" else []
-    for p in shared:
-        p.requires_grad_(True)
-    if shared:
+    if [p.requires_grad_(True) for p in shared]:
         opt.add_param_group({"params": shared, "lr": lr if base_lr is None else base_lr, "weight_decay": weight_decay})
     with _base_gradients():  # the penalty: the active task's own; its warm-up counts that task's batches
         _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
@@ -203,9 +194,7 @@ def train_shared_then_incremental(
     task_heads = nn.ModuleDict({t: copy.deepcopy((heads or {}).get(t, original)) for t in tasks})
     multi = _TaskHeads(task_heads)
     setattr(owner, leaf, multi)
-    params = [p for n, p in base_model.named_parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = [p.requires_grad_(True) for p in base_model.parameters()]
     opt_kwargs = {k: kwargs[k] for k in ("weight_decay",) if k in kwargs}
     opt = kwargs.get("optimizer_cls", torch.optim.AdamW)(params, lr=shared_lr or kwargs.get("lr", 1e-3), **opt_kwargs)
     accelerator = _accelerator(accelerator)
@@ -221,7 +210,7 @@ def train_shared_then_incremental(
 
 
 class _TaskHeads(nn.Module):
-    """One head per task in place of the model's head; ``task`` picks the one that runs."""
+    """One head per task in place of the model's head (stage 1 of the shared variant); ``task`` picks one."""
 
     def __init__(self, heads: nn.ModuleDict) -> None:
         super().__init__()
@@ -255,12 +244,11 @@ def save_joint(model: PeftModel, out_dir: Union[str, os.PathLike]) -> Path:
     if "base" in names:
         raise ValueError("A task named 'base' would collide with the base folder: rename the adapter.")
     (out / "base").mkdir(parents=True, exist_ok=True)
-    seen: set[tuple[int, int]] = set()  # safetensors refuses tensors sharing memory: clone repeats
-    state = {}
+    state, seen = {}, set()
     for k, v in base_state_dict(model).items():
         v = v.cpu().contiguous()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        state[k], _ = (v.clone() if key in seen else v), seen.add(key)
+        state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v  # safetensors refuses shared memory
+        seen.add(v.untyped_storage().data_ptr())
     with tempfile.TemporaryDirectory(prefix=".base.tmp-", dir=out) as tmp:  # a crash leaves the old file whole
         safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"),
                                     metadata={"format": "pt", "taps_tasks": json.dumps(names)})

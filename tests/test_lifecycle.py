@@ -221,3 +221,18 @@ def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, images, monk
         model.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.tmp")] == []
+
+
+def test_adapters_loaded_for_inference_hold_memory_only_for_active_layers(tmp_path, images):
+    model, outs = two_task_model(tmp_path, images)  # loaded with is_trainable=False (the default)
+    for name in ("a", "b"):
+        layers = taps_layers(model)
+        held = sum(m.taps_delta[name].untyped_storage().nbytes() for m in layers)
+        active = sum(m.taps_delta[name].nbytes for m in layers if m.is_active(name))
+        assert active < sum(m.taps_delta[name].nbytes for m in layers)
+        assert held <= active + 4 * len(layers)  # inactive deltas share a single zero each
+        model.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(logits(model, images), outs[name], rtol=0, atol=0)
+    trainable = PeftModel.from_pretrained(tiny_timm_vit(), tmp_path / "a", is_trainable=True)
+    assert all(m.taps_delta["default"].stride() != (0, 0) for m in taps_layers(trainable))  # training keeps them
