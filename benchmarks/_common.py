@@ -26,7 +26,7 @@ for _p in (_ROOT, _HERE):  # the repository (taps_peft from a checkout) and this
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 
-from bench_train_step import _quantile, _version, build_base, write_json  # noqa: E402,F401  (re-exported)
+from bench_train_step import _quantile, _version, build_base, env_info, write_json  # noqa: E402,F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,20 +60,6 @@ def autocast(args):
     if args.dtype == "bf16":
         return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def env_info(args) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": _version("peft"),
-        "timm": _version("timm"),
-        "taps_peft": _version("taps_peft"),
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -259,22 +259,28 @@ def summarize(strategies: list[Strategy], args: argparse.Namespace) -> dict[str,
     return {
         "benchmark": "train_step",
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "env": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "peft": _version("peft"),
-            "timm": _version("timm"),
-            "taps_peft": _version("taps_peft"),
-            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-        },
+        "env": env_info(args),
         "results": rows,
         "taps_over_full": taps["ratio_vs_full"],
         "taps_over_full_paired": taps["paired_ratio_median"],
         "taps_peak_mem_over_full": (taps["peak_mem_bytes"] / full_peak) if full_peak else None,
         "goal": goal,
         "goal_met": taps["ratio_vs_full"] <= goal,
+    }
+
+
+def env_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Versions and machine facts recorded with every benchmark result."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": _version("peft"),
+        "timm": _version("timm"),
+        "taps_peft": _version("taps_peft"),
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
