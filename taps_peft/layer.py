@@ -36,7 +36,7 @@ class _GatedWeight(torch.autograd.Function):
     """``W_base + 1[s >= tau] * dW`` with the paper's straight-through gate; ``is_open`` is read on the host.
 
     Backward: grad(dW) = gate * grad(W) (a zero tensor, not None, when closed, so DDP never sees unused parameters)
-    and grad(s) = <grad(W), dW>; no extra matmul.
+    and grad(s) = <grad(W), dW>; no extra matmul. A trainable base weight (joint training) gets grad(W).
     """
 
     @staticmethod
@@ -55,7 +55,8 @@ class _GatedWeight(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dot = torch.dot(grad.reshape(-1), delta.reshape(-1).to(grad.dtype))
             grad_score = dot.reshape(1).to(ctx.score_dtype)
-        return None, grad_delta, grad_score, None
+        grad_base = grad if ctx.needs_input_grad[0] else None  # a trainable base (joint training, Eq. 4)
+        return grad_base, grad_delta, grad_score, None
 
 
 class TAPSLayer(BaseTunerLayer):

@@ -22,7 +22,7 @@ import copy
 import json
 import os
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -34,7 +34,6 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import layer as _layer
 from .config import TAPSConfig
 from .layer import TAPSLayer
 from .optim import create_taps_optimizer
@@ -46,33 +45,6 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> task loss
 
 def _cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
-
-
-_CORE_GATE = _layer._GatedWeight
-
-
-class _SharedBaseGatedWeight(_CORE_GATE):
-    """The core gate, plus a gradient for the base weight (``W = W_base + g * dW``: dL/dW_base = dL/dW)."""
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grads = _CORE_GATE.backward(ctx, grad)
-        return (grad if ctx.needs_input_grad[0] else None, *grads[1:])
-
-
-@contextmanager
-def _base_gradients() -> Iterator[None]:
-    """Let gradients reach trainable base weights of gated layers: the core gate returns none for the base (it is
-    frozen in single-task TAPS). The swap is process-wide while training runs and is skipped once the core does it."""
-    probe = [torch.zeros(1, requires_grad=True) for _ in range(3)]
-    _layer._GatedWeight.apply(*probe, True).sum().backward()
-    original = _layer._GatedWeight
-    if probe[0].grad is None:
-        _layer._GatedWeight = _SharedBaseGatedWeight
-    try:
-        yield
-    finally:
-        _layer._GatedWeight = original
 
 
 def _accelerator(accelerator: Any) -> Any:
@@ -153,7 +125,7 @@ def train_joint(
         if not isinstance(wrapper, ModulesToSaveWrapper):
             raise ValueError("heads=... needs a classifier head the model finds (a timm head, classifier, head or fc).")
         for t, h in heads.items():
-            old = wrapper.modules_to_save[t].weight
+            old = next(wrapper.modules_to_save[t].parameters())
             wrapper.modules_to_save[t] = copy.deepcopy(h).to(device=old.device, dtype=old.dtype)
     layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
     adapters = [p.requires_grad_(True) for m in layers for t in names for p in (m.taps_delta[t], m.taps_score[t])]
@@ -166,9 +138,9 @@ def train_joint(
         shared = [p for p in model.parameters() if id(p) not in skip] if train_base == "all" else []
     if [p.requires_grad_(True) for p in shared]:
         opt.add_param_group({"params": shared, "lr": lr if base_lr is None else base_lr, "weight_decay": weight_decay})
-    with _base_gradients():  # the penalty: the active task's own; its warm-up counts that task's batches
-        _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
-             model.set_adapter, loss_fn, model.taps_penalty, schedule)
+    # the penalty: the active task's own; its warm-up counts that task's batches
+    _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
+         model.set_adapter, loss_fn, model.taps_penalty, schedule)
     model.set_adapter(names[0])
     return model
 
@@ -266,7 +238,8 @@ def load_joint(base_model: Union[nn.Module, Callable[[], nn.Module]], out_dir: U
     own head then holds zeros (only ``disable_adapter()`` would use it). ``kwargs`` go to ``PeftModel.from_pretrained``.
 
     Example:
-        >>> model = load_joint(lambda: timm.create_model("vit_small_patch16_224"), "runs/joint", "cars")  # doctest: +SKIP
+        >>> make_vit = lambda: timm.create_model("vit_small_patch16_224")  # doctest: +SKIP
+        >>> model = load_joint(make_vit, "runs/joint", "cars")  # doctest: +SKIP
     """
     base = base_model if isinstance(base_model, nn.Module) else base_model()
     out = Path(out_dir)
