@@ -521,9 +521,9 @@ def print_report(res: dict[str, Any]) -> None:
               f"{r['file_over_full_model_file']:>12.3f} {C.mib(r['summary_adapter_bytes']):>17}")
     ch = res["checks"]
     print(
-        f"\nIn memory a loaded adapter holds {C.mib(ch['adapter_held_bytes'])} MiB (deltas of every gated layer, "
-        f"inactive ones as zeros, + scores, head, norms) = {ch['adapter_held_bytes'] / res['model_bytes']:.2f} x "
-        "the model, whatever its active fraction."
+        f"\nIn memory a loaded adapter holds {C.mib(ch['adapter_held_bytes'])} MiB (storage of its deltas, scores, "
+        f"head and norms; inactive deltas share one zero) = {ch['adapter_held_bytes'] / res['model_bytes']:.2f} x "
+        "the model."
     )
     print(
         f"checks: |merged - unmerged| output max {ch['max_abs_diff_merged_vs_unmerged']:.2e}; switches that formed or "

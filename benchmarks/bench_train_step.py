@@ -11,7 +11,8 @@ TAPS runs as after ``get_peft_model``: every gate active (score_init > tau), hea
 in ``modules_to_save`` (the comparison of docs/performance notes).
 
 Examples:
-    python benchmarks/bench_train_step.py                       # CPU defaults, about a minute on 2 cores
+    python benchmarks/bench_train_step.py                       # CPU defaults (224 px, batch 16), ~40 s on 2 cores
+    python benchmarks/bench_train_step.py --img-size 64 --batch 32 --steps 40   # weight-bound: 17 tokens/image
     python benchmarks/bench_train_step.py --lora --json out.json
     python benchmarks/bench_train_step.py --device cuda --dtype bf16 --model vit_base_patch16_224 \\
         --img-size 224 --batch 128 --steps 30 --warmup 8
@@ -50,8 +51,9 @@ GOAL = {"cpu": 1.05, "cuda": 1.00}
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (pretrained=False)")
-    p.add_argument("--img-size", type=int, default=64, help="input resolution (passed to timm as img_size)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224,
+                   help="input resolution (passed to timm as img_size); 64 = a weight-bound stress case")
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 40 on cpu, 30 on cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 5 on cpu, 8 on cuda)")
@@ -66,7 +68,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 40 if args.device == "cpu" else 30
+        args.steps = 20 if args.device == "cpu" else 30
     if args.warmup is None:
         args.warmup = 5 if args.device == "cpu" else 8
     if args.lr is None:
