@@ -56,23 +56,10 @@ def row(model: Any, adapter: str, test: Any) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/joint"))
-    p.add_argument("--steps", type=int, default=300, help="batches per task for every strategy")
-    p.add_argument("--base-steps", type=int, default=600, help="optimizer steps to pretrain the base model")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lam", type=float, default=0.2, help="TAPS sparsity weight (multitask_demo.py's default)")
-    p.add_argument("--lr", type=float, default=1e-3, help="lr of deltas, norms, heads and the shared base")
-    p.add_argument("--score-lr", type=float, default=1e-2)
+    p = demo.build_parser(__doc__, out="runs/joint")  # --steps counts batches per task for every strategy
     p.add_argument("--train-base", default="gated", choices=("gated", "all"), help="joint: which base weights learn")
     p.add_argument("--schedule", default="round_robin", choices=("round_robin", "mixed"), help="joint batches")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
-    p.add_argument("--quick", action="store_true", help="a tiny budget (smoke test, accuracies meaningless)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.base_steps = 20, 20
-    return args
+    return demo.parse_args(argv, p)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     own.add_argument("--task", default="rotated 0-9", help="a task of examples/multitask_demo.py")
     own.add_argument("--lams", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.5, 1, 2])
     sweep, rest = own.parse_known_args(argv)
-    args = demo.parse_args(rest if "--out" in rest else [*rest, "--out", "runs/lam_sweep"])  # the demo's options
+    args = demo.parse_args(rest, demo.build_parser(__doc__, out="runs/lam_sweep"))  # the demo's options
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     (base_train, _), tasks = demo.load_tasks(args.seed)

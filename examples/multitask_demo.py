@@ -184,9 +184,10 @@ def pretrain_base(data: Data, args: argparse.Namespace) -> nn.Module:
     return base
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+def build_parser(description: Optional[str] = __doc__, out: str = "runs/demo") -> argparse.ArgumentParser:
+    """The demo's options (also used by joint_demo.py and lam_sweep.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per task and strategy")
     p.add_argument("--base-steps", type=int, default=600, help="optimizer steps to pretrain the base model")
     p.add_argument("--batch", type=int, default=64)
@@ -197,7 +198,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
     p.add_argument("--quick", action="store_true", help="a tiny budget (smoke test, accuracies meaningless)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None):
+    args = (parser or build_parser()).parse_args(argv)
     if args.quick:
         args.steps, args.base_steps = 20, 20
     return args

@@ -64,19 +64,11 @@ class Recorder:
         return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def joint():
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     calls = {"prepare": 0, "backward": 0}
     prepare, backward = accelerator.prepare, accelerator.backward

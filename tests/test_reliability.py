@@ -39,15 +39,6 @@ PACKAGE = Path(taps_peft.__file__).resolve().parent
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second OpenMP thread only adds overhead, and on a shared 2-core machine it makes steps ~100x
-    slower (see test_train.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def taps_layers(model):
     return [m for m in model.modules() if isinstance(m, TAPSLayer)]

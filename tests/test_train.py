@@ -50,13 +50,6 @@ def data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("imagefolder"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def vit_args(data: Path, out: Path, **kw) -> TrainArgs:
     base = dict(model="timm:vit_tiny_patch16_224", pretrained=False, model_kwargs=json.loads(VIT),
