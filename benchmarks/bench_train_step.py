@@ -63,6 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 1e-4 for adamw")
     p.add_argument("--lam", type=float, default=0.5, help="TAPS lam")
     p.add_argument("--lora", action="store_true", help="also time PEFT LoRA r=16 on qkv, proj, fc1, fc2")
+    p.add_argument("--compile", action="store_true", help="torch.compile every strategy's model (compiled ratio)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH")
@@ -351,6 +352,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     strategies = [make_full(base, args), make_taps(base, args)]
     if args.lora:
         strategies.append(make_lora(base, args))
+    if args.compile:  # the penalty and the optimizer keep using the eager module's parameters
+        for s in strategies:
+            s.model = torch.compile(s.model)
     del base
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(args.device)
