@@ -33,25 +33,34 @@ def tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 class _GatedWeight(torch.autograd.Function):
-    """``W_base + 1[s >= tau] * dW`` with the paper's straight-through gate; ``is_open`` is read on the host.
+    """``W_base + 1[s >= tau] * dW`` with the paper's straight-through gate.
 
-    Backward: grad(dW) = gate * grad(W) (a zero tensor, not None, when closed, so DDP never sees unused parameters)
-    and grad(s) = <grad(W), dW>; no extra matmul. A trainable base weight (joint training) gets grad(W).
+    ``gate`` is the gate read on the host (a bool: an open gate adds, a closed one returns the base) or, under
+    ``torch.compile``, a 0-d tensor (one fused multiply-add, no graph break). Backward: grad(dW) = gate * grad(W) (a
+    zero tensor, not None, when closed, so DDP never sees unused parameters) and grad(s) = <grad(W), dW>; no extra
+    matmul. A trainable base weight (joint training) gets grad(W).
     """
 
     @staticmethod
-    def forward(ctx, base: torch.Tensor, delta: torch.Tensor, score: torch.Tensor, is_open: bool) -> torch.Tensor:
-        ctx.is_open = is_open
+    def forward(ctx, base: torch.Tensor, delta: torch.Tensor, score: torch.Tensor, gate) -> torch.Tensor:
         ctx.score_dtype = score.dtype
+        if isinstance(gate, torch.Tensor):
+            gate = gate.to(base.dtype)
+            ctx.save_for_backward(delta, gate)
+            return torch.addcmul(base, gate, delta.to(base.dtype))
+        ctx.is_open = gate
         ctx.save_for_backward(delta)
-        return base + delta.to(base.dtype) if is_open else base.view_as(base)
+        return base + delta.to(base.dtype) if gate else base.view_as(base)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (delta,) = ctx.saved_tensors
+        delta, *gate = ctx.saved_tensors
         grad_delta = grad_score = None
         if ctx.needs_input_grad[1]:
-            grad_delta = grad.to(delta.dtype) if ctx.is_open else torch.zeros_like(delta)
+            if gate:
+                grad_delta = (grad * gate[0]).to(delta.dtype)
+            else:
+                grad_delta = grad.to(delta.dtype) if ctx.is_open else torch.zeros_like(delta)
         if ctx.needs_input_grad[2]:
             dot = torch.dot(grad.reshape(-1), delta.reshape(-1).to(grad.dtype))
             grad_score = dot.reshape(1).to(ctx.score_dtype)
@@ -170,9 +179,11 @@ class TAPSLayer(BaseTunerLayer):
         ):
             self._cached_weight = None
             weight = self.get_base_layer().weight
+            compiling = torch.compiler.is_compiling()
             for name in adapters:
-                gate = self.is_active(name)
-                weight = _GatedWeight.apply(weight, self.taps_delta[name], self.taps_score[name], gate)
+                score = self.taps_score[name]
+                gate = score >= self.taps_tau[name] if compiling else self.is_active(name)
+                weight = _GatedWeight.apply(weight, self.taps_delta[name], score, gate)
             return weight
         return self._inference_weight(adapters)
 

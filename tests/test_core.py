@@ -405,7 +405,11 @@ def test_torch_compile_trains_like_eager():
     def losses(compiled):
         torch.manual_seed(0)
         model = get_peft_model(copy.deepcopy(base), TAPSConfig(lam=0.5))
-        opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.05, score_lr=0.05)
+        set_scores(model, 0.3)
+        with torch.no_grad():
+            taps_layers(model)[1].taps_score["default"].fill_(0.05)  # a closed gate
+            taps_layers(model)[2].taps_score["default"].fill_(0.1001)  # one that closes during training
+        opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.05, score_lr=0.5)
         forward = torch.compile(model) if compiled else model
         out = []
         for step in range(3):
@@ -414,6 +418,7 @@ def test_torch_compile_trains_like_eager():
             loss.backward()
             opt.step()
             out.append(loss.item())
+        assert [m.is_active("default") for m in taps_layers(model)][1:3] == [False, False]
         return out
 
     torch.testing.assert_close(losses(True), losses(False), rtol=1e-5, atol=1e-6)
