@@ -29,6 +29,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ._atomic import write_atomically
+
 BEGIN, END = "<!-- taps_peft:card:begin -->", "<!-- taps_peft:card:end -->"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PAPER = "https://arxiv.org/abs/2203.16708"
@@ -230,16 +232,13 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs
         )
     kwargs["safe_serialization"] = True
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.tmp-") as tmp:
+
+    def write(tmp: Path) -> None:
         if (target / "README.md").is_file():  # PEFT updates an existing card rather than replacing it
             shutil.copy2(target / "README.md", tmp)
-        type(self).save_pretrained(self, tmp, **kwargs)
-        for src in sorted(Path(tmp).rglob("*")):
-            if src.is_file():
-                dst = target / src.relative_to(tmp)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
+        type(self).save_pretrained(self, str(tmp), **kwargs)
+
+    write_atomically(target, write)
 
 
 def create_or_update_model_card(self: nn.Module, output_dir: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,12 @@ class _GatedWeight(torch.autograd.Function):
             grad_score = dot.reshape(1).to(ctx.score_dtype)
         grad_base = grad if ctx.needs_input_grad[0] else None  # a trainable base (joint training, Eq. 4)
         return grad_base, grad_delta, grad_score, None
+
+
+def sample_groups(adapter_names: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each adapter named in a mixed-task batch, with the batch rows of its samples (in order of first use)."""
+    for name in dict.fromkeys(adapter_names):
+        yield name, torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=device)
 
 
 class TAPSLayer(BaseTunerLayer):
@@ -237,8 +243,7 @@ class _TAPSModule(nn.Module, TAPSLayer):
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Each sample runs with its own adapter (``"__base__"``: the base layer): one matmul/conv per adapter."""
         out: Optional[torch.Tensor] = None
-        for name in dict.fromkeys(adapter_names):
-            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+        for name, rows in sample_groups(adapter_names, x.device):
             weight = None  # formed per call: a cache per adapter would hold a full weight per task
             if name in self.taps_delta and self.is_active(name):
                 weight = self.get_base_layer().weight + self.get_delta_weight(name)

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import ModulesToSaveWrapper
 
 from .config import TAPSConfig
-from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, tensor_key
+from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, sample_groups, tensor_key
 from .targets import (
     check_modules_to_save,
     check_saved_adapter,
@@ -359,8 +359,7 @@ def _route_samples(wrapper: ModulesToSaveWrapper, args: tuple, output: torch.Ten
     """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
     original module). Heads and norms are cheap next to the gated layers."""
     out = output.clone()
-    for name in dict.fromkeys(adapter_names):
-        rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=output.device)
+    for name, rows in sample_groups(adapter_names, output.device):
         module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
         out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
@@ -34,6 +33,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._atomic import write_atomically
 from .config import TAPSConfig
 from .layer import TAPSLayer
 from .optim import create_taps_optimizer
@@ -215,16 +215,13 @@ def save_joint(model: PeftModel, out_dir: Union[str, os.PathLike]) -> Path:
     out, names = Path(out_dir), list(model.peft_config)
     if "base" in names:
         raise ValueError("A task named 'base' would collide with the base folder: rename the adapter.")
-    (out / "base").mkdir(parents=True, exist_ok=True)
     state, seen = {}, set()
     for k, v in base_state_dict(model).items():
         v = v.cpu().contiguous()
         state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v  # safetensors refuses shared memory
         seen.add(v.untyped_storage().data_ptr())
-    with tempfile.TemporaryDirectory(prefix=".base.tmp-", dir=out) as tmp:  # a crash leaves the old file whole
-        safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"),
-                                    metadata={"format": "pt", "taps_tasks": json.dumps(names)})
-        os.replace(os.path.join(tmp, "model.safetensors"), out / "base" / "model.safetensors")
+    write_atomically(out / "base", lambda tmp: safetensors.torch.save_file(  # a crash leaves the old file whole
+        state, str(tmp / "model.safetensors"), metadata={"format": "pt", "taps_tasks": json.dumps(names)}))
     for t in names:
         model.save_pretrained(str(out), selected_adapters=[t])
     return out

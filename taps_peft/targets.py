@@ -82,7 +82,7 @@ def check_targets(model: nn.Module, target_modules: Union[str, set[str], list[st
         gateable = [n for n, m in modules.items() if isinstance(m, SUPPORTED_LAYERS)]
         raise ValueError(
             f"TAPSConfig.target_modules: {sorted(missing)} matched no module of {type(model).__name__}. "
-            f"Gateable layers include {gateable[:8]}{' ...' if len(gateable) > 8 else ''}; "
+            f"Gateable layers include {_few(gateable)}; "
             "fix the names, or pass target_modules=None for the default layers. (Loading a saved adapter? It does "
             "not fit this base model: load it onto the base it was trained from.)"
         )
