@@ -230,6 +230,11 @@ for schedule in ("round_robin", "mixed", "shared"):
         "base_moved": not torch.equal(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"]),
         "state": {{k: v.double().sum().item() for k, v in model.state_dict().items()}},
     }}))
+acc.wait_for_everyone()
+acc.end_training()
+sys.stdout.flush()
+import os
+os._exit(0)  # gloo can abort at interpreter exit (design/environment.md): leave before it tears down
 """
 
 
