@@ -137,13 +137,10 @@ def rows_switch(r: dict[str, Any]) -> list[Row]:
 def rows_memory(r: dict[str, Any]) -> list[Row]:
     out = [_row("memory", f"TAPS / full FT training memory ({r['method']})", r["taps_peak_over_full"],
                 f"<= {r['goal']:.2f}", r["goal_met"])]
-    if r["config"]["device"] == "cuda":
-        out.append(_row("memory", "  (components estimate)", r["taps_peak_estimate_over_full"]))
     out.append(_row("memory", "  params + grads + optimizer state only", r["taps_static_over_full"]))
     for x in r["results"]:
         if x["strategy"].startswith("LoRA"):
-            key = "measured_peak_over_full" if "measured_peak_over_full" in x else "peak_estimate_over_full"
-            out.append(_row("memory", f"{x['strategy']} / full FT training memory", x[key]))
+            out.append(_row("memory", f"{x['strategy']} / full FT training memory", x["measured_peak_over_full"]))
     return out
 
 

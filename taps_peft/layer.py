@@ -68,6 +68,36 @@ class _GatedWeight(torch.autograd.Function):
         return grad_base, grad_delta, grad_score, None
 
 
+def _outer_saved_tensors_hooks() -> bool:
+    """Whether saved-tensor hooks are already in force (activation checkpointing, offloading) or disabled."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+class _RecomputeFormedWeight(torch.autograd.graph.saved_tensors_hooks):
+    """Keep the formed weight ``W_base + dW`` out of the tensors autograd saves for backward: a matmul/conv saves its
+    weight (or a view of it) for grad(x); these hooks save a recipe instead and re-form the weight (one add, bit for
+    bit) in the backward. Training memory then holds base + delta, like a full fine-tune holds weight + grad."""
+
+    def __init__(self, weight: torch.Tensor, form: Any) -> None:
+        ptr = weight.untyped_storage().data_ptr()
+
+        def pack(t: torch.Tensor) -> Any:
+            if t.untyped_storage().data_ptr() != ptr:
+                return t
+            return t.size(), t.stride(), t.storage_offset()
+
+        def unpack(saved: Any) -> torch.Tensor:
+            if isinstance(saved, torch.Tensor):
+                return saved
+            with torch.no_grad():
+                return form().as_strided(*saved)
+
+        super().__init__(pack, unpack)
+
+
 def sample_groups(adapter_names: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Each adapter named in a mixed-task batch, with the batch rows of its samples (in order of first use)."""
     for name in dict.fromkeys(adapter_names):
@@ -178,20 +208,44 @@ class TAPSLayer(BaseTunerLayer):
     def _adapters_in_use(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.taps_delta]
 
+    def _trains(self, adapters: list[str]) -> bool:
+        return torch.is_grad_enabled() and any(
+            self.taps_delta[a].requires_grad or self.taps_score[a].requires_grad for a in adapters
+        )
+
     def _weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
         """The weight to run with; None when every gate is off outside autograd (the base layer runs as is)."""
-        if torch.is_grad_enabled() and any(
-            self.taps_delta[a].requires_grad or self.taps_score[a].requires_grad for a in adapters
+        if not self._trains(adapters):
+            return self._inference_weight(adapters)
+        self._cached_weight = None
+        weight = self.get_base_layer().weight
+        compiling = torch.compiler.is_compiling()
+        for name in adapters:
+            score = self.taps_score[name]
+            gate = score >= self.taps_tau[name] if compiling else self.is_active(name)
+            weight = _GatedWeight.apply(weight, self.taps_delta[name], score, gate)
+        return weight
+
+    def _training_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One matmul/conv with the gated weight; autograd saves a recipe for the formed weight, not the weight."""
+        base = self.get_base_layer().weight
+        weight = self._weight(adapters)
+        if (
+            torch.compiler.is_compiling()  # the compiler decides what to save and recompute
+            or weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # every gate closed
+            or _outer_saved_tensors_hooks()
         ):
-            self._cached_weight = None
-            weight = self.get_base_layer().weight
-            compiling = torch.compiler.is_compiling()
-            for name in adapters:
-                score = self.taps_score[name]
-                gate = score >= self.taps_tau[name] if compiling else self.is_active(name)
-                weight = _GatedWeight.apply(weight, self.taps_delta[name], score, gate)
-            return weight
-        return self._inference_weight(adapters)
+            return self._functional_forward(x, weight, *args, **kwargs)
+        deltas = [self.taps_delta[a] for a in adapters if self.is_active(a)]
+
+        def form() -> torch.Tensor:  # the same adds, in the same order, as _GatedWeight's forward
+            w = base
+            for delta in deltas:
+                w = w + delta.to(w.dtype)
+            return w
+
+        with _RecomputeFormedWeight(weight, form):
+            return self._functional_forward(x, weight, *args, **kwargs)
 
     def _inference_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
         """No-grad path: the formed weight, cached until a parameter changes; None when no gate is on.
@@ -235,7 +289,9 @@ class _TAPSModule(nn.Module, TAPSLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         adapters = self._adapters_in_use()
-        weight = None if self.merged or not adapters else self._weight(adapters)
+        if adapters and not self.merged and self._trains(adapters):
+            return self._training_forward(x, adapters, *args, **kwargs)
+        weight = None if self.merged or not adapters else self._inference_weight(adapters)
         if weight is None:
             return self.base_layer(x, *args, **kwargs)
         return self._functional_forward(x, weight, *args, **kwargs)

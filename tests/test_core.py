@@ -204,6 +204,50 @@ def test_straight_through_gradients_match_hand_computation(score):
     assert base.weight.grad is None and base.bias.grad is None
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypatch, checkpointed):
+    """The backward re-forms W_base + dW (saved-tensor hooks) instead of autograd keeping it, bit for bit; under
+    activation checkpointing (its own hooks) TAPS steps aside and the gradients are the same."""
+    import weakref
+
+    from timm.layers import StdConv2d
+
+    from taps_peft import layer as layer_mod
+
+    formed = []
+    apply = layer_mod._GatedWeight.apply
+
+    def recording_apply(*args):
+        out = apply(*args)
+        formed.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(layer_mod._GatedWeight, "apply", recording_apply)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), StdConv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 7 * 7, 3))
+    model = get_peft_model(net, TAPSConfig(target_modules=["0", "1", "3"], init_weights=False, lam=0.0))
+    x = torch.randn(2, 3, 9, 9)
+    run = model if not checkpointed else lambda x: torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    out = run(x)
+    assert len(formed) == 3
+    if not checkpointed:
+        assert all(ref() is None for ref in formed), "autograd still holds a formed weight"
+    out.square().sum().backward()
+
+    ref = copy.deepcopy(model.get_base_model())  # the same computation with plain weights W = W_base + dW
+    ws = {}
+    for name in ["0", "1", "3"]:
+        layer = ref.get_submodule(name)
+        ws[name] = (layer.get_base_layer().weight + layer.taps_delta["default"]).detach().requires_grad_(True)
+    h = torch.func.functional_call(ref[0].get_base_layer(), {"weight": ws["0"]}, (x,))
+    h = torch.func.functional_call(ref[1].get_base_layer(), {"weight": ws["1"]}, (h,))
+    y = torch.func.functional_call(ref[3].get_base_layer(), {"weight": ws["3"]}, (h.flatten(1),))
+    y.square().sum().backward()
+    for name, layer in zip(["0", "1", "3"], taps_layers(model)):
+        assert torch.equal(layer.taps_delta["default"].grad, ws[name].grad), name
+        dot = (ws[name].grad * layer.taps_delta["default"].detach()).sum().reshape(1)
+        torch.testing.assert_close(layer.taps_score["default"].grad, dot)
+
+
 def test_conv_layers_grouped_depthwise_conv1d_and_timm_subclasses():
     timm = pytest.importorskip("timm")
     from timm.layers import Conv2dSame, StdConv2d
