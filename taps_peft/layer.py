@@ -133,11 +133,24 @@ class TAPSLayer(BaseTunerLayer):
             delta = torch.zeros_like(weight)
         else:
             delta = torch.randn_like(weight) * 0.02 * (weight.float().std().item() or 1.0)
-        self.taps_delta[adapter_name] = nn.Parameter(delta)
-        self.taps_score[adapter_name] = nn.Parameter(torch.full((1,), float(config.score_init), device=weight.device))
+        trainable = adapter_name in self.active_adapters and not config.inference_mode  # a new adapter starts frozen
+        score = torch.full((1,), float(config.score_init), device=weight.device)
+        self.taps_delta[adapter_name] = nn.Parameter(delta, requires_grad=trainable)
+        self.taps_score[adapter_name] = nn.Parameter(score, requires_grad=trainable)
         self.taps_tau[adapter_name] = float(config.tau)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names`` (trainable unless ``inference_mode``), as PEFT's ``set_adapter``, touching only
+        the adapters active before and after: the others are already frozen, so a switch costs the same with 2 or 50
+        adapters loaded (the rule PEFT's ``ModulesToSaveWrapper`` follows too)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in dict.fromkeys([*self.active_adapters, *names]):
+            for params in (self.taps_delta, self.taps_score):
+                if name in params:
+                    params[name].requires_grad_(name in names and not inference_mode)
+        self._active_adapter = names
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)

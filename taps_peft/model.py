@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils.other import ModulesToSaveWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 from .config import TAPSConfig
 from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, sample_groups, tensor_key
@@ -221,6 +222,20 @@ class TAPSModel(BaseTuner):
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module.original_module)
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's ``set_adapter``, in a time that does not grow with the adapters loaded: the walk skips the per-task
+        copies inside the head/norm wrappers, and each layer touches only its old and new active adapters."""
+        for module in _tuner_modules(self.model):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                name = module.check_set_adapter(adapter_name)
+                module.set_adapter(name if name in module._adapters else [], inference_mode=inference_mode)
+                continue
+            if module.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                module.unmerge()
+            module.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
     def delete_adapter(self, adapter_name: str) -> None:
         self.__dict__.pop("_taps_layer_cache", None)
         super().delete_adapter(adapter_name)
@@ -348,6 +363,19 @@ def _base_param_count(model: nn.Module) -> int:
         elif isinstance(m, ModulesToSaveWrapper):
             extra |= {id(p) for p in m.modules_to_save.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in extra)
+
+
+def _tuner_modules(model: nn.Module) -> list[nn.Module]:
+    """The TAPS layers and head/norm wrappers of ``model``, without walking into them (a wrapper holds a copy of
+    its module per adapter)."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, (TAPSLayer, AuxiliaryTrainingWrapper)):
+            found.append(module)
+        else:
+            stack.extend(reversed(module._modules.values()))
+    return found
 
 
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):

@@ -168,6 +168,35 @@ def test_load_set_and_delete_adapters(tmp_path, images):
         torch.testing.assert_close(logits(model, images), outs["a"], rtol=0, atol=0)
 
 
+def test_only_the_active_adapter_trains_through_adds_loads_switches_and_deletes(tmp_path, images):
+    """TAPS's set_adapter touches only the old and new adapters (a switch costs the same with 50 loaded); the
+    trainable set stays exactly PEFT's: the active adapter's deltas, scores, head and norms, nothing else."""
+    trained(tiny_timm_vit(), images).save_pretrained(tmp_path / "saved")
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig())
+
+    def expect(active, trainable=True):
+        for name, p in model.named_parameters():
+            owner = next((a for a in model.peft_config if f".{a}." in name or name.endswith(f".{a}")), None)
+            assert p.requires_grad == (trainable and owner == active), (name, active)
+        assert model.active_adapter == active
+
+    expect("default")
+    model.add_adapter("b", TAPSConfig())
+    expect("default")
+    model.set_adapter("b")
+    expect("b")
+    model.load_adapter(tmp_path / "saved", adapter_name="c")
+    expect("b")
+    model.load_adapter(tmp_path / "saved", adapter_name="d", is_trainable=True)
+    model.set_adapter("d")  # (PEFT leaves an inactive adapter's head/norm copies trainable after is_trainable=True)
+    expect("d")
+    model.set_adapter("c", inference_mode=True)
+    expect("c", trainable=False)
+    model.set_adapter("default")
+    model.delete_adapter("d")
+    expect("default")
+
+
 def test_mixed_task_batches_route_each_sample(tmp_path, images):
     model, outs = two_task_model(tmp_path, images)
     names = ["b", "__base__", "a", "b"]
