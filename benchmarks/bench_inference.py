@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Time no-grad inference of a TAPS model (unmerged and merged) against its base model, in the same run.
 
-All strategies share one random-init timm model, one batch and one precision, and run in ``eval()`` under
-``torch.no_grad()``:
+All strategies share one random-init timm model, one batch and one precision (defaults: 224 px, batch 16, as in
+``bench_train_step.py``), and run in ``eval()`` under ``torch.no_grad()``:
 
 * ``base``: the plain model (a deep copy), what a model without TAPS costs.
 * ``TAPS unmerged``: ``get_peft_model(base, TAPSConfig(lam))`` with one adapter whose deltas are non-zero and whose
   scores put ``--active-frac`` of the gated layers (default 30%, a seeded random set) at 0.15 >= tau and the others at
   0.05 < tau. Active layers run on the cached formed weight ``W_base + dW``, inactive ones on the base layer.
-* ``TAPS merged``: a deep copy of that model after ``merge_adapter()``.
+* ``TAPS merged``: a deep copy of that model after ``merge_adapter()`` (PEFT keeps the wrappers so that it can
+  unmerge: each costs one Python call, about 0.5 ms per forward for a ViT-Ti, visible only in small-input stress
+  cases such as ``--img-size 64``; ``merge_and_unload()`` returns the plain model).
 * ``TAPS mixed batch`` (``--mixed``): two adapters loaded, ``model(x, adapter_names=[...])`` with half the batch each.
 
 Forward passes are interleaved in rounds (one of each strategy per round, order rotated every round) after untimed
@@ -18,7 +20,7 @@ between calls plus the peak its forward adds), via ``torch.cuda.max_memory_alloc
 what each strategy holds between calls (parameters, buffers, TAPS formed-weight cache and set-aside base weights).
 
 Examples:
-    python benchmarks/bench_inference.py                        # CPU defaults, well under a minute on 2 cores
+    python benchmarks/bench_inference.py                        # CPU defaults, under a minute on 2 cores
     python benchmarks/bench_inference.py --threads 1 --mixed --json out.json
     python benchmarks/bench_inference.py --device cuda --dtype bf16 --model vit_base_patch16_224 \\
         --img-size 224 --batch 128
@@ -47,8 +49,8 @@ GOALS = {"TAPS unmerged": 1.05, "TAPS merged": 1.00}
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    C.add_common_args(p, batch=32)
-    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 80 on cpu, 50 on cuda; quick: 8)")
+    C.add_common_args(p, batch=16, img_size=224)
+    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 40 on cpu, 50 on cuda; quick: 8)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 5 on cpu, 10 on cuda)")
     p.add_argument("--active-frac", type=float, default=0.3, help="fraction of gated layers active (default 0.3)")
     p.add_argument("--lam", type=float, default=0.5, help="TAPS lam (does not affect inference)")
@@ -56,7 +58,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=0.01, help="noise allowance on the merged goal of 1.00")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 8 if args.quick else (80 if args.device == "cpu" else 50)
+        args.steps = 8 if args.quick else (40 if args.device == "cpu" else 50)
     if args.warmup is None:
         args.warmup = 2 if args.quick else (5 if args.device == "cpu" else 10)
     if args.steps < 1 or args.warmup < 1:

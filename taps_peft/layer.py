@@ -295,16 +295,18 @@ class _TAPSModule(nn.Module, TAPSLayer):
         self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
-        if self.disable_adapters:
+        if self.merged_adapters and not self._disable_adapters and adapter_names is None:
+            return self.base_layer(x, *args, **kwargs)  # merged: the base layer holds the task's weight
+        if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         adapters = self._adapters_in_use()
-        if adapters and not self.merged and self._trains(adapters):
+        if adapters and self._trains(adapters):
             return self._training_forward(x, adapters, *args, **kwargs)
-        weight = None if self.merged or not adapters else self._inference_weight(adapters)
+        weight = self._inference_weight(adapters) if adapters else None
         if weight is None:
             return self.base_layer(x, *args, **kwargs)
         return self._functional_forward(x, weight, *args, **kwargs)

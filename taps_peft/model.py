@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 from .config import TAPSConfig
@@ -235,6 +235,19 @@ class TAPSModel(BaseTuner):
                 module.unmerge()
             module.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``, visiting only the TAPS layers (not the per-task head/norm copies)."""
+        self._check_merge_allowed()
+        for _, layer in self.taps_layers():
+            with onload_layer(layer):
+                layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's ``unmerge_adapter``, visiting only the TAPS layers."""
+        for _, layer in self.taps_layers():
+            with onload_layer(layer):
+                layer.unmerge()
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.__dict__.pop("_taps_layer_cache", None)
