@@ -197,6 +197,28 @@ def test_only_the_active_adapter_trains_through_adds_loads_switches_and_deletes(
     expect("default")
 
 
+def test_switch_work_does_not_grow_with_the_adapters_loaded(monkeypatch):
+    """A switch (set_adapter, merged or not) visits the same parameters with 3 or 12 adapters loaded."""
+    calls = []
+    requires_grad_ = torch.Tensor.requires_grad_
+    monkeypatch.setattr(torch.Tensor, "requires_grad_", lambda t, flag=True: calls.append(t) or requires_grad_(t, flag))
+
+    def switch_cost(n_adapters):
+        model = get_peft_model(tiny_timm_vit(), TAPSConfig(), adapter_name="t0")
+        for i in range(1, n_adapters):
+            model.add_adapter(f"t{i}", TAPSConfig())
+        calls.clear()
+        model.set_adapter("t1")
+        unmerged = len(calls)
+        model.merge_adapter()
+        model.unmerge_adapter()
+        model.set_adapter("t2")
+        model.merge_adapter()
+        return unmerged, len(calls)
+
+    assert switch_cost(3) == switch_cost(12)
+
+
 def test_mixed_task_batches_route_each_sample(tmp_path, images):
     model, outs = two_task_model(tmp_path, images)
     names = ["b", "__base__", "a", "b"]
