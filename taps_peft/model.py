@@ -132,7 +132,7 @@ class TAPSModel(BaseTuner):
             )
         adapter_names = list(adapter_names)
         handles = []
-        for m in self.modules():
+        for m in _tuner_modules(self.model):
             if isinstance(m, TAPSLayer):
                 hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
                 handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
