@@ -68,9 +68,10 @@ def autocast(args):
 
 
 def taps_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from taps_peft import TAPSLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, TAPSLayer)]
+    """The TAPS layers, from the tuner's cached list (a walk of ``named_modules`` visits every adapter's head/norm
+    copies and would put the number of adapters loaded into the timed switches); none for a plain model."""
+    tuner = getattr(model, "base_model", None)
+    return tuner.taps_layers() if hasattr(tuner, "taps_layers") else []
 
 
 def choose_active(n_layers: int, frac: float, rng: random.Random) -> set[int]:
