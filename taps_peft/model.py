@@ -212,8 +212,11 @@ class TAPSModel(BaseTuner):
             self.__dict__["_taps_layer_cache"] = cache
         return cache
 
+    def _replace_module(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_taps_layer_cache", None)  # a layer came or went (inject, unload)
+        super()._replace_module(*args, **kwargs)
+
     def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__.pop("_taps_layer_cache", None)
         super().inject_adapter(*args, **kwargs)
         # PEFT matches modules_to_save by name suffix, so "norm" also wraps e.g. timm's `attn.norm` (an Identity);
         # a module without parameters or buffers has nothing task-specific: put the plain module back.

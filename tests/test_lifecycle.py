@@ -119,8 +119,10 @@ def test_merge_unmerge_unload_and_disable(family, images):
         assert not any(isinstance(m, TAPSLayer) for m in merged.modules())
         torch.testing.assert_close(logits(merged.eval(), images), unmerged, atol=1e-5, rtol=1e-4)
         saved_modules = {n for n, m in model.named_modules() if hasattr(m, "modules_to_save")}
+        assert model.base_model.taps_layers()
         unloaded = model.unload()  # as in PEFT: gated deltas dropped, trained head/norms (modules_to_save) kept
     assert not any(isinstance(m, TAPSLayer) for m in unloaded.modules())
+    assert model.base_model.taps_layers() == []  # the tuner's cached layer list follows
     kept = {n.removeprefix("base_model.model.") for n in saved_modules}
     for key, value in unloaded.state_dict().items():
         if key.rpartition(".")[0] not in kept:
