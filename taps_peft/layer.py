@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Optional
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,13 @@ class _GatedWeight(torch.autograd.Function):
         return grad_base, grad_delta, grad_score, None
 
 
+def _form_weight(base: torch.Tensor, gates: list[tuple[torch.Tensor, torch.Tensor, Any]]) -> torch.Tensor:
+    """``W_base`` plus each (delta, score, gate) through the straight-through gate."""
+    for delta, score, gate in gates:
+        base = _GatedWeight.apply(base, delta, score, gate)
+    return base
+
+
 def _outer_saved_tensors_hooks() -> bool:
     """Whether saved-tensor hooks are already in force (activation checkpointing, offloading) or disabled."""
     if not torch._C._autograd._saved_tensors_hooks_is_enabled():
@@ -81,7 +89,7 @@ class _RecomputeFormedWeight(torch.autograd.graph.saved_tensors_hooks):
     weight (or a view of it) for grad(x); these hooks save a recipe instead and re-form the weight (one add, bit for
     bit) in the backward. Training memory then holds base + delta, like a full fine-tune holds weight + grad."""
 
-    def __init__(self, weight: torch.Tensor, form: Any) -> None:
+    def __init__(self, weight: torch.Tensor, form: Callable[[], torch.Tensor]) -> None:
         ptr = weight.untyped_storage().data_ptr()
 
         def pack(t: torch.Tensor) -> Any:
@@ -89,11 +97,8 @@ class _RecomputeFormedWeight(torch.autograd.graph.saved_tensors_hooks):
                 return t
             return t.size(), t.stride(), t.storage_offset()
 
-        def unpack(saved: Any) -> torch.Tensor:
-            if isinstance(saved, torch.Tensor):
-                return saved
-            with torch.no_grad():
-                return form().as_strided(*saved)
+        def unpack(saved: Any) -> torch.Tensor:  # no graph is built, unless in a double backward (create_graph)
+            return saved if isinstance(saved, torch.Tensor) else form().as_strided(*saved)
 
         super().__init__(pack, unpack)
 
@@ -226,38 +231,24 @@ class TAPSLayer(BaseTunerLayer):
             self.taps_delta[a].requires_grad or self.taps_score[a].requires_grad for a in adapters
         )
 
-    def _weight(self, adapters: list[str]) -> Optional[torch.Tensor]:
-        """The weight to run with; None when every gate is off outside autograd (the base layer runs as is)."""
-        if not self._trains(adapters):
-            return self._inference_weight(adapters)
-        self._cached_weight = None
-        weight = self.get_base_layer().weight
-        compiling = torch.compiler.is_compiling()
-        for name in adapters:
-            score = self.taps_score[name]
-            gate = score >= self.taps_tau[name] if compiling else self.is_active(name)
-            weight = _GatedWeight.apply(weight, self.taps_delta[name], score, gate)
-        return weight
-
     def _training_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """One matmul/conv with the gated weight; autograd saves a recipe for the formed weight, not the weight."""
+        self._cached_weight = None
         base = self.get_base_layer().weight
-        weight = self._weight(adapters)
+        compiling = torch.compiler.is_compiling()
+        gates = [
+            (self.taps_delta[a], self.taps_score[a], self.taps_score[a] >= self.taps_tau[a] if compiling
+             else self.is_active(a))
+            for a in adapters
+        ]
+        weight = _form_weight(base, gates)
         if (
-            torch.compiler.is_compiling()  # the compiler decides what to save and recompute
+            compiling  # the compiler decides what to save and what to recompute
             or weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # every gate closed
             or _outer_saved_tensors_hooks()
         ):
             return self._functional_forward(x, weight, *args, **kwargs)
-        deltas = [self.taps_delta[a] for a in adapters if self.is_active(a)]
-
-        def form() -> torch.Tensor:  # the same adds, in the same order, as _GatedWeight's forward
-            w = base
-            for delta in deltas:
-                w = w + delta.to(w.dtype)
-            return w
-
-        with _RecomputeFormedWeight(weight, form):
+        with _RecomputeFormedWeight(weight, partial(_form_weight, base, gates)):
             return self._functional_forward(x, weight, *args, **kwargs)
 
     def _inference_weight(self, adapters: list[str]) -> Optional[torch.Tensor]:

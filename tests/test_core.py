@@ -248,6 +248,24 @@ def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypa
         torch.testing.assert_close(layer.taps_score["default"].grad, dot)
 
 
+def test_double_backward_through_a_re_formed_weight():
+    """create_graph=True: the weight re-formed in the backward carries its graph, so a gradient penalty on the
+    input gradient (which runs through W) differentiates exactly."""
+    model = get_peft_model(OneLinear(), TAPSConfig(target_modules=["lin"], init_weights=False, lam=0.0))
+    layer = taps_layers(model)[0]
+    delta = layer.taps_delta["default"]
+    x = torch.randn(5, 6, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).pow(3).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(gx.square().sum(), delta)
+
+    base = layer.get_base_layer()
+    w = (base.weight.detach() + delta.detach()).requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(F.linear(x, w, base.bias.detach()).pow(3).sum(), x, create_graph=True)
+    (gg_ref,) = torch.autograd.grad(gx_ref.square().sum(), w)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gg, gg_ref)
+
+
 def test_conv_layers_grouped_depthwise_conv1d_and_timm_subclasses():
     timm = pytest.importorskip("timm")
     from timm.layers import Conv2dSame, StdConv2d
