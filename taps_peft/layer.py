@@ -97,8 +97,11 @@ class _RecomputeFormedWeight(torch.autograd.graph.saved_tensors_hooks):
                 return t
             return t.size(), t.stride(), t.storage_offset()
 
-        def unpack(saved: Any) -> torch.Tensor:  # no graph is built, unless in a double backward (create_graph)
-            return saved if isinstance(saved, torch.Tensor) else form().as_strided(*saved)
+        def unpack(saved: Any) -> torch.Tensor:  # autograd re-attaches the original weight's graph edge
+            if isinstance(saved, torch.Tensor):
+                return saved
+            with torch.no_grad():
+                return form().as_strided(*saved)
 
         super().__init__(pack, unpack)
 

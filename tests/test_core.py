@@ -249,8 +249,8 @@ def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypa
 
 
 def test_double_backward_through_a_re_formed_weight():
-    """create_graph=True: the weight re-formed in the backward carries its graph, so a gradient penalty on the
-    input gradient (which runs through W) differentiates exactly."""
+    """create_graph=True through a weight re-formed in the backward: a gradient penalty on the input gradient (which
+    runs through W) differentiates exactly (autograd re-attaches the saved weight's graph edge to the re-formed one)."""
     model = get_peft_model(OneLinear(), TAPSConfig(target_modules=["lin"], init_weights=False, lam=0.0))
     layer = taps_layers(model)[0]
     delta = layer.taps_delta["default"]
