@@ -28,6 +28,11 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded by FSDP2 (a DTensor outside its module's forward), gathered on every rank; else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
     """Changes whenever ``t`` may have changed: its storage, its version counter, or any optimizer step since."""
     return (t.data_ptr(), t._version, _optimizer_steps)
@@ -172,7 +177,7 @@ class TAPSLayer(BaseTunerLayer):
         score = self.taps_score[adapter_name]
         cached = self._gates.get(adapter_name)
         if cached is None or cached[0] != tensor_key(score):
-            self._set_gate(adapter_name, score.detach().item())
+            self._set_gate(adapter_name, _full_tensor(score).detach().item())
         return self._gates[adapter_name][1]
 
     def _set_gate(self, adapter_name: str, value: float) -> None:

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 from .config import TAPSConfig
-from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, sample_groups, tensor_key
+from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, _full_tensor, sample_groups, tensor_key
 from .targets import (
     check_modules_to_save,
     check_saved_adapter,
@@ -105,7 +105,9 @@ class TAPSModel(BaseTuner):
             (layer, name)
             for _, layer in layers
             for name in active
-            if name in layer.taps_score and layer._gates.get(name, (None,))[0] != tensor_key(layer.taps_score[name])
+            if name in layer.taps_score
+            and not hasattr(layer.taps_score[name], "full_tensor")  # FSDP2-sharded: read inside the layer's forward
+            and layer._gates.get(name, (None,))[0] != tensor_key(layer.taps_score[name])
         ]
         if stale:
             values = torch.cat([layer.taps_score[name].detach() for layer, name in stale]).tolist()
@@ -270,7 +272,7 @@ class TAPSModel(BaseTuner):
         layers = self.taps_layers()
         for name in self.active_adapters:
             config = self.peft_config[name]
-            scores = [m.taps_score[name] for _, m in layers if name in m.taps_score]
+            scores = [_full_tensor(m.taps_score[name]) for _, m in layers if name in m.taps_score]
             if not scores or (step is not None and step < config.warmup_steps):
                 continue
             if self.training and torch.is_grad_enabled():
@@ -308,7 +310,7 @@ class TAPSModel(BaseTuner):
         return [
             {
                 "name": name,
-                "score": float(layer.taps_score[adapter_name].detach().float().item()),
+                "score": float(_full_tensor(layer.taps_score[adapter_name]).detach().float().item()),
                 "active": layer.is_active(adapter_name),
                 "params": layer.taps_delta[adapter_name].numel(),
             }
