@@ -290,10 +290,26 @@ def train(args: TrainArgs) -> dict[str, Any]:
         >>> m = train(TrainArgs(model="timm:resnet18", dataset="imagefolder:data", epochs=5))  # doctest: +SKIP
         >>> m["active_layers"], m["total_layers"], m["eval_accuracy"]  # doctest: +SKIP
     """
-    import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
+
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+    )
+    try:
+        return _train(accelerator, args)
+    finally:
+        if accelerator.num_processes == 1:
+            AcceleratorState._reset_state()  # so a later train() in this process may pick other precision settings
+
+
+def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
+    """The body of ``train``: data, model, loop, checkpoints, evaluation and the saved adapter."""
+    import torch
+    import torch.nn.functional as F
     from accelerate.utils import set_seed
     from peft import get_peft_model
     from torch.utils.data import DataLoader
@@ -303,12 +319,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
     from .config import TAPSConfig
     from .optim import create_taps_optimizer
 
-    accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
-    )
     out = Path(args.output_dir)
     ckpt_root = out / "checkpoints"
 
@@ -462,8 +472,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
             f"eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}, adapter saved to {out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if accelerator.num_processes == 1:
-        AcceleratorState._reset_state()  # so a later train() in this process may pick other precision settings
     return metrics
 
 
