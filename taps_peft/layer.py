@@ -98,7 +98,7 @@ class _RecomputeFormedWeight(torch.autograd.graph.saved_tensors_hooks):
         ptr = weight.untyped_storage().data_ptr()
 
         def pack(t: torch.Tensor) -> Any:
-            if t.untyped_storage().data_ptr() != ptr:
+            if type(t) is not torch.Tensor or t.untyped_storage().data_ptr() != ptr:  # subclasses: saved as they are
                 return t
             return t.size(), t.stride(), t.storage_offset()
 
@@ -252,6 +252,7 @@ class TAPSLayer(BaseTunerLayer):
         weight = _form_weight(base, gates)
         if (
             compiling  # the compiler decides what to save and what to recompute
+            or type(weight) is not torch.Tensor  # a tensor subclass (DTensor under tensor parallelism, ...)
             or weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # every gate closed
             or _outer_saved_tensors_hooks()
         ):
