@@ -28,9 +28,14 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor: an FSDP2 parameter outside its module's forward."""
+    return hasattr(t, "full_tensor")
+
+
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A parameter sharded by FSDP2 (a DTensor outside its module's forward), gathered on every rank; else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """``t`` whole: a sharded parameter gathered (a collective: every rank must call it), anything else as is."""
+    return t.full_tensor() if _is_sharded(t) else t
 
 
 def tensor_key(t: torch.Tensor) -> tuple[int, int, int]:

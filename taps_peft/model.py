@@ -14,7 +14,17 @@ from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 from .config import TAPSConfig
-from .layer import _CONV, SUPPORTED_LAYERS, Conv, Linear, TAPSLayer, _full_tensor, sample_groups, tensor_key
+from .layer import (
+    _CONV,
+    SUPPORTED_LAYERS,
+    Conv,
+    Linear,
+    TAPSLayer,
+    _full_tensor,
+    _is_sharded,
+    sample_groups,
+    tensor_key,
+)
 from .targets import (
     check_modules_to_save,
     check_saved_adapter,
@@ -106,7 +116,7 @@ class TAPSModel(BaseTuner):
             for _, layer in layers
             for name in active
             if name in layer.taps_score
-            and not hasattr(layer.taps_score[name], "full_tensor")  # FSDP2-sharded: read inside the layer's forward
+            and not _is_sharded(layer.taps_score[name])  # FSDP2: read inside the layer's forward, where it is whole
             and layer._gates.get(name, (None,))[0] != tensor_key(layer.taps_score[name])
         ]
         if stale:
@@ -392,7 +402,7 @@ def _tuner_modules(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, (TAPSLayer, AuxiliaryTrainingWrapper)):
             found.append(module)
         else:
-            stack.extend(reversed(module._modules.values()))
+            stack.extend(m for m in reversed(module._modules.values()) if m is not None)
     return found
 
 
