@@ -271,15 +271,20 @@ class TAPSLayer(BaseTunerLayer):
         The cache is keyed on the tensors' storage, their version counters (bumped by in-place updates such as
         ``load_state_dict``) and a count of optimizer steps (fused optimizers bump no version), and dropped on
         ``train()``/``eval()`` and merge/unmerge. Edits made through
-        ``param.data`` bypass version counters: switch modes after such edits.
+        ``param.data`` bypass version counters: switch modes after such edits. Only in eval mode: a no-grad forward in
+        training mode (reentrant activation checkpointing, a quick check) keeps nothing.
         """
         weight = self.get_base_layer().weight
-        tensors = [weight] + [t for a in adapters for t in (self.taps_delta[a], self.taps_score[a])]
-        key = (tuple(adapters), tuple((*tensor_key(t), t.dtype) for t in tensors))
-        if self._cached_weight is None or self._cached_weight[0] != key:
-            deltas = [self.taps_delta[a].detach().to(weight.dtype) for a in adapters if self.is_active(a)]
-            self._cached_weight = (key, weight.detach() + sum(deltas) if deltas else None)
-        return self._cached_weight[1]
+        key = None
+        if not self.training:
+            tensors = [weight] + [t for a in adapters for t in (self.taps_delta[a], self.taps_score[a])]
+            key = (tuple(adapters), tuple((*tensor_key(t), t.dtype) for t in tensors))
+            if self._cached_weight is not None and self._cached_weight[0] == key:
+                return self._cached_weight[1]
+        deltas = [self.taps_delta[a].detach().to(weight.dtype) for a in adapters if self.is_active(a)]
+        formed = weight.detach() + sum(deltas) if deltas else None
+        self._cached_weight = None if key is None else (key, formed)
+        return formed
 
     def _functional_forward(self, x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run the base layer's own computation with ``weight``: one matmul/conv."""

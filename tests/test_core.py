@@ -204,10 +204,11 @@ def test_straight_through_gradients_match_hand_computation(score):
     assert base.weight.grad is None and base.bias.grad is None
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("checkpointed", [None, "reentrant", "non_reentrant"])
 def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypatch, checkpointed):
     """The backward re-forms W_base + dW (saved-tensor hooks) instead of autograd keeping it, bit for bit; under
-    activation checkpointing (its own hooks) TAPS steps aside and the gradients are the same."""
+    activation checkpointing (non-reentrant: its own hooks, TAPS steps aside; reentrant: a no-grad forward that
+    must cache nothing) the gradients are the same."""
     import weakref
 
     from timm.layers import StdConv2d
@@ -226,9 +227,16 @@ def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypa
     net = nn.Sequential(nn.Conv2d(3, 4, 3), StdConv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 7 * 7, 3))
     model = get_peft_model(net, TAPSConfig(target_modules=["0", "1", "3"], init_weights=False, lam=0.0))
     x = torch.randn(2, 3, 9, 9)
-    run = model if not checkpointed else lambda x: torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
-    out = run(x)
-    assert len(formed) == 3
+    if checkpointed:
+        x.requires_grad_(checkpointed == "reentrant")  # reentrant checkpointing needs an input that requires grad
+        reentrant = checkpointed == "reentrant"
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant)
+    else:
+        out = model(x)
+    if checkpointed == "reentrant":  # a no-grad forward, re-run with grad in the backward: nothing may stay cached
+        assert not formed and all(layer._cached_weight is None for layer in taps_layers(model))
+    else:
+        assert len(formed) == 3
     if not checkpointed:
         assert all(ref() is None for ref in formed), "autograd still holds a formed weight"
     out.square().sum().backward()
