@@ -256,6 +256,26 @@ def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypa
         torch.testing.assert_close(layer.taps_score["default"].grad, dot)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_transformers_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    model = get_peft_model(tiny_hf_vit(), TAPSConfig(init_weights=False, lam=0.3)).train()
+    checkpointed = copy.deepcopy(model)
+    vit = checkpointed.base_model.model
+    vit.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        vit.enable_input_require_grads()
+    x = torch.randn(2, 3, 32, 32)
+    grads, calls = [], []
+    for m in (model, checkpointed):
+        taps_layers(m)[0].register_forward_hook(lambda *_: calls.append(1))
+        (m(pixel_values=x).logits.square().sum() + m.taps_penalty()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert len(calls) == 3  # once plain, twice checkpointed (the forward, and its re-run in the backward)
+    assert grads[0].keys() == grads[1].keys() and any("taps_delta" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_double_backward_through_a_re_formed_weight():
     """create_graph=True through a weight re-formed in the backward: a gradient penalty on the input gradient (which
     runs through W) differentiates exactly (autograd re-attaches the saved weight's graph edge to the re-formed one)."""
