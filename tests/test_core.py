@@ -257,7 +257,7 @@ def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypa
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_transformers_gradient_checkpointing_gives_the_same_gradients(reentrant):
+def test_transformers_activation_checkpointing_gives_the_same_gradients(reentrant):
     model = get_peft_model(tiny_hf_vit(), TAPSConfig(init_weights=False, lam=0.3)).train()
     checkpointed = copy.deepcopy(model)
     vit = checkpointed.base_model.model

@@ -218,12 +218,12 @@ def test_resume_from_a_checkpoint_is_exact_with_inactive_deltas(tmp_path):
         assert torch.equal(value, trained["resumed"][name]), name
 
 
-def test_gradient_checkpointing_trains_like_without(tmp_path):
-    """``TrainingArguments(gradient_checkpointing=True)`` on a TAPS model: the same parameters after a few steps."""
+def test_activation_checkpointing_trains_like_without(tmp_path):
+    """``TrainingArguments(activation_checkpointing=True)`` on a TAPS model: the same parameters after a few steps."""
     trained = {}
     for flag in (False, True):
         model = taps_vit(lam=0.5)
-        args = training_args(tmp_path / str(flag), max_steps=4, save_strategy="no", gradient_checkpointing=flag)
+        args = training_args(tmp_path / str(flag), max_steps=4, save_strategy="no", activation_checkpointing=flag)
         TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), score_learning_rate=SCORE_LR).train()
         assert model.base_model.model.is_activation_checkpointing == flag
         trained[flag] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
