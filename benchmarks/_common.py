@@ -26,7 +26,14 @@ for _p in (_ROOT, _HERE):  # the repository (taps_peft from a checkout) and this
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 
-from bench_train_step import _quantile, _version, build_base, env_info, write_json  # noqa: E402,F401  (re-exported)
+from bench_train_step import (  # noqa: E402,F401  (re-exported)
+    _quantile,
+    _version,
+    build_base,
+    env_info,
+    make_batch,
+    write_json,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

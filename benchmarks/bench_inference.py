@@ -242,8 +242,7 @@ def print_table(res: dict[str, Any]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     strategies = build(args)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(args.device)
+    x, _ = C.make_batch(args)
     checks = check_outputs(strategies, x, args)
     with C.no_gc():
         run_rounds(strategies, x, args)

@@ -100,9 +100,7 @@ def rss_child(args: argparse.Namespace) -> int:
     make = {"full FT": T.make_full, "TAPS": T.make_taps, "LoRA r=16": T.make_lora}[args.rss_child]
     s = make(base, args)
     del base
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g)
-    y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
+    x, y = T.make_batch(args)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: the peak counts from here, after the model (and its copies) were built
@@ -133,9 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.lora:
         strategies.append(T.make_lora(base, args))
     del base
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(args.device)
-    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(args.device)
+    x, y = T.make_batch(args)
 
     rows = []
     for s in strategies:

@@ -554,8 +554,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     base = C.build_base(args).eval()
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(args.device)
+    x, _ = C.make_batch(args)
     model_bytes = C.state_dict_bytes(base)
     with tempfile.TemporaryDirectory(prefix="taps_switch_") as tmp:
         root = args.keep or tmp

@@ -123,6 +123,14 @@ def build_base(args: argparse.Namespace) -> nn.Module:
         return timm.create_model(args.model, **kwargs)
 
 
+def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded random batch every strategy (and every script) runs on: images and labels, on ``args.device``."""
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
+    return x.to(args.device), y.to(args.device)
+
+
 def make_full(base: nn.Module, args: argparse.Namespace) -> Strategy:
     model = copy.deepcopy(base).to(args.device).train()
     model.requires_grad_(True)
@@ -356,9 +364,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for s in strategies:
             s.model = torch.compile(s.model)
     del base
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(args.device)
-    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(args.device)
+    x, y = make_batch(args)
 
     gc.collect()
     gc_was_enabled = gc.isenabled()
