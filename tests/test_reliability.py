@@ -523,7 +523,10 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one_and_resume_matches(da
     assert resumed["state"]["active"] == full["state"]["active"]
     assert resumed["state"]["scores"] == pytest.approx(full["state"]["scores"], abs=1e-6)
     assert resumed["state"]["trainable_sum"] == pytest.approx(full["state"]["trainable_sum"], rel=1e-6)
-    assert resumed["history"] == pytest.approx(full["history"][2:], rel=1e-5)
+    assert [(h["step"], h["active"], h["acc"]) for h in resumed["history"]] == [
+        (h["step"], h["active"], h["acc"]) for h in full["history"][2:]
+    ]
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"][2:]], rel=1e-5)
 
 
 # ----- exact round trips in bf16 (float32: tests/test_lifecycle.py) -----
