@@ -23,5 +23,5 @@ setup(
             "scikit-learn", "scikit-image", "matplotlib",  # the offline demo's data and its layer-map figure
         ],
     },
-    entry_points={"console_scripts": ["taps-peft=taps_peft.train:main"]},
+    entry_points={"console_scripts": ["taps-peft=taps_peft.training.cli:main"]},
 )

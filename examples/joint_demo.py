@@ -4,7 +4,7 @@ Pretrains the small ViT of ``multitask_demo.py`` on digits 0-4 (its data and tra
 it to digits 5-9, inverted digits, rotated digits and faces in three ways, with the same number of batches per task:
 
 (a) incremental TAPS: an independent adapter per task on the frozen pretrained base (as in multitask_demo.py);
-(b) joint TAPS (the paper's Eq. 4, ``taps_peft.multitask.train_joint``): the shared base is trained too;
+(b) joint TAPS (the paper's Eq. 4, ``taps_peft.training.train_joint``): the shared base is trained too;
 (c) shared-then-incremental (``train_shared_then_incremental``): full fine-tuning of one shared network with a head
     per task (half the batches), then incremental TAPS per task on it (the other half).
 
@@ -29,7 +29,7 @@ from peft import get_peft_model
 from torch import nn
 
 import taps_peft
-from taps_peft.multitask import load_joint, save_joint, train_joint, train_shared_then_incremental
+from taps_peft.training import load_joint, save_joint, train_joint, train_shared_then_incremental
 
 _spec = importlib.util.spec_from_file_location("multitask_demo", Path(__file__).with_name("multitask_demo.py"))
 demo = importlib.util.module_from_spec(_spec)

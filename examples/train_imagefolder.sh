@@ -15,7 +15,7 @@ MULTI=()
 if [ "$NPROC" -gt 1 ]; then MULTI=(--multi_gpu); fi
 
 accelerate launch ${MULTI[@]+"${MULTI[@]}"} --num_processes "$NPROC" --num_machines 1 --mixed_precision bf16 \
-  --dynamo_backend no -m taps_peft.train \
+  --dynamo_backend no -m taps_peft train \
   --model timm:vit_small_patch16_224 \
   --dataset "imagefolder:$DATA" \
   --output-dir "$OUT" \

@@ -179,7 +179,7 @@ def test_card_refresh_keeps_user_text_and_metadata(tmp_path, front_matter):
     from peft import get_peft_model
 
     import taps_peft
-    from taps_peft.card import BEGIN, END, save_model_card
+    from taps_peft.hub.card import BEGIN, END, save_model_card
     from conftest import tiny_timm_vit
 
     model = get_peft_model(tiny_timm_vit(), taps_peft.TAPSConfig(lam=0.5))

@@ -1,4 +1,4 @@
-"""Joint multi-task TAPS (taps_peft.multitask): Eq. 4 training, save/load, the shared-then-incremental variant, DDP.
+"""Joint multi-task TAPS (taps_peft.training.multitask): Eq. 4 training, save/load, the shared-then-incremental variant, DDP.
 
 A random-init timm ViT (16x16 inputs, patch 8, depth 1, width 32) and two synthetic tasks with 2 and 3 classes, so
 the per-task heads have different shapes. Torch runs with one thread (the shared 2-core machine).
@@ -19,8 +19,8 @@ pytest.importorskip("timm")
 pytest.importorskip("accelerate")
 
 import taps_peft  # noqa: E402
-from taps_peft import layer as taps_layer  # noqa: E402
-from taps_peft.multitask import (  # noqa: E402
+from taps_peft.tuner import layer as taps_layer  # noqa: E402
+from taps_peft.training import (  # noqa: E402
     base_state_dict, load_joint, save_joint, train_joint, train_shared_then_incremental,
 )
 
@@ -210,7 +210,7 @@ import json, sys, torch
 sys.path.insert(0, {tests!r})
 import taps_peft
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from taps_peft.multitask import base_state_dict, train_joint, train_shared_then_incremental
+from taps_peft.training import base_state_dict, train_joint, train_shared_then_incremental
 from test_multitask import make_base, make_heads, make_tasks
 torch.set_num_threads(1)
 acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

@@ -465,7 +465,7 @@ TRAIN_KW = dict(optimizer="sgd", lr=0.05, score_lr=0.2, lam=0.5, max_steps=4, ba
 
 def test_nan_loss_stops_naming_the_step(data, tmp_path, monkeypatch):
     from test_train import vit_args
-    from taps_peft.train import train
+    from taps_peft.training import train
 
     penalty = TAPSModel.taps_penalty
 
@@ -490,7 +490,7 @@ def test_checkpoint_killed_mid_save_keeps_the_previous_one_and_resume_matches(da
     resume == uninterrupted in general, with gradient accumulation and a mid-epoch checkpoint)."""
     from accelerate import Accelerator
     from test_train import vit_args
-    from taps_peft.train import _find_checkpoint, train
+    from taps_peft.training.cli import _find_checkpoint, train
 
     full = train(vit_args(data, tmp_path / "full", **TRAIN_KW))
 

@@ -1,4 +1,4 @@
-"""The Accelerate training entry point (taps_peft.train): single process, resume, 2-process DDP, CLI.
+"""The Accelerate training entry point (taps_peft.training.cli): single process, resume, 2-process DDP, CLI.
 
 Data: a tiny imagefolder built here (red horizontal vs blue vertical stripes, 32x32 PNGs); model: a random-init
 timm ViT (img 32, patch 8, depth 2, width 32), so nothing is downloaded. Torch runs with one thread: on a shared
@@ -21,7 +21,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("PIL")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from taps_peft.train import STATE_PREFIX, TrainArgs, main, parse_args, train  # noqa: E402
+from taps_peft.training.cli import STATE_PREFIX, TrainArgs, main, parse_args, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
@@ -83,10 +83,10 @@ def test_transformers_model_bf16(data, tmp_path, monkeypatch):
     """A transformers ViT built from a config (model type 'vit'), bf16 autocast, gradient accumulation, push."""
     kwargs = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64)
-    import taps_peft.card
+    import taps_peft.hub.card
 
     pushed = []  # the real push is tested against the loopback Hub in test_hub.py
-    monkeypatch.setattr(taps_peft.card, "push_to_hub", lambda self, repo_id, **kw: pushed.append(repo_id))
+    monkeypatch.setattr(taps_peft.hub.card, "push_to_hub", lambda self, repo_id, **kw: pushed.append(repo_id))
     m = train(vit_args(data, tmp_path / "hf", model="hf:vit", model_kwargs=kwargs, mixed_precision="bf16",
                        gradient_accumulation_steps=2, max_steps=3, batch_size=8, eval_split="none",
                        push_to_hub=True, hub_model_id="user/taps-hf-vit"))
@@ -141,7 +141,7 @@ def test_ddp_two_processes_match_single_process(data, tmp_path):
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]
     proc = subprocess.run(
-        [*launch, "-m", "taps_peft.train", *cli, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp"),
+        [*launch, "-m", "taps_peft", "train", *cli, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp"),
          "--print-state", "--checkpoint-every", "2", "--keep-checkpoints", "2"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=240,
     )
@@ -178,8 +178,8 @@ def test_cli_help(capsys):
     args = parse_args(["--model", "timm:resnet18", "--dataset", "beans", "--model-kwargs", '{"img_size": 64}',
                        "--target-modules", "qkv", "proj", "--no-shuffle"])
     assert args.model_kwargs == {"img_size": 64} and args.target_modules == ["qkv", "proj"] and not args.shuffle
-    assert "taps-peft=taps_peft.train:main" in (REPO / "setup.py").read_text()
-    script = shutil.which("taps-peft")  # from `pip install -e .`; the DDP test runs `python -m taps_peft.train`
+    assert "taps-peft=taps_peft.training.cli:main" in (REPO / "setup.py").read_text()
+    script = shutil.which("taps-peft")  # from `pip install -e .`; the DDP test runs `python -m taps_peft train`
     if script:
         proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "usage: taps-peft train" in proc.stdout, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""The 🤗 Trainer integration (taps_peft.trainer): penalty in the loss, score learning rate, TAPS logs, checkpoints.
+"""The 🤗 Trainer integration (taps_peft.training.trainer): penalty in the loss, score learning rate, TAPS logs, checkpoints.
 
 Model: conftest's tiny random-init transformers ViT (image 32, 2 blocks, 12 gated layers); data: 64 in-memory 32x32
 images, one fixed random pattern per class plus noise, so the task is learnable in a few steps. Nothing is downloaded.
@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import taps_peft
 from conftest import tiny_hf_vit
-from taps_peft.trainer import TAPSCallback, TAPSTrainer, taps_param_groups, unwrap_taps_model
+from taps_peft.training import TAPSCallback, TAPSTrainer, taps_param_groups, unwrap_taps_model
 
 STEPS, SAVE_EVERY, LR, SCORE_LR = 20, 10, 1e-2, 1e-2
 

@@ -18,7 +18,7 @@ Example:
     >>> import taps_peft
     >>> from peft import get_peft_model
     >>> from transformers import TrainingArguments
-    >>> from taps_peft.trainer import TAPSTrainer
+    >>> from taps_peft.training import TAPSTrainer
     >>> model = get_peft_model(vit, taps_peft.TAPSConfig(lam=0.5))  # doctest: +SKIP
     >>> args = TrainingArguments("runs/birds", learning_rate=1e-3, max_steps=1000, save_steps=500)  # doctest: +SKIP
     >>> trainer = TAPSTrainer(model, args, train_dataset=ds, score_learning_rate=1e-2)  # doctest: +SKIP

@@ -33,11 +33,10 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._atomic import write_atomically
-from .config import TAPSConfig
-from .layer import TAPSLayer
+from ..hub.atomic import write_atomically
+from ..tuner import TAPSConfig, TAPSLayer
+from ..tuner.targets import find_head
 from .optim import create_taps_optimizer
-from .targets import find_head
 
 TaskData = Union[DataLoader, tuple[torch.Tensor, torch.Tensor]]  # a loader, or (inputs, labels) tensors
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> task loss

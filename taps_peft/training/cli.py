@@ -1,14 +1,14 @@
-"""Train a TAPS adapter with Accelerate: ``taps-peft train ...`` or ``accelerate launch -m taps_peft.train ...``.
+"""Train a TAPS adapter with Accelerate: ``taps-peft train ...`` or ``accelerate launch -m taps_peft train ...``.
 
 One process, several GPUs or several CPU processes: the same script, run through ``accelerate launch``. The model
 comes from timm or transformers by name, the data from ``datasets`` (a Hub dataset or a local image folder); the
 adapter is saved to ``--output-dir`` at the end (and pushed with ``--push-to-hub``).
 
 Example:
-    accelerate launch -m taps_peft.train --model timm:vit_small_patch16_224 --dataset imagefolder:/data/birds \\
+    accelerate launch -m taps_peft train --model timm:vit_small_patch16_224 --dataset imagefolder:/data/birds \\
         --output-dir runs/birds --lam 0.5 --optimizer sgd --lr 0.01 --epochs 30 --batch-size 32
 
-    >>> from taps_peft.train import TrainArgs, train
+    >>> from taps_peft.training import TrainArgs, train
     >>> metrics = train(TrainArgs(model="timm:resnet18", dataset="imagefolder:/data/birds"))  # doctest: +SKIP
 """
 
@@ -251,7 +251,7 @@ def taps_state(model) -> dict[str, Any]:
     """
     import torch
 
-    from . import TAPSLayer
+    from ..tuner import TAPSLayer
 
     report = model.taps_layer_report()
     deltas = []
@@ -316,7 +316,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-    from .config import TAPSConfig
+    from ..tuner import TAPSConfig
     from .optim import create_taps_optimizer
 
     out = Path(args.output_dir)
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taps-peft train",
         description="Train a TAPS adapter (Task Adaptive Parameter Sharing) with Accelerate. Several GPUs: "
-                    "accelerate launch -m taps_peft.train ARGS.",
+                    "accelerate launch -m taps_peft train ARGS.",
     )
     hints = typing.get_type_hints(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
@@ -570,7 +570,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainArgs:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console script ``taps-peft train ...`` and ``python -m taps_peft.train ...``.
+    """Console script ``taps-peft train ...`` and ``python -m taps_peft train ...``.
 
     Multi-process runs end with a hard exit after everything is written and flushed: Gloo's threads can abort the
     interpreter at teardown, which would fail a run that already succeeded.

@@ -12,7 +12,7 @@ temporary folder first (a failed save leaves the previous adapter intact) and a 
 inactive layers of adapters loaded for inference; PEFT's classes are left untouched.
 
 Example:
-    >>> from taps_peft.card import build_model_card
+    >>> from taps_peft.hub.card import build_model_card
     >>> print(build_model_card(model))  # doctest: +SKIP
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ._atomic import write_atomically
+from .atomic import write_atomically
 
 BEGIN, END = "<!-- taps_peft:card:begin -->", "<!-- taps_peft:card:end -->"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -267,7 +267,7 @@ def _on_register(parent: nn.Module, name: str, child: nn.Module) -> None:
         return None
     from peft import PeftModel
 
-    from .model import TAPSModel
+    from ..tuner import TAPSModel
 
     if isinstance(child, TAPSModel) and isinstance(parent, PeftModel):
         attach(parent)
@@ -330,6 +330,6 @@ def _versions() -> dict[str, str]:
     import peft
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"PEFT": peft.__version__, "taps_peft": __version__, "torch": torch.__version__.split("+")[0]}

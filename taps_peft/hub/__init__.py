@@ -1,0 +1,1 @@
+"""Adapters on disk and on the Hub: the model card, atomic saving."""

@@ -1,0 +1,26 @@
+"""Training TAPS adapters: the Accelerate CLI (``train``), the 🤗 Trainer (``TAPSTrainer``), joint multi-task training
+(``train_joint``) and optimizer groups (``create_taps_optimizer``).
+
+Names are imported on first use, so ``import taps_peft`` does not import the Trainer.
+
+Example:
+    >>> from taps_peft.training import TAPSTrainer, TrainArgs, train, train_joint  # doctest: +SKIP
+"""
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "cli": ("TrainArgs", "train", "taps_state"),
+    "multitask": ("train_joint", "train_shared_then_incremental", "save_joint", "load_joint", "base_state_dict"),
+    "optim": ("create_taps_optimizer",),
+    "trainer": ("TAPSTrainer", "TAPSCallback", "taps_param_groups", "unwrap_taps_model"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
