@@ -75,8 +75,8 @@ def autocast(args):
 
 
 def taps_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The TAPS layers, from the tuner's cached list (a walk of ``named_modules`` visits every adapter's head/norm
-    copies and would put the number of adapters loaded into the timed switches); none for a plain model."""
+    """The TAPS layers (found by the tuner without walking into each adapter's head/norm copies, so the number of
+    adapters loaded stays out of the timed switches); none for a plain model."""
     tuner = getattr(model, "base_model", None)
     return tuner.taps_layers() if hasattr(tuner, "taps_layers") else []
 
@@ -96,7 +96,7 @@ def shape_adapter(model: nn.Module, adapter: str, active: set[int], seed: int, s
 
     g = torch.Generator().manual_seed(seed)
     for i, (_, layer) in enumerate(taps_layers(model)):
-        layer.taps_score[adapter].fill_(0.15 if i in active else 0.05)
+        layer.taps_scores[adapter].fill_(0.15 if i in active else 0.05)
         if i in active:
             delta = layer.taps_delta[adapter]
             std = _weight_std(layer)
@@ -120,7 +120,7 @@ def _weight_std(layer: nn.Module) -> float:
 
 
 def active_indices(model: nn.Module, adapter: str) -> set[int]:
-    return {i for i, (_, m) in enumerate(taps_layers(model)) if adapter in m.taps_score and m.is_active(adapter)}
+    return {i for i, (_, m) in enumerate(taps_layers(model)) if adapter in m.taps_scores and m.is_active(adapter)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,14 +142,10 @@ def storage_bytes(tensors: Iterable[Optional[torch.Tensor]], device_type: Option
 
 
 def held_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every tensor a model holds between calls: parameters, buffers, and the TAPS layers' formed-weight cache and
-    set-aside base weights (plain attributes, invisible to ``parameters()``)."""
+    """Every tensor a model holds between calls: parameters, buffers, and the base weights a merge set aside (a
+    plain attribute, invisible to ``parameters()``)."""
     out = list(model.parameters()) + list(model.buffers())
-    for _, layer in taps_layers(model):
-        cached = getattr(layer, "_cached_weight", None)
-        if cached is not None:
-            out.append(cached[1])
-        out.append(getattr(layer, "_unmerged_weight", None))
+    out += [getattr(layer, "_unmerged_weight", None) for _, layer in taps_layers(model)]
     return [t for t in out if t is not None]
 
 

@@ -8,15 +8,17 @@ to a temporary folder, then served with ``PeftModel.from_pretrained(base, dir, a
 
 A switch from task A to task B is timed in two ways on the same model, interleaved (order rotated every round):
 
-* ``unmerged``: ``set_adapter(B)`` + the first forward, which re-forms ``W_base + dW`` for B's active layers (the
-  formed-weight cache refill). ``overhead`` = set_adapter + first forward - a steady forward (the next one).
+* ``unmerged``: ``set_adapter(B)`` + the first forward. Every unmerged forward forms ``W_base + dW`` for the active
+  layers it needs and keeps nothing, so the first forward costs what a steady one does. ``overhead`` = set_adapter +
+  first forward - a steady forward (the next one).
 * ``merged``: ``unmerge_adapter()`` + ``set_adapter(B)`` + ``merge_adapter()``, then the first forward.
   ``overhead`` = the switch + first forward - a steady forward.
 
-Per switch the script also observes, by comparing every gated layer's weight/cache before and after, how many layers
-got a newly formed weight and its bytes (``formed``: the bytes allocated and written), and how many layers changed at
-all (``touched``: formed + set back to the base weight). The expectation: formed = B's active layers, touched =
-A's and B's active layers together, independent of N and of the size of the rest of the model. On cuda it also
+Per switch the script also observes, by comparing every gated layer's weight before and after, how many layers got a
+newly formed (merged) weight and its bytes (``formed``: the bytes allocated and written), and how many layers changed
+at all (``touched``: formed + set back to the base weight). The expectation for merged switches: formed = B's active
+layers, touched = A's and B's active layers together, independent of N and of the size of the rest of the model;
+unmerged switches form and touch nothing. On cuda it also
 reports the bytes the allocator handed out during the switch (``torch.cuda.memory_stats``), minus a steady forward's.
 
 Parts (each a table):
@@ -163,7 +165,7 @@ def adapter_held_bytes(model: nn.Module, name: str) -> int:
 
     tensors = []
     for _, layer in C.taps_layers(model):
-        tensors += [layer.taps_delta.get(name), layer.taps_score.get(name)]
+        tensors += [layer.taps_delta.get(name), layer.taps_scores.get(name)]
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
             tensors += list(m.modules_to_save[name].state_dict().values())
@@ -202,31 +204,20 @@ def merged_switch(model: nn.Module, name: str) -> None:
         model.merge_adapter()
 
 
-def snapshot(model: nn.Module) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Per gated layer: the tensor its base weight points at and its formed-weight cache (references are held, so no
-    storage is reused while we compare)."""
-    out = []
-    for _, layer in C.taps_layers(model):
-        entry = getattr(layer, "_cached_weight", None)  # (key, formed weight or None): taps_peft/layer.py
-        cached = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else None
-        out.append((layer.get_base_layer().weight.data, cached))
-    return out
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Per gated layer: the tensor its base weight points at (references are held, so no storage is reused while we
+    compare)."""
+    return [layer.get_base_layer().weight.data for _, layer in C.taps_layers(model)]
 
 
 def diff(before, after, original_ptrs: list[int]) -> dict[str, int]:
-    """Layers that got a newly formed weight (bytes allocated), and layers that changed at all."""
+    """Layers that got a newly formed (merged) weight and its bytes, and layers that changed at all."""
     formed = formed_bytes = touched = 0
-    for (wb, cb), (wa, ca), orig in zip(before, after, original_ptrs):
-        new = None
+    for wb, wa, orig in zip(before, after, original_ptrs):
         if wa.data_ptr() not in (wb.data_ptr(), orig):
-            new = wa  # a merged weight was formed
-        elif ca is not None and ca is not cb:
-            new = ca  # the cache was refilled
-        if new is not None:
             formed += 1
-            formed_bytes += new.nbytes
-        if wa.data_ptr() != wb.data_ptr() or ca is not cb:
-            touched += 1
+            formed_bytes += wa.nbytes
+        touched += wa.data_ptr() != wb.data_ptr()
     return {"formed_layers": formed, "formed_bytes": formed_bytes, "touched_layers": touched}
 
 
@@ -276,7 +267,7 @@ class Switcher:
 
     def switch(self, mode: str, a: str, b: str, s: Samples, record: bool) -> None:
         cuda = self.args.device == "cuda"
-        # Untimed: the model serves task A in this mode, with a forward done (caches warm).
+        # Untimed: the model serves task A in this mode, with a forward done (allocator warm).
         if mode == "unmerged":
             if _is_merged(self.model):
                 self.model.unmerge_adapter()

@@ -9,13 +9,11 @@ Example:
     >>> model = get_peft_model(base_model, taps_peft.TAPSConfig(lam=0.5))  # doctest: +SKIP
 """
 
-from .hub.card import install as _install_card_hooks
 from .training.optim import create_taps_optimizer
 from .tuner import Conv, Linear, TAPSConfig, TAPSLayer, TAPSModel
 from .tuner.registration import register as _register
 
 _register()
-_install_card_hooks()  # TAPS PeftModels get the model card, atomic save_pretrained and a card-aware push_to_hub
 
 __version__ = "0.1.0"
 __all__ = ["Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "create_taps_optimizer"]

@@ -1,8 +1,8 @@
-"""Regression guard: every benchmark runs (``run_all.py --quick``) and its ratios stay within generous bounds.
+"""Regression guard: every benchmark runs (``run_all.py --quick``); what is counted or measured (not timed) holds.
 
-Quick runs take few rounds on a shared CI machine, so timing bounds are loose: they catch a regression of the
-design (an output gate costs 2.5x, an unmerged inference without the weight cache far more), not a percent.
-Memory is measured, not timed: peak RSS of one training step, each strategy alone in its own process.
+Timing ratios live in the benchmarks only (a shared CI machine makes timed bounds flaky): here the quick run proves
+the scripts work, and the checks are memory (peak RSS of a training step, each strategy alone in its own process),
+outputs (merged = unmerged) and the layers a task switch touches (counted).
 """
 
 import json
@@ -24,15 +24,13 @@ def runs(tmp_path_factory):
     return {name: run["result"] for name, run in json.loads(out.read_text())["runs"].items()}
 
 
-def test_training_step_and_memory_stay_close_to_full_fine_tuning(runs):
-    assert runs["train_step"]["taps_over_full"] <= 1.5
-    # Without re-forming W_base + dW in the backward this is ~1.07 (the formed weights stay saved); now ~1.036.
+def test_training_memory_stays_close_to_full_fine_tuning(runs):
+    assert runs["train_step"]["taps_over_full"] > 0  # the step benchmark ran (its ratio is not checked here)
+    # Without re-forming W_base + dW in the backward this is ~1.07 (the formed weights stay saved); now ~1.037.
     assert runs["memory"]["taps_peak_over_full"] <= 1.06
 
 
-def test_inference_unmerged_and_merged_stay_close_to_the_base(runs):
-    assert runs["inference"]["unmerged_over_base"] <= 1.5
-    assert runs["inference"]["merged_over_base"] <= 1.3
+def test_merged_and_unmerged_inference_agree(runs):
     assert runs["inference"]["checks"]["max_abs_diff_merged_vs_unmerged"] == 0.0
 
 

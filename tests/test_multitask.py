@@ -99,12 +99,12 @@ def test_joint_trains_shared_base_and_every_task(joint):
     for t in TASKS:
         layers = dict(model.base_model.taps_layers())
         assert all(bool(m.taps_delta[t].abs().sum() > 0) for m in layers.values()), t
-        assert all(m.taps_score[t].item() != pytest.approx(0.15) for m in layers.values()), t
+        assert all(m.taps_scores[t].item() != pytest.approx(0.15) for m in layers.values()), t
         head = model.base_model.model.head.modules_to_save[t]
         assert head.weight.shape == heads[t].weight.shape and not torch.equal(head.weight, heads[t].weight)
         norm = model.base_model.model.norm.modules_to_save[t]
         assert not torch.equal(norm.weight, before["norm.weight"]), t
-    scores = {t: [m.taps_score[t].item() for _, m in model.base_model.taps_layers()] for t in TASKS}
+    scores = {t: [m.taps_scores[t].item() for _, m in model.base_model.taps_layers()] for t in TASKS}
     assert scores["task1"] != scores["task2"]
 
 

@@ -83,10 +83,10 @@ def test_transformers_model_bf16(data, tmp_path, monkeypatch):
     """A transformers ViT built from a config (model type 'vit'), bf16 autocast, gradient accumulation, push."""
     kwargs = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64)
-    import taps_peft.hub.card
+    import taps_peft.hub.peft_model
 
     pushed = []  # the real push is tested against the loopback Hub in test_hub.py
-    monkeypatch.setattr(taps_peft.hub.card, "push_to_hub", lambda self, repo_id, **kw: pushed.append(repo_id))
+    monkeypatch.setattr(taps_peft.hub.peft_model, "push_to_hub", lambda self, repo_id, **kw: pushed.append(repo_id))
     m = train(vit_args(data, tmp_path / "hf", model="hf:vit", model_kwargs=kwargs, mixed_precision="bf16",
                        gradient_accumulation_steps=2, max_steps=3, batch_size=8, eval_split="none",
                        push_to_hub=True, hub_model_id="user/taps-hf-vit"))

@@ -133,11 +133,11 @@ def test_checkpoints_hold_the_adapter(runs):
     saved = load_file(str(run["dir"] / f"checkpoint-{SAVE_EVERY}" / "adapter_model.safetensors"))
     tau = run["model"].peft_config["default"].tau
     at_save = run["at_save"]
-    score_keys = [k for k in saved if k.endswith(".taps_score")]
+    score_keys = [k for k in saved if k.endswith(".taps_scores")]
     assert len(score_keys) == 12
     for key in score_keys:
         assert torch.equal(saved[key], at_save[key + ".default"])
-        delta_key = key[: -len("taps_score")] + "taps_delta"
+        delta_key = key[: -len("taps_scores")] + "taps_delta"
         assert (delta_key in saved) == bool(at_save[key + ".default"].item() >= tau)
         if delta_key in saved:
             assert torch.equal(saved[delta_key], at_save[delta_key + ".default"])
@@ -163,7 +163,7 @@ def test_compute_loss_adds_the_penalty_in_training_only(tmp_path):
     model = taps_vit(lam=0.5, warmup_steps=3)
     trainer = TAPSTrainer(model=model, args=training_args(tmp_path), train_dataset=PatternImages())
     batch = {"pixel_values": PatternImages().images[:8], "labels": PatternImages().labels[:8]}
-    penalty = model.taps_penalty().item()
+    penalty = model.taps_penalty(step=3).item()
     assert penalty > 0
     model.train()
     plain = model(**batch).loss
@@ -190,7 +190,7 @@ def test_optimizer_follows_args_with_a_score_group(tmp_path, optim):
     optimizer = trainer.create_optimizer()
     assert isinstance(optimizer, torch.optim.SGD if optim == "sgd" else torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
-    score_groups = [g for g in optimizer.param_groups if any(".taps_score." in names[id(p)] for p in g["params"])]
+    score_groups = [g for g in optimizer.param_groups if any(".taps_scores." in names[id(p)] for p in g["params"])]
     assert len(score_groups) == 1 and len(score_groups[0]["params"]) == 12
     assert score_groups[0]["lr"] == 0.1 and score_groups[0]["weight_decay"] == 0.0
     others = [g for g in optimizer.param_groups if g is not score_groups[0]]

@@ -1,15 +1,9 @@
-"""Model cards for TAPS adapters, atomic ``save_pretrained``, and a card-aware ``push_to_hub``.
+"""Model cards for TAPS adapters.
 
 The card (README.md) says which base model the adapter belongs to, lam/tau, the active layers k/L, the adapter size,
 a layer map (score and gate per layer) and that ``import taps_peft`` is needed to load it. Its TAPS part sits between
-two HTML comments, so later saves refresh it and keep anything a user wrote around it.
-
-Why a hook: PEFT 0.21's ``PeftModel.push_to_hub`` is transformers' ``PushToHubMixin.push_to_hub``, which writes its own
-card over the README that ``save_pretrained`` produced (even PEFT's own card never reaches the Hub), and no tuner or
-config method runs in between. :func:`install` therefore gives every PeftModel wrapping a TAPS tuner (and only those)
-card-aware ``create_or_update_model_card`` and ``push_to_hub`` methods, and a ``save_pretrained`` that writes into a
-temporary folder first (a failed save leaves the previous adapter intact) and a ``load_adapter`` that frees the
-inactive layers of adapters loaded for inference; PEFT's classes are left untouched.
+two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``save_pretrained`` and
+``push_to_hub`` write it (see ``taps_peft.hub.peft_model``).
 
 Example:
     >>> from taps_peft.hub.card import build_model_card
@@ -18,18 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
 
-from .atomic import write_atomically
 
 BEGIN, END = "<!-- taps_peft:card:begin -->", "<!-- taps_peft:card:end -->"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -150,128 +140,6 @@ def save_model_card(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_merge_card(old, model, adapter_name, repo_id, tags), encoding="utf-8")
     return path
-
-
-def push_to_hub(
-    model: nn.Module,
-    repo_id: str,
-    *,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    private: Optional[bool] = None,
-    token: Optional[bool | str] = None,
-    revision: Optional[str] = None,
-    create_pr: bool = False,
-    tags: Optional[list[str]] = None,
-    **save_kwargs: Any,
-):
-    """``PushToHubMixin.push_to_hub`` with the TAPS card: create the repo, save to a temp dir, upload in one commit.
-
-    An existing README in the repo is kept around the refreshed TAPS section, as transformers keeps it.
-    """
-    from huggingface_hub import HfApi, ModelCard
-    from huggingface_hub.errors import EntryNotFoundError
-
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            ModelCard.load(repo_id, token=token).save(os.path.join(tmp, "README.md"))
-        except EntryNotFoundError:
-            pass
-        model.save_pretrained(tmp, **save_kwargs)
-        save_model_card(model, tmp, repo_id=repo_id, tags=tags)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message or "Upload TAPS adapter",
-            commit_description=commit_description,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
-
-
-def attach(model: nn.Module) -> nn.Module:
-    """Give this PeftModel instance the card-aware ``create_or_update_model_card`` and ``push_to_hub``."""
-    # partials of module-level functions survive deepcopy (rebound to the copy) and pickle, unlike closures
-    model.create_or_update_model_card = functools.partial(create_or_update_model_card, model)
-    model.push_to_hub = functools.partial(push_to_hub, model)
-    model.save_pretrained = functools.partial(save_pretrained, model)
-    model.load_adapter = functools.partial(load_adapter, model)
-    return model
-
-
-def load_adapter(self: nn.Module, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-    """PEFT's ``load_adapter`` (also behind ``PeftModel.from_pretrained``); an adapter loaded for inference then
-    holds memory only for its active layers (inactive ones share one zero), so many tasks fit on one base."""
-    result = type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
-    if self.peft_config[adapter_name].inference_mode:
-        for _, layer in self.base_model.taps_layers():
-            if adapter_name in layer.taps_delta:
-                layer.release_inactive_delta(adapter_name)
-    return result
-
-
-def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-    """PEFT's ``save_pretrained``, atomic per file: written into a temporary folder beside the target, then each file
-    is moved into place with ``os.replace``. A failure part-way leaves the previous adapter files as they were.
-
-    TAPS adapters are safetensors only: ``safe_serialization=False`` (a pickled ``adapter_model.bin``) is overridden
-    with a warning rather than refused, so a trainer that passes it still saves its (loadable) adapter."""
-    if not kwargs.get("safe_serialization", True):
-        import warnings
-
-        warnings.warn(
-            f"save_pretrained(safe_serialization={kwargs['safe_serialization']!r}) ignored: TAPS adapters are saved as "
-            "safetensors only (adapter_model.safetensors); taps_peft never writes or loads pickled adapters.",
-            UserWarning,
-            stacklevel=2,
-        )
-    kwargs["safe_serialization"] = True
-    target = Path(save_directory)
-
-    def write(tmp: Path) -> None:
-        if (target / "README.md").is_file():  # PEFT updates an existing card rather than replacing it
-            shutil.copy2(target / "README.md", tmp)
-        type(self).save_pretrained(self, str(tmp), **kwargs)
-
-    write_atomically(target, write)
-
-
-def create_or_update_model_card(self: nn.Module, output_dir: str) -> None:
-    """PEFT's card update (metadata, PEFT version), then the TAPS section; bound per instance by :func:`attach`."""
-    type(self).create_or_update_model_card(self, output_dir)
-    save_model_card(self, output_dir)
-
-
-_hook_handle = None
-
-
-def install() -> None:
-    """Attach the card methods to every PeftModel whose tuner is TAPS, as PEFT creates it (idempotent).
-
-    Uses torch's module-registration hook: it sees ``PeftModel.__init__`` assign its ``base_model``.
-    """
-    global _hook_handle
-    if _hook_handle is None:
-        from torch.nn.modules.module import register_module_module_registration_hook
-
-        _hook_handle = register_module_module_registration_hook(_on_register)
-
-
-def _on_register(parent: nn.Module, name: str, child: nn.Module) -> None:
-    if name != "base_model":
-        return None
-    from peft import PeftModel
-
-    from ..tuner import TAPSModel
-
-    if isinstance(child, TAPSModel) and isinstance(parent, PeftModel):
-        attach(parent)
-    return None
 
 
 # ----- helpers -----

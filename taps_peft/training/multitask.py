@@ -33,7 +33,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..hub.atomic import write_atomically
+from ..hub.atomic import replace_folder
 from ..tuner import TAPSConfig, TAPSLayer
 from ..tuner.targets import find_head
 from .optim import create_taps_optimizer
@@ -127,7 +127,7 @@ def train_joint(
             old = next(wrapper.modules_to_save[t].parameters())
             wrapper.modules_to_save[t] = copy.deepcopy(h).to(device=old.device, dtype=old.dtype)
     layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
-    adapters = [p.requires_grad_(True) for m in layers for t in names for p in (m.taps_delta[t], m.taps_score[t])]
+    adapters = [p.requires_grad_(True) for m in layers for t in names for p in (m.taps_delta[t], m.taps_scores[t])]
     adapters += [p.requires_grad_(True) for w in wrappers for t in names for p in w.modules_to_save[t].parameters()]
     opt = create_taps_optimizer(model, optimizer_cls, lr=lr, score_lr=score_lr, weight_decay=weight_decay)  # all tasks
     skip = {id(p) for p in adapters} | {id(p) for w in wrappers for p in w.original_module.parameters()}
@@ -197,7 +197,7 @@ def base_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
         raise ValueError("An adapter is merged into the base weights: call model.unmerge_adapter() first.")
     out: dict[str, torch.Tensor] = {}
     for key, value in model.get_base_model().state_dict().items():
-        if any(s in key for s in (".taps_delta.", ".taps_score.", ".modules_to_save.")):
+        if any(s in key for s in (".taps_delta.", ".taps_scores.", ".modules_to_save.")):
             continue
         out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value.detach()
     return out
@@ -219,7 +219,7 @@ def save_joint(model: PeftModel, out_dir: Union[str, os.PathLike]) -> Path:
         v = v.cpu().contiguous()
         state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v  # safetensors refuses shared memory
         seen.add(v.untyped_storage().data_ptr())
-    write_atomically(out / "base", lambda tmp: safetensors.torch.save_file(  # a crash leaves the old file whole
+    replace_folder(out / "base", lambda tmp: safetensors.torch.save_file(  # a crash leaves the old file whole
         state, str(tmp / "model.safetensors"), metadata={"format": "pt", "taps_tasks": json.dumps(names)}))
     for t in names:
         model.save_pretrained(str(out), selected_adapters=[t])

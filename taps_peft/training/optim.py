@@ -28,7 +28,7 @@ def create_taps_optimizer(
     scores, others = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (scores if ".taps_score." in f".{name}." else others).append(param)
+            (scores if ".taps_scores." in f".{name}." else others).append(param)
     if not scores:
         raise ValueError("create_taps_optimizer found no trainable TAPS score: pass a model from get_peft_model(...).")
     groups = [

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - older transformers
 
 logger = logging.get_logger(__name__)
 
-SCORE_KEY = ".taps_score."  # a parameter is a TAPS score iff its name contains this
+SCORE_KEY = ".taps_scores."  # a parameter is a TAPS score iff its name contains this
 _OWN_PARAMS = ("params", "model", "optimizer_dict")  # optimizer kwargs that replace the Trainer's parameter groups
 
 
@@ -135,8 +135,7 @@ class TAPSCallback(TrainerCallback):
     :class:`TAPSTrainer` installs one itself, first in the callback list so that every reporter (TensorBoard, W&B,
     the progress bar, ...) sees the values. With another ``Trainer`` pass ``callbacks=[TAPSCallback()]``: the log
     history and the progress bar get the values, reporters listed before it do not. It only logs: the penalty must
-    still be added to the loss (that is what :class:`TAPSTrainer` does). After every optimizer step it also makes the
-    layers re-read their gates, which fused optimizers (the Trainer's default ``adamw_torch_fused``) would leave stale.
+    still be added to the loss (that is what :class:`TAPSTrainer` does).
 
     Example:
         >>> trainer = TAPSTrainer(model, args, train_dataset=ds)  # doctest: +SKIP

@@ -112,94 +112,20 @@ class TAPSConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """PEFT's loading, plus a check of the adapter's weights before any model is touched.
-
-        PEFT calls this from ``PeftModel.from_pretrained`` and ``load_adapter`` before it injects the adapter, but
-        reads the weights only afterwards: a missing, truncated or corrupted file, a pickle (``adapter_model.bin``),
-        NaN/inf values or weights of another method would fail half-way and leave a half-added adapter behind. So
-        the weights file is checked here (it must be ``adapter_model.safetensors``; nothing is ever unpickled), and
-        its tensor names and shapes travel with the config: ``TAPSModel`` checks that they fit the model before it
-        changes any module.
-        """
+        """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
+        adapter with its name. The config remembers where it came from, so that a failed
+        ``PeftModel.from_pretrained`` can leave the base model as it was (see ``taps_peft.hub.peft_model``)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
+            pretrained_model_name_or_path)
         if not isinstance(config, TAPSConfig):
             kind = getattr(config.peft_type, "value", config.peft_type)
             raise ValueError(
-                f"The adapter at '{_where(pretrained_model_name_or_path, subfolder)}' is a {kind} adapter, not TAPS "
-                f"(its adapter_config.json says peft_type={kind!r}): load it with its own PEFT method."
+                f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
+                f"peft_type={kind!r}): load it with its own PEFT method."
             )
-        hub_kwargs = cls._split_kwargs(kwargs)[0]
-        weights = _weights_file(pretrained_model_name_or_path, subfolder, hub_kwargs)
-        config._taps_saved_shapes = _check_weights_file(weights)  # popped by TAPSModel._prepare_adapter_config
+        config._taps_source = where
         return config
-
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def _weights_file(model_id: str, subfolder: Optional[str], hub_kwargs: dict) -> str:
-    """The local path of the adapter's safetensors file (downloaded into the Hub cache for a repo id)."""
-    where = _where(model_id, subfolder)
-    if os.path.isdir(where):
-        path = os.path.join(where, WEIGHTS_NAME)
-        if os.path.isfile(path):
-            return path
-        if os.path.isfile(os.path.join(where, "adapter_model.bin")):
-            raise ValueError(_PICKLE_REFUSED.format(where=where))
-        raise FileNotFoundError(
-            f"No {WEIGHTS_NAME} in '{where}' (it has {sorted(os.listdir(where))}): the adapter's weights are missing. "
-            "Save the adapter again with save_pretrained, or copy the file back."
-        )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return hf_hub_download(str(model_id), WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except EntryNotFoundError as err:
-        if isinstance(err, LocalEntryNotFoundError):  # offline and not in the cache: the client says so
-            raise
-        raise ValueError(_PICKLE_REFUSED.format(where=where)) from None
-
-
-def _where(model_id: str, subfolder: Optional[str]) -> str:
-    return os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
-
-
-_PICKLE_REFUSED = (
-    "TAPS adapters are loaded from safetensors only, and '{where}' has no adapter_model.safetensors: taps_peft never "
-    "unpickles (torch.load) an adapter file such as adapter_model.bin. Save the adapter with save_pretrained, or, if "
-    "you trust the pickle, convert it once with safetensors.torch.save_file."
-)
-
-
-def _check_weights_file(path: str) -> dict[str, tuple[int, ...]]:
-    """Open a safetensors file (header, sizes, every value finite); return its tensors' names and shapes."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            shapes = {}
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise ValueError(
-                        f"The TAPS adapter file '{path}' holds {bad} NaN/inf value(s) in `{key}`: the adapter is "
-                        "broken (it diverged in training, or the file was damaged). Load an earlier checkpoint."
-                    )
-                shapes[key] = tuple(tensor.shape)
-    except SafetensorError as err:
-        raise ValueError(
-            f"The TAPS adapter file '{path}' is not a valid safetensors file ({err}): it is truncated or corrupted. "
-            "Save or download the adapter again."
-        ) from None
-    if not any(k.endswith(".taps_score") for k in shapes):
-        raise ValueError(
-            f"'{path}' holds no TAPS layer scores ({len(shapes)} tensors, e.g. {sorted(shapes)[:3]}): these are not "
-            "the weights of a TAPS adapter, though its adapter_config.json says TAPS. Save the adapter again."
-        )
-    return shapes
 
 
 def _check_names(name: str, value: object, fix: str, allow_empty: bool) -> Optional[Union[str, set[str]]]:

@@ -8,32 +8,14 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from torch import nn
 
 from .config import TAPSConfig
-from .layer import (
-    _CONV,
-    SUPPORTED_LAYERS,
-    Conv,
-    Linear,
-    TAPSLayer,
-    _full_tensor,
-    _is_sharded,
-    sample_groups,
-    tensor_key,
-)
-from .targets import (
-    check_modules_to_save,
-    check_saved_adapter,
-    check_targets,
-    default_targets,
-    find_head,
-    norm_modules,
-    planned_targets,
-)
+from .layer import _CONV, Conv, Linear, TAPSLayer, _full_tensor, _is_sharded, sample_groups
+from .layer import check_batch_names
+from .targets import check_modules_to_save, check_targets, default_targets, find_head, norm_modules, planned_targets
 
 
 class TAPSModel(BaseTuner):
@@ -52,9 +34,17 @@ class TAPSModel(BaseTuner):
     tuner_layer_cls = TAPSLayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        requires_grad = [p.requires_grad for p in model.parameters()]
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self._base_requires_grad = requires_grad  # restored if the first load fails (hub.peft_model.load_adapter)
+        from ..hub.peft_model import attach_when_wrapped
+
+        attach_when_wrapped(self)
+
     def _prepare_adapter_config(self, peft_config: TAPSConfig, model_config: dict) -> TAPSConfig:
         """Resolve the targets, head and norms, and check everything before PEFT replaces a module: a bad config
-        or a saved adapter that does not fit raises here and leaves the model (and its other adapters) as it was."""
+        raises here and leaves the model (and its other adapters) as it was."""
         head = find_head(self.model)
         if peft_config.modules_to_save is None and head is not None:
             peft_config.modules_to_save = [head]
@@ -63,15 +53,11 @@ class TAPSModel(BaseTuner):
             peft_config.target_modules = set(default_targets(self.model, head))
         else:
             check_targets(self.model, peft_config.target_modules)
-        check_modules_to_save(self.model, peft_config.modules_to_save)
+        check_modules_to_save(self.model, peft_config.modules_to_save, peft_config.task_type)
         if peft_config.train_norms:
             saved = list(peft_config.modules_to_save or [])
-            norms = [n for n in norm_modules(self.model, skip=saved) if n not in saved]
-            peft_config.modules_to_save = saved + norms
-        targets = planned_targets(self.model, peft_config, requested)
-        saved_shapes = peft_config.__dict__.pop("_taps_saved_shapes", None)  # set by TAPSConfig.from_pretrained
-        if saved_shapes is not None:
-            check_saved_adapter(self.model, peft_config.modules_to_save, targets, saved_shapes)
+            peft_config.modules_to_save = saved + [n for n in norm_modules(self.model, skip=saved) if n not in saved]
+        planned_targets(self.model, peft_config, requested)
         return peft_config
 
     def _create_and_replace(
@@ -87,53 +73,77 @@ class TAPSModel(BaseTuner):
         if isinstance(target, TAPSLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        if isinstance(target, nn.Linear):
-            new_module = Linear(target, adapter_name, peft_config)
-        elif isinstance(target, _CONV):
-            new_module = Conv(target, adapter_name, peft_config)
-        else:
-            raise TypeError(
-                f"TAPS cannot gate `{current_key}` ({type(target).__name__}): it supports "
-                f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} and their subclasses. "
-                "Remove it from `target_modules` or add it to `exclude_modules`."
-            )
+        new_module = (Conv if isinstance(target, _CONV) else Linear)(target, adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter starts frozen, as in PEFT
         self._replace_module(parent, target_name, new_module, target)
 
-    def forward(self, *args: Any, **kwargs: Any):
-        self._read_gates()
-        return super().forward(*args, **kwargs)
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """TAPS's dtype rule instead of PEFT's fp16/bf16 -> fp32 upcast: deltas keep the base weight's dtype (an fp32
+        copy of a full-size delta would double the layer's bytes) and scores are fp32 from the start."""
 
-    def _read_gates(self, force: bool = False) -> None:
-        """Read every changed score in one device-to-host transfer, so no layer has to sync the GPU on its own."""
-        layers = self.taps_layers()
-        if not layers or (not force and next(iter(layers[0][1].taps_score.values())).device.type == "cpu"):
-            return  # on the CPU each layer reads its own score for free
-        active = self.active_adapters
-        stale = [
-            (layer, name)
-            for _, layer in layers
-            for name in active
-            if name in layer.taps_score
-            and not _is_sharded(layer.taps_score[name])  # FSDP2: read inside the layer's forward, where it is whole
-            and layer._gates.get(name, (None,))[0] != tensor_key(layer.taps_score[name])
-        ]
-        if stale:
-            values = torch.cat([layer.taps_score[name].detach() for layer, name in stale]).tolist()
-            for (layer, name), value in zip(stale, values):
-                layer._set_gate(name, value)
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``inject_adapter``; then, as PEFT matches ``modules_to_save`` by name suffix ("norm" also wraps
+        e.g. timm's ``attn.norm``, an Identity), wrappers around modules without state are replaced by the module.
+        The adapter name is checked first: it becomes a folder name when the adapter is saved."""
+        from ..hub.peft_model import check_adapter_name
+
+        check_adapter_name(kwargs["adapter_name"] if "adapter_name" in kwargs else args[1])
+        super().inject_adapter(*args, **kwargs)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module.original_module)
+
+    def train(self, mode: bool = True) -> "TAPSModel":
+        """``nn.Module.train``, except that BatchNorm layers without trainable parameters (the shared base's, when
+        ``train_norms=False``) stay in eval mode: their running statistics belong to the base and must not move."""
+        super().train(mode)
+        if mode:
+            for module in _frozen_batchnorms(self.model):
+                module.eval()
+        return self
+
+    # ----- one forward: host gates read once, mixed-task batches -----
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """``adapter_names=[...]``: one adapter name per sample (``"__base__"`` for the base model), eval mode only."""
+        """Runs around every ``PeftModel`` forward. Unless the gates are learning (training with trainable scores:
+        no host read at all), every gate the forward needs is read in one device-to-host transfer and handed to the
+        layers for this forward only. ``adapter_names=[...]``: one adapter per sample (``"__base__"`` for the base
+        model), eval mode only."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
+        modules = _tuner_modules(self.model)
+        layers = [m for m in modules if isinstance(m, TAPSLayer)]
+        handles = []
+        if adapter_names is not None:
+            adapter_names = self._check_adapter_names(adapter_names, layers)
+            for m in modules:
+                if isinstance(m, TAPSLayer):
+                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+                    handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+                elif isinstance(m, ModulesToSaveWrapper):  # heads and norms (PEFT's own routing skips norm layers)
+                    handles.append(m.register_forward_hook(partial(_route_samples, adapter_names=adapter_names)))
+        names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
+        gates = {} if torch.compiler.is_compiling() else _read_gates(layers, names)
+        for layer, layer_gates in gates.items():
+            layer._gates = layer_gates
+        try:
             yield
-            return
+        finally:
+            for layer in gates:
+                layer._gates = None
+            for handle in handles:
+                handle.remove()
+
+    def _check_adapter_names(self, adapter_names: Any, layers: list[TAPSLayer]) -> list[str]:
+        if isinstance(adapter_names, str) or not all(isinstance(a, str) for a in adapter_names):
+            raise TypeError(
+                f"adapter_names={adapter_names!r} is invalid: pass a list with one adapter name per sample, e.g. "
+                "adapter_names=['task_a', 'task_b', '__base__'] for a batch of 3."
+            )
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode: call model.eval().")
-        layers = [m for _, m in self.taps_layers()]
         if any(m.merged for m in layers):
             raise ValueError("Cannot pass `adapter_names` while an adapter is merged: call model.unmerge_adapter().")
         unknown = set(adapter_names) - {"__base__"} - set(self.peft_config)
@@ -142,19 +152,7 @@ class TAPSModel(BaseTuner):
                 f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}. "
                 f"Loaded adapters: {', '.join(self.peft_config)} (or '__base__' for the base model)."
             )
-        adapter_names = list(adapter_names)
-        handles = []
-        for m in _tuner_modules(self.model):
-            if isinstance(m, TAPSLayer):
-                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
-                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-            elif isinstance(m, ModulesToSaveWrapper):  # heads and norms (PEFT's own routing skips norm layers)
-                handles.append(m.register_forward_hook(partial(_route_samples, adapter_names=adapter_names)))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        return list(adapter_names)
 
     # ----- adapters on disk hold only the active deltas (PEFT's state-dict hooks) -----
 
@@ -167,20 +165,18 @@ class TAPSModel(BaseTuner):
             return selected
         suffix = f".taps_delta.{adapter_name}"
         for key in [k for k in selected if k.endswith(suffix)]:
-            score = selected[key[: -len(suffix)] + f".taps_score.{adapter_name}"]
+            score = selected[key[: -len(suffix)] + f".taps_scores.{adapter_name}"]
             if float(score.float().max()) < config.tau:
                 del selected[key]
         return selected
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key mapping, plus real zeros for the deltas of inactive layers (absent from the file); a file
-        that does not fit the model's layers, or holds NaN/inf, is refused before anything is loaded.
-
-        (``PeftModel.from_pretrained`` / ``load_adapter`` have checked the file before the adapter was injected, see
-        ``TAPSConfig.from_pretrained``; these checks cover the other ways in, e.g. ``set_peft_model_state_dict``.)"""
+        """PEFT's key mapping, then: a file that does not fit the model's layers, or holds NaN/inf, is refused before
+        anything is loaded; an inactive layer's delta (absent from the file) becomes real zeros for an adapter that may
+        train, and is dropped from the layer for one loaded for inference (it holds memory only for active layers)."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_score")))
+        orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_scores")))
         if orphans:
             raise ValueError(
                 f"TAPS adapter '{adapter_name}' does not fit this base model: {len(orphans)} saved layer(s) have no "
@@ -192,54 +188,42 @@ class TAPSModel(BaseTuner):
                 f"TAPS adapter '{adapter_name}' holds NaN/inf values in {len(broken)} tensor(s), e.g. `{broken[0]}`: "
                 "it is broken (it diverged in training, or the file was damaged). Load an earlier checkpoint."
             )
+        absent = []
         for name, module in model.named_modules():
-            if not (isinstance(module, TAPSLayer) and adapter_name in module.taps_delta):
+            if not (isinstance(module, TAPSLayer) and adapter_name in module.taps_scores):
                 continue
-            if f"{name}.taps_score.{adapter_name}" not in remapped:
+            score = remapped.get(f"{name}.taps_scores.{adapter_name}")
+            if score is None:
                 raise ValueError(
                     f"TAPS adapter '{adapter_name}' does not fit this base model: the weights have no score for the "
                     f"layer `{name}` (every TAPS adapter saves all its scores). Load the adapter onto the base model "
                     "it was trained from, with the weights saved with it."
                 )
             key = f"{name}.taps_delta.{adapter_name}"
-            param = module.taps_delta[adapter_name]
-            if key not in remapped:
-                device = module.get_base_layer().weight.device
-                remapped[key] = torch.zeros(param.shape, dtype=param.dtype, device=device)
-            elif tuple(remapped[key].shape) != tuple(param.shape):
+            if key in remapped:
+                continue
+            if float(score.float().max()) >= module.taps_tau[adapter_name]:
                 raise ValueError(
-                    f"TAPS adapter '{adapter_name}' does not fit this base model: the delta for `{name}` has shape "
-                    f"{tuple(remapped[key].shape)} but the layer's weight has shape {tuple(param.shape)}. Load the "
-                    "adapter onto the base model it was trained from (its README names it)."
+                    f"TAPS adapter '{adapter_name}' is incomplete: the layer `{name}` is active (score "
+                    f"{float(score.float().max()):.4f} >= tau) but the weights hold no delta for it. Save the adapter "
+                    "again with save_pretrained."
                 )
+            absent.append((module, key))
+        for module, key in absent:  # every check passed: now the layers may change
+            if config.inference_mode:
+                del module.taps_delta[adapter_name]
+            elif adapter_name in module.taps_delta:
+                param = module.taps_delta[adapter_name]
+                remapped[key] = torch.zeros(param.shape, dtype=param.dtype, device=module.get_base_layer().weight.device)
         return remapped
 
-    # ----- the paper's penalty and the gate report -----
-
-    def taps_layers(self) -> list[tuple[str, TAPSLayer]]:
-        """Every TAPS layer of the model, as (module name, layer); cached, refreshed when adapters change."""
-        cache = self.__dict__.get("_taps_layer_cache")
-        if cache is None:
-            cache = [(n, m) for n, m in self.model.named_modules() if isinstance(m, TAPSLayer)]
-            self.__dict__["_taps_layer_cache"] = cache
-        return cache
-
-    def _replace_module(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__.pop("_taps_layer_cache", None)  # a layer came or went (inject, unload)
-        super()._replace_module(*args, **kwargs)
-
-    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
-        super().inject_adapter(*args, **kwargs)
-        # PEFT matches modules_to_save by name suffix, so "norm" also wraps e.g. timm's `attn.norm` (an Identity);
-        # a module without parameters or buffers has nothing task-specific: put the plain module back.
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
-                parent, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent), child, module.original_module)
+    # ----- PEFT's adapter management, visiting only the tuner modules -----
+    # PEFT's set_adapter / merge_adapter / unmerge_adapter walk every module, including each adapter's head and norm
+    # copies, and touch every adapter in every layer: with 50 adapters loaded a switch took 9.0 ms instead of 0.8 ms
+    # (benchmarks/bench_switch.py). These versions do the same work on the tuner modules only.
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """PEFT's ``set_adapter``, in a time that does not grow with the adapters loaded: the walk skips the per-task
-        copies inside the head/norm wrappers, and each layer touches only its old and new active adapters."""
+        """PEFT's ``set_adapter``, in a time that does not grow with the adapters loaded."""
         for module in _tuner_modules(self.model):
             if isinstance(module, AuxiliaryTrainingWrapper):
                 name = module.check_set_adapter(adapter_name)
@@ -264,25 +248,33 @@ class TAPSModel(BaseTuner):
             with onload_layer(layer):
                 layer.unmerge()
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.__dict__.pop("_taps_layer_cache", None)
-        super().delete_adapter(adapter_name)
+    # ----- the paper's penalty and the gate report -----
+
+    def taps_layers(self) -> list[tuple[str, TAPSLayer]]:
+        """Every TAPS layer of the model, as (module name, layer)."""
+        return [(n, m) for n, m in _tuner_modules(self.model, with_names=True) if isinstance(m, TAPSLayer)]
 
     def taps_penalty(self, step: Optional[int] = None) -> torch.Tensor:
         """``(lam / L) * sum_i |s_i|`` over the gated layers of each active adapter; add it to the task loss.
 
-        ``step`` (optimizer steps so far) enables the warm-up: no penalty while ``step < warmup_steps``. With a
-        budget (``budget_layers`` / ``budget_mib``), each call in training first moves ``lam`` by dual ascent:
-        up while the active layers exceed the budget, down (to 0 at least) while they are within it.
+        ``step`` (optimizer steps so far) enables the warm-up: no penalty while ``step < warmup_steps`` (so a config
+        with ``warmup_steps`` needs ``step``). With a budget (``budget_layers`` / ``budget_mib``), each call in training
+        first moves ``lam`` by dual ascent (one host read of the gates): up while the active layers exceed the budget,
+        down (to 0 at least) while they are within it.
 
         Example:
             >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)  # doctest: +SKIP
         """
         total: Optional[torch.Tensor] = None
-        layers = self.taps_layers()
+        layers = [m for _, m in self.taps_layers()]
         for name in self.active_adapters:
             config = self.peft_config[name]
-            scores = [_full_tensor(m.taps_score[name]) for _, m in layers if name in m.taps_score]
+            if config.warmup_steps and step is None:
+                raise ValueError(
+                    f"taps_penalty() needs the step: adapter '{name}' has warmup_steps={config.warmup_steps}. Call "
+                    "model.taps_penalty(step) with the number of optimizer steps done so far."
+                )
+            scores = [_full_tensor(m.taps_scores[name]) for m in layers if name in m.taps_scores]
             if not scores or (step is not None and step < config.warmup_steps):
                 continue
             if self.training and torch.is_grad_enabled():
@@ -297,8 +289,8 @@ class TAPSModel(BaseTuner):
     def budget_usage(self, adapter_name: Optional[str] = None) -> dict[str, float]:
         """The budgeted quantities now: ``layers`` (active layers) and ``mib`` (MiB of active deltas)."""
         adapter_name = adapter_name or self.active_adapters[0]
-        active = [m for _, m in self.taps_layers() if adapter_name in m.taps_score and m.is_active(adapter_name)]
-        return {"layers": len(active), "mib": sum(m.taps_delta[adapter_name].nbytes for m in active) / 2**20}
+        rows = [r for r in self.taps_layer_report(adapter_name) if r["active"]]
+        return {"layers": len(rows), "mib": sum(r["bytes"] for r in rows) / 2**20}
 
     def _adapt_lam(self, adapter_name: str) -> None:
         """One dual-ascent step on ``lam`` for each budget the adapter has."""
@@ -311,39 +303,40 @@ class TAPSModel(BaseTuner):
         config.lam = max(0.0, config.lam + config.budget_rate * excess)
 
     def taps_layer_report(self, adapter_name: Optional[str] = None) -> list[dict[str, Any]]:
-        """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau) and ``params`` (delta size).
+        """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau), ``params`` (delta size) and
+        ``bytes`` (the delta's bytes in the adapter file when active). All scores are read in one transfer.
 
         Example:
             >>> [r["name"] for r in model.taps_layer_report() if r["active"]]  # doctest: +SKIP
         """
         adapter_name = adapter_name or self.active_adapters[0]
-        return [
-            {
+        layers = [(n, m) for n, m in self.taps_layers() if adapter_name in m.taps_scores]
+        scores = _host_values([_full_tensor(m.taps_scores[adapter_name]) for _, m in layers])
+        rows = []
+        for (name, layer), score in zip(layers, scores):
+            weight = layer.get_base_layer().weight
+            rows.append({
                 "name": name,
-                "score": float(_full_tensor(layer.taps_score[adapter_name]).detach().float().item()),
-                "active": layer.is_active(adapter_name),
-                "params": layer.taps_delta[adapter_name].numel(),
-            }
-            for name, layer in self.taps_layers()
-            if adapter_name in layer.taps_score
-        ]
+                "score": score,
+                "active": score >= layer.taps_tau[adapter_name],
+                "params": weight.numel(),
+                "bytes": weight.numel() * weight.element_size(),
+            })
+        return rows
 
     def taps_summary(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """Active layers k/L, task-specific parameters (active deltas, scores, norms, head) and adapter bytes."""
         adapter_name = adapter_name or self.active_adapters[0]
         report = self.taps_layer_report(adapter_name)
         active = [r for r in report if r["active"]]
-        layers = dict(self.taps_layers())
-        delta_bytes = sum(layers[r["name"]].taps_delta[adapter_name].nbytes for r in active)
-        score_params = len(report)
         saved = [
             t
-            for m in self.model.modules()
+            for m in _tuner_modules(self.model)
             if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save
             for t in m.modules_to_save[adapter_name].state_dict().values()
         ]
         saved_params = sum(t.numel() for t in saved if t.is_floating_point())
-        task_params = sum(r["params"] for r in active) + score_params + saved_params
+        task_params = sum(r["params"] for r in active) + len(report) + saved_params
         base_params = _base_param_count(self.model)
         config = self.peft_config[adapter_name]
         budget = {k: v for k, v in (("layers", config.budget_layers), ("mib", config.budget_mib)) if v is not None}
@@ -356,7 +349,7 @@ class TAPSModel(BaseTuner):
             "task_specific_params": task_params,
             "base_params": base_params,
             "task_specific_percent": 100.0 * task_params / max(base_params, 1),
-            "adapter_bytes": delta_bytes + 4 * score_params + sum(t.nbytes for t in saved),
+            "adapter_bytes": sum(r["bytes"] for r in active) + 4 * len(report) + sum(t.nbytes for t in saved),
         }
 
     def print_taps_summary(self, adapter_name: Optional[str] = None, show_layers: bool = False) -> None:
@@ -382,27 +375,66 @@ class TAPSModel(BaseTuner):
         )
 
 
+def _host_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of 1-element tensors, read in one device-to-host transfer."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
+
+
+def _read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
+    """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
+    and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
+    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not _is_sharded(m.taps_scores[a])]
+    if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
+        return {}
+    gates: dict[TAPSLayer, dict[str, bool]] = {}
+    for (m, a), value in zip(pairs, _host_values([m.taps_scores[a] for m, a in pairs])):
+        gates.setdefault(m, {})[a] = value >= m.taps_tau[a]
+    return gates
+
+
+def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The base's BatchNorm layers with running statistics and no trainable parameter; the per-task copies inside
+    the head/norm wrappers are the adapters' own and keep the mode they are given."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, ModulesToSaveWrapper):
+            stack.append(module.original_module)
+            continue
+        if (
+            isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+            and not any(p.requires_grad for p in module.parameters())
+        ):
+            found.append(module)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return found
+
+
 def _base_param_count(model: nn.Module) -> int:
     """Parameters of the base model alone (no deltas, scores or per-adapter copies)."""
     extra = set()
-    for m in model.modules():
+    for m in _tuner_modules(model):
         if isinstance(m, TAPSLayer):
-            extra |= {id(p) for p in [*m.taps_delta.values(), *m.taps_score.values()]}
+            extra |= {id(p) for p in [*m.taps_delta.values(), *m.taps_scores.values()]}
         elif isinstance(m, ModulesToSaveWrapper):
             extra |= {id(p) for p in m.modules_to_save.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in extra)
 
 
-def _tuner_modules(model: nn.Module) -> list[nn.Module]:
-    """The TAPS layers and head/norm wrappers of ``model``, without walking into them (a wrapper holds a copy of
-    its module per adapter)."""
-    found, stack = [], [model]
+def _tuner_modules(model: nn.Module, with_names: bool = False) -> list[Any]:
+    """The TAPS layers and head/norm wrappers of ``model`` (or (name, module) pairs), without walking into them (a
+    wrapper holds a copy of its module per adapter)."""
+    found, stack = [], [("", model)]
     while stack:
-        module = stack.pop()
+        name, module = stack.pop()
         if isinstance(module, (TAPSLayer, AuxiliaryTrainingWrapper)):
-            found.append(module)
+            found.append((name, module) if with_names else module)
         else:
-            stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+            prefix = f"{name}." if name else ""
+            stack.extend((prefix + n, m) for n, m in reversed(module._modules.items()) if m is not None)
     return found
 
 
@@ -414,6 +446,7 @@ def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict
 def _route_samples(wrapper: ModulesToSaveWrapper, args: tuple, output: torch.Tensor, adapter_names: list[str]):
     """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
     original module). Heads and norms are cheap next to the gated layers."""
+    check_batch_names(output, adapter_names)
     out = output.clone()
     for name, rows in sample_groups(adapter_names, output.device):
         module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from types import SimpleNamespace
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
@@ -114,7 +115,32 @@ def planned_targets(model: nn.Module, config, requested: object) -> list[str]:
             f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} and their subclasses. "
             "Remove it from `target_modules` or add it to `exclude_modules`."
         )
+    for name in targets:
+        check_gateable(name, modules[name])
     return targets
+
+
+def check_gateable(name: str, layer: nn.Module) -> None:
+    """A TAPS layer adds a full-size delta to the layer's weight and runs the layer's computation with it, so the weight
+    must be an ordinary floating-point tensor held by the layer: quantized layers (bitsandbytes, GPTQ, torchao, ...)
+    and layers whose weight Accelerate offloads (a device map with "cpu" or "disk") are refused."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter) or not (
+        weight.is_floating_point()
+    ):
+        kind = type(weight).__name__ if isinstance(weight, torch.Tensor) else "no tensor"
+        dtype = getattr(weight, "dtype", None)
+        raise TypeError(
+            f"TAPS cannot gate `{name}` ({type(layer).__name__}): its weight is {kind} of dtype {dtype}, not a "
+            "floating-point tensor (a quantized layer?). TAPS adds a full-size delta to the weight: load the base "
+            "model unquantized, or add the layer to `exclude_modules`."
+        )
+    if hasattr(layer, "_hf_hook"):
+        raise TypeError(
+            f"TAPS cannot gate `{name}` ({type(layer).__name__}): Accelerate hooks it (a device_map that offloads "
+            "weights to 'cpu' or 'disk'), and TAPS needs the weight resident to add its delta. Load the model on one "
+            "device (no offloading), or add the layer to `exclude_modules`."
+        )
 
 
 def saved_modules(model: nn.Module, modules_to_save: Optional[list[str]]) -> dict[str, list[str]]:
@@ -130,15 +156,21 @@ def saved_modules(model: nn.Module, modules_to_save: Optional[list[str]]) -> dic
     return out
 
 
-def check_modules_to_save(model: nn.Module, modules_to_save: Optional[list[str]]) -> None:
+# The heads PEFT's task models add to ``modules_to_save`` (``task_type="SEQ_CLS"`` adds both classifier and score).
+_PEFT_TASK_HEADS = ("classifier", "score", "qa_outputs")
+
+
+def check_modules_to_save(model: nn.Module, modules_to_save: Optional[list[str]], task_type: Any = None) -> None:
     """Raise a ValueError naming every ``modules_to_save`` entry that matches no module with parameters or buffers
     (TAPS puts such modules back unwrapped: nothing would be trained or saved). Norm layers count even without
-    state, as a saved adapter lists every norm layer of its base."""
+    state, as a saved adapter lists every norm layer of its base. With a ``task_type``, the head names PEFT adds
+    itself may match nothing (a BERT classifier has no ``score``), as for LoRA."""
     modules = plain_modules(model)
     missing = [
         entry
         for entry, found in saved_modules(model, modules_to_save).items()
         if not any(modules[n].state_dict() or isinstance(modules[n], _NORM_TYPES) for n in found)
+        and not (task_type is not None and entry in _PEFT_TASK_HEADS)
     ]
     if missing:
         top = [n for n in plain_modules(model) if n and "." not in n]
@@ -151,36 +183,41 @@ def check_modules_to_save(model: nn.Module, modules_to_save: Optional[list[str]]
         )
 
 
-def check_saved_adapter(
-    model: nn.Module, modules_to_save: Optional[list[str]], targets: list[str], saved: dict[str, tuple]
-) -> None:
-    """Check a saved adapter's tensor names and shapes (``saved``, read by ``TAPSConfig.from_pretrained``) against
-    the layers it will load into, before any module is replaced. Every gated layer needs its score; deltas, head
-    and norms need the model's shapes; no saved layer may be left without a module."""
+def check_saved_adapter(model: nn.Module, config, saved: dict[str, tuple]) -> None:
+    """Check a saved adapter's tensor names and shapes (``saved``) against the layers ``config`` gates in ``model``
+    and its ``modules_to_save``, before anything is loaded. Every gated layer needs its score; deltas, head and norms
+    need the model's shapes; the file may hold nothing else (no base weight, no layer the adapter does not declare)."""
     modules = plain_modules(model)
+    targets = planned_targets(model, config, config.target_modules)
     shapes = {k.removeprefix("base_model.model."): tuple(v) for k, v in saved.items()}
     problems: list[str] = []
+    allowed: set[str] = set()
     for name in targets:
         weight = tuple(modules[name].weight.shape)
-        if shapes.get(f"{name}.taps_score") != (1,):
+        allowed |= {f"{name}.taps_scores", f"{name}.taps_delta"}
+        if shapes.get(f"{name}.taps_scores") != (1,):
             problems.append(f"the file has no score for the layer `{name}`")
         delta = shapes.get(f"{name}.taps_delta")
         if delta is not None and delta != weight:
             problems.append(f"the delta for `{name}` has shape {delta} but the layer's weight has shape {weight}")
-    planned = set(targets)
-    problems += [
-        f"the saved layer `{key.rpartition('.')[0]}` has no matching module"
-        for key in shapes
-        if key.endswith((".taps_delta", ".taps_score")) and key.rpartition(".")[0] not in planned
-    ]
-    for found in saved_modules(model, modules_to_save).values():
+    for found in saved_modules(model, config.modules_to_save).values():
         for name in found:
             for key, tensor in modules[name].state_dict().items():
+                allowed.add(f"{name}.{key}")
                 got = shapes.get(f"{name}.{key}")
                 if got is None:
                     problems.append(f"the file has no `{name}.{key}`")
                 elif got != tuple(tensor.shape):
                     problems.append(f"`{name}.{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
+    stray = sorted(set(shapes) - allowed)
+    layers = [k for k in stray if k.endswith((".taps_delta", ".taps_scores"))]
+    problems += [f"the saved layer `{k}` has no matching module" for k in dict.fromkeys(k.rpartition(".")[0] for k in layers)]
+    others = [k for k in stray if k not in layers]
+    if others:
+        problems.append(
+            f"{len(others)} tensor(s) belong to no layer or module the adapter declares (e.g. `{others[0]}`): an "
+            "adapter may hold only the deltas and scores of its target_modules and its modules_to_save"
+        )
     if problems:
         raise ValueError(
             f"The TAPS adapter does not fit this base model ({type(model).__name__}): {len(problems)} problem(s): "
