@@ -513,7 +513,7 @@ def print_report(res: dict[str, Any]) -> None:
     ch = res["checks"]
     print(
         f"\nIn memory a loaded adapter holds {C.mib(ch['adapter_held_bytes'])} MiB (storage of its deltas, scores, "
-        f"head and norms; inactive deltas share one zero) = {ch['adapter_held_bytes'] / res['model_bytes']:.2f} x "
+        f"head and norms; closed layers hold no delta) = {ch['adapter_held_bytes'] / res['model_bytes']:.2f} x "
         "the model."
     )
     print(

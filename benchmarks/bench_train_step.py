@@ -65,6 +65,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="also time PEFT LoRA r=16 on qkv, proj, fc1, fc2")
     p.add_argument("--compile", action="store_true", help="torch.compile every strategy's model (compiled ratio)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
+    p.add_argument("--sync-check", action="store_true",
+                   help="cuda: first run one TAPS step under torch.cuda.set_sync_debug_mode('error') (no host sync)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH")
     args = p.parse_args(argv)
@@ -365,6 +367,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             s.model = torch.compile(s.model)
     del base
     x, y = make_batch(args)
+    if args.sync_check and args.device == "cuda":
+        train_step(strategies[1], x, y, args)  # warm-up: allocator and library plans may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync in the step raises
+        try:
+            train_step(strategies[1], x, y, args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        print("sync check: a TAPS training step (forward, penalty, backward, optimizer step) made no host sync")
 
     gc.collect()
     gc_was_enabled = gc.isenabled()

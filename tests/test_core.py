@@ -213,7 +213,7 @@ def test_formed_weight_is_not_kept_for_backward_and_gradients_are_exact(monkeypa
 
     from timm.layers import StdConv2d
 
-    from taps_peft.tuner import layer as layer_mod
+    from taps_peft.tuner import gated as layer_mod
 
     formed = []
     apply = layer_mod._GatedWeight.apply
