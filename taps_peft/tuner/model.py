@@ -254,6 +254,21 @@ class TAPSModel(BaseTuner):
         """Every TAPS layer of the model, as (module name, layer)."""
         return [(n, m) for n, m in _tuner_modules(self.model, with_names=True) if isinstance(m, TAPSLayer)]
 
+    def freeze_gates(self) -> None:
+        """Fix the active adapters' gates for the rest of training, so no gate flips in the last steps: the scores
+        stop training, a closed layer computes like its base layer (no delta, no weight gradient: a cheaper step) and
+        an open one keeps training its delta. ``set_adapter`` makes the scores trainable again. Under DDP the closed
+        layers' deltas then get no gradient: wrap with ``find_unused_parameters=True`` (``taps-peft train`` does).
+
+        Example:
+            >>> if step == int(0.8 * total_steps):  # doctest: +SKIP
+            ...     model.freeze_gates()
+        """
+        for _, layer in self.taps_layers():
+            for name in self.active_adapters:
+                if name in layer.taps_scores:
+                    layer.taps_scores[name].requires_grad_(False)
+
     def taps_penalty(self, step: Optional[int] = None) -> torch.Tensor:
         """``(lam / L) * sum_i |s_i|`` over the gated layers of each active adapter; add it to the task loss.
 

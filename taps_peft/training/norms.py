@@ -1,0 +1,62 @@
+"""Re-estimating a task's BatchNorm statistics after training, without changing any weight."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[Any], forward: Optional[Callable[[nn.Module, Any], Any]] = None
+) -> int:
+    """Recompute the running statistics of the active adapter's BatchNorm copies (``train_norms=True``) as the exact
+    average over ``batches``, changing no weight; returns how many layers were re-estimated.
+
+    The running statistics average activations seen during training. When a gate closes (or opens) in the last steps,
+    the layers after it see other activations than the statistics describe, and eval accuracy drops (on a real
+    pretrained base: 0.95 -> 0.76 after a late gate flip, 0.955 after re-estimation). Run this after the last gate
+    change, e.g. after ``model.freeze_gates()`` and training, on a few hundred training images.
+
+    Example:
+        >>> recalibrate_batchnorm(model, (x for x, _ in train_loader))  # doctest: +SKIP
+        20
+    """
+    from ..tuner.model import _tuner_modules
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    active = set(model.active_adapters) if hasattr(model, "active_adapters") else set()
+    norms = [
+        bn
+        for wrapper in _tuner_modules(base)
+        if isinstance(wrapper, ModulesToSaveWrapper)
+        for name in active & set(wrapper.modules_to_save)
+        for bn in wrapper.modules_to_save[name].modules()
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+    ]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: every batch counts the same
+        bn.train()
+    try:
+        for batch in batches:
+            (forward or _default_forward)(model, batch)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return len(norms)

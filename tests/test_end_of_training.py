@@ -1,0 +1,61 @@
+"""A stable end of training: frozen gates (no flip in the last steps, closed layers skip their weight gradient) and
+BatchNorm statistics re-estimated after the last gate change."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
+
+from taps_peft import TAPSConfig, TAPSLayer, create_taps_optimizer
+from taps_peft.training import recalibrate_batchnorm
+from conftest import logits, tiny_resnet
+
+
+def taps_layers(model):
+    return [m for m in model.modules() if isinstance(m, TAPSLayer)]
+
+
+def test_frozen_gates_do_not_flip_and_closed_layers_get_no_gradient(images):
+    model = get_peft_model(tiny_resnet(), TAPSConfig(lam=50.0))  # a penalty that would close every gate
+    layers = taps_layers(model)
+    with torch.no_grad():
+        layers[0].taps_scores["default"].fill_(0.05)  # closed
+    opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.1, score_lr=0.1)
+    model.freeze_gates()
+    before = [m.taps_scores["default"].clone() for m in layers]
+    model.train()
+    for step in range(3):
+        opt.zero_grad()
+        (F.cross_entropy(logits(model, images), torch.arange(4) % 5) + model.taps_penalty(step)).backward()
+        if step == 0:
+            assert layers[0].taps_delta["default"].grad is None  # the closed layer ran as its base layer
+            assert all(m.taps_delta["default"].grad is not None for m in layers[1:])
+            assert all(m.taps_scores["default"].grad is None for m in layers)
+        opt.step()
+    assert all(torch.equal(m.taps_scores["default"], b) for m, b in zip(layers, before))
+    assert [m.is_active("default") for m in layers] == [False] + [True] * (len(layers) - 1)
+    model.set_adapter("default")  # PEFT's set_adapter makes the scores trainable again
+    assert all(m.taps_scores["default"].requires_grad for m in layers)
+
+
+def test_recalibrate_batchnorm_averages_the_batches_and_changes_no_weight(images):
+    model = get_peft_model(tiny_resnet(), TAPSConfig(init_weights=False))
+    wrapper = model.base_model.model.bn1
+    assert isinstance(wrapper, ModulesToSaveWrapper)
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    seen = []
+    hook = wrapper.modules_to_save["default"].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    model.train()
+    n = recalibrate_batchnorm(model, batches)
+    hook.remove()
+    assert n == sum(1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)) // 2  # the task's copies
+    expected = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+    torch.testing.assert_close(wrapper.modules_to_save["default"].running_mean, expected)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert model.training and wrapper.modules_to_save["default"].momentum == 0.1
+    stats = copy.deepcopy(wrapper.modules_to_save["default"].state_dict())
+    recalibrate_batchnorm(model, batches)  # idempotent
+    assert all(torch.equal(v, wrapper.modules_to_save["default"].state_dict()[k]) for k, v in stats.items())
