@@ -53,6 +53,8 @@ class HubServer:
     """Serves in-memory repos on ``127.0.0.1:<free port>``; records every ``Authorization`` header it receives.
 
     ``token``: when set, writes (create, preupload, commit) without ``Authorization: Bearer <token>`` get 401.
+    ``vanishing``: (repo id, path) pairs that listings show but downloads answer 404 for (a server that changes its
+    answers between a client's check and its download).
     """
 
     def __init__(self, token: Optional[str] = None, user: str = "user") -> None:
@@ -60,6 +62,7 @@ class HubServer:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.auth_headers: list[str] = []
         self.requests: list[str] = []
+        self.vanishing: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -248,7 +251,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if self.command not in ("GET", "HEAD") or (found := self._repo(repo_type, repo_id, rev)) is None:
                 return None if self.command in ("GET", "HEAD") else self._error(405, "NotAllowed", "GET/HEAD only")
             repo, sha = found
-            if path not in repo.files:
+            if path not in repo.files or (repo_id, path) in hub.vanishing:
                 return self._error(404, "EntryNotFound", f"{path} does not exist on {rev}")
             data, status = repo.files[path], 200
             headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha(data)}"', "Accept-Ranges": "bytes"}

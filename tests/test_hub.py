@@ -84,8 +84,39 @@ def _client(out: Path) -> None:
             "loaded_summary": loaded[repo].taps_summary(),
             "report": model.taps_layer_report(),
         }
+    results["vanishing"] = _load_from_a_changing_server(out)
     results["blocked"] = blocked
     (out / "results.json").write_text(json.dumps(results))
+
+
+def _load_from_a_changing_server(out: Path) -> dict[str, Any]:
+    """``user/vanishing`` lists adapter_model.safetensors but answers 404 when it is downloaded, and also holds an
+    adapter_model.bin: PEFT alone would fall back to the pickle. The load must fail clearly, never ask for the pickle,
+    and leave the base as it was."""
+    import torch
+    from huggingface_hub import HfApi
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from conftest import MODELS
+
+    folder = out / "vanishing"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((out / "timm_vit" / name).read_bytes())
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    HfApi().create_repo("user/vanishing", exist_ok=True)
+    HfApi().upload_folder(repo_id="user/vanishing", folder_path=str(folder))
+    base = MODELS["timm_vit"]()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    try:
+        PeftModel.from_pretrained(base, "user/vanishing")
+        error = None
+    except Exception as err:  # noqa: BLE001 (the test checks which)
+        error = f"{type(err).__name__}: {err}"
+    after = base.state_dict()
+    return {"error": error, "unchanged": before.keys() == after.keys() and all(
+        torch.equal(v, after[k]) for k, v in before.items())}
 
 
 # ----- the tests (parent process) -----
@@ -110,6 +141,7 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory):
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
         }
+        hub.vanishing.add(("user/vanishing", "adapter_model.safetensors"))
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), str(out)], env=env, capture_output=True, text=True,
             timeout=240,
@@ -146,10 +178,10 @@ def test_pushed_card_describes_the_adapter(round_trip, kind):
     assert f'PeftModel.from_pretrained(base, "{r["repo"]}")' in card
     for row in r["report"]:  # the layer map: every gated layer, with its score and gate
         assert f"| `{row['name']}` | {row['score']:.4f} | {'yes' if row['active'] else 'no'} |" in card
-    if kind == "timm_vit":
-        assert "| Base model | `vit_tiny_patch16_224.augreg_in21k_ft_in1k` (timm)" in card
-        assert "base_model: timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in card
-        assert 'timm.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True, num_classes=5)' in card
+    if kind == "timm_vit":  # a random-init ViT with img 32, patch 8, depth 2: no pretrained tag, no guessed snippet
+        assert "| Base model | `vit_tiny_patch16_224` (timm)" in card and "| Classes | 5 |" in card
+        assert "base_model:" not in card and "pretrained=True" not in card
+        assert "built with arguments this adapter does not record" in card
     else:
         assert "| Base model | `ViTForImageClassification` (transformers, model_type `vit`)" in card
         assert "base_model:" not in card  # built from a config: no Hub id to name
@@ -168,6 +200,14 @@ def test_token_sent_but_never_written_or_logged(round_trip):
             assert TOKEN.encode() not in path.read_bytes(), path
     assert "(authenticated: True)" in logs and "Send: curl" in logs  # debug logging really ran ...
     assert TOKEN not in logs  # ... and never printed the token
+
+
+def test_a_server_that_stops_serving_the_safetensors_never_gets_a_pickle_loaded(round_trip):
+    hub, results, _, _ = round_trip
+    r = results["vanishing"]
+    assert r["error"] is not None and "answered 404" in r["error"] and "never falls back" in r["error"], r
+    assert r["unchanged"]  # the base model is as it was: no TAPS layer left in it
+    assert not any("adapter_model.bin" in request for request in hub.requests)
 
 
 # ----- the card on its own (no server) -----

@@ -7,14 +7,18 @@ timm ViT (img 32, patch 8, depth 2, width 32), so nothing is downloaded. Torch r
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import warnings
+
 import pytest
 import torch
+from peft import PeftModel
 
 pytest.importorskip("timm")
 pytest.importorskip("datasets")
@@ -71,15 +75,34 @@ def test_train_single_process(data, tmp_path, capsys):
     s = m["summary"]
     assert s["total_layers"] == 8 and 0 <= s["active_layers"] == m["active_layers"] <= 8
     assert {"task_specific_params", "adapter_bytes"} <= set(s)
-    assert "active=" in capsys.readouterr().err  # the tqdm postfix: loss, acc, active k/L
+    out = capsys.readouterr().out  # not a terminal: progress lines (loss, acc, active k/L), not a tqdm bar
+    assert re.search(r"^step 24/24 loss [\d.]+ acc [\d.]+ active \d/8 lr ", out, re.M), out
 
     base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **json.loads(VIT))
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "run"))
     assert loaded.taps_summary()["active_layers"] == s["active_layers"]
     assert [r["score"] for r in loaded.taps_layer_report()] == pytest.approx(m["state"]["scores"])
+    assert_card_rebuilds_the_base(tmp_path / "run", "torch.manual_seed(42)", "img_size=32")
 
 
-def test_transformers_model_bf16(data, tmp_path, monkeypatch):
+def assert_card_rebuilds_the_base(folder: Path, *expected: str) -> None:
+    """The card's load code, run as a user would paste it, builds a base with the trained base's fingerprint."""
+    from taps_peft.hub.identity import BaseModelMismatchWarning, fingerprint
+
+    card = (folder / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S)[1]
+    assert all(e in code for e in expected), code
+    scope: dict = {}
+    exec("\n".join(line for line in code.splitlines() if "PeftModel" not in line), scope)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        loaded = PeftModel.from_pretrained(scope["base"], str(folder))
+    saved = json.loads((folder / "adapter_config.json").read_text())["base_model_info"]
+    assert fingerprint(loaded) == saved["fingerprint"] and saved["pretrained"] is False
+    assert "| Dataset | `imagefolder:" in card and "| Labels | c0, c1 |" in card
+
+
+def test_transformers_model_bf16(data, tmp_path, monkeypatch, capsys):
     """A transformers ViT built from a config (model type 'vit'), bf16 autocast, gradient accumulation, push."""
     kwargs = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64)
@@ -93,6 +116,9 @@ def test_transformers_model_bf16(data, tmp_path, monkeypatch):
     assert pushed == ["user/taps-hf-vit"] == [m["hub_model_id"]]
     assert m["step"] == 3 and m["total_layers"] == 12 and torch.isfinite(torch.tensor(m["train_loss"]))
     assert "eval_accuracy" not in m and (tmp_path / "hf/adapter_model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "no eval split" in out and "nan" not in out and "pushed to the Hub: user/taps-hf-vit" in out
+    assert_card_rebuilds_the_base(tmp_path / "hf", "torch.manual_seed(42)", 'AutoConfig.for_model("vit", num_labels=2')
 
 
 def test_resume_matches_uninterrupted(data, tmp_path):
@@ -115,6 +141,28 @@ def test_resume_matches_uninterrupted(data, tmp_path):
         (h["step"], h["active"], h["acc"]) for h in full["history"][4:]
     ]
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in full["history"][4:]], rel=1e-5)  # same batches, same losses
+    with pytest.raises(ValueError, match=r"arguments differ from the checkpoint's: --lam 1\.0 \(was 0\.5\), "
+                                         r"--batch-size 8 \(was 12\)\. A resumed run must train"):
+        train(vit_args(data, tmp_path / "resumed", resume_from="latest", **{**kw, "lam": 1.0, "batch_size": 8}))
+
+
+def test_cli_usage_errors_are_messages_not_tracebacks(data, tmp_path, monkeypatch, capsys):
+    cli = ["--model", "timm:vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", VIT, "--dataset",
+           f"imagefolder:{data}", "--cache-dir", str(data.parent / "hf_cache"), "--cpu", "--max-steps", "1"]
+
+    def fails(*extra: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *cli, "--output-dir", str(tmp_path / "out"), *extra])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "holds no checkpoint yet" in fails("--resume-from", "latest")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for 2 processes that Accelerate then runs alone
+    assert "launched as 2 processes, but Accelerate runs each one alone" in fails()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the minimal install: no `datasets`
+    assert "needs `datasets`, which the minimal install lacks: pip install 'taps_peft[hub]'" in fails()
+    assert not list(tmp_path.glob("out/*"))  # nothing was written
 
 
 def _free_port() -> int:

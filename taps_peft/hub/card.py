@@ -33,34 +33,58 @@ class BaseModelInfo:
     name: str  # shown in the card
     hub_id: Optional[str]  # for the `base_model` metadata (a Hub repo id), else None
     library: str  # "timm", "transformers" or "torch" (also a tag)
-    load: str  # Python that builds the base model
+    load: str  # Python that builds the base model, or says why it cannot
     detail: str = ""  # shown after the library, e.g. the transformers model_type
+    num_classes: Optional[int] = None
 
 
 def describe_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> BaseModelInfo:
-    """Identify the base model of a PeftModel: timm ``pretrained_cfg``, transformers ``config`` or the class name."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = _peft_config(model, adapter_name)
-    saved_name = getattr(config, "base_model_name_or_path", None) or None
-    pcfg = getattr(base, "pretrained_cfg", None)
-    if isinstance(pcfg, dict) and type(base).__module__.startswith("timm.") and pcfg.get("architecture"):
-        arch = pcfg["architecture"] + (f".{pcfg['tag']}" if pcfg.get("tag") else "")
-        hub_id = saved_name or pcfg.get("hf_hub_id") or None
-        classes = f", num_classes={base.num_classes}" if isinstance(getattr(base, "num_classes", None), int) else ""
-        load = f'import timm\nbase = timm.create_model("{arch}", pretrained=True{classes})'
-        return BaseModelInfo(arch, _hub_id(hub_id), "timm", load)
-    hf_config = getattr(base, "config", None)
-    if hasattr(hf_config, "model_type") and hasattr(hf_config, "to_dict"):
-        cls = type(base).__name__
-        name = saved_name or getattr(hf_config, "_name_or_path", "") or None
-        if name:
-            load = f'from transformers import {cls}\nbase = {cls}.from_pretrained("{name}")'
-        else:
-            load = f"from transformers import {cls}\nbase = {cls}(config)  # the base model's {type(hf_config).__name__}"
-        detail = f", model_type `{hf_config.model_type}`"
-        return BaseModelInfo(name or cls, _hub_id(name), "transformers", load, detail)
-    name = saved_name or type(base).__name__
-    return BaseModelInfo(name, _hub_id(saved_name), "torch", f"base = ...  # a {type(base).__name__}, as trained on")
+    """The base model of a TAPS PeftModel as the card shows it, from ``base_identity`` (``hub.identity``)."""
+    from .identity import base_identity
+
+    info = base_identity(model, _peft_config(model, adapter_name))
+    name, library = info["name"], info["library"]
+    detail = f", model_type `{info['model_type']}`" if "model_type" in info else ""
+    hub_id = _hub_id(name) if info.get("pretrained") else None
+    return BaseModelInfo(name, hub_id, library, rebuild_code(info), detail, info.get("num_classes"))
+
+
+def rebuild_code(info: dict[str, Any]) -> str:
+    """Python that builds the base an adapter was trained on, from its ``base_model_info``; where the adapter does
+    not know enough, the code says what is missing instead of guessing."""
+    classes, kwargs = info.get("num_classes"), dict(info.get("model_kwargs") or {})
+    if info["library"] == "timm":
+        args = "".join(f", {k}={v!r}" for k, v in ({"num_classes": classes} | kwargs).items() if v is not None)
+        weights = info.get("weights")
+        if weights:
+            return (f'import timm\nfrom taps_peft.pretrained import load_weights\n\nbase = timm.create_model('
+                    f'"{info["architecture"]}", pretrained=False{args})\nload_weights(base, "{weights}")  # the '
+                    "weights file it was trained on")
+        if info.get("pretrained"):
+            name = f"hf-hub:{info['name']}" if "/" in info["name"] else info["name"]
+            return f'import timm\n\nbase = timm.create_model("{name}", pretrained=True{args})'
+        if not kwargs and info.get("default_args") is False:
+            return (f"# {info['architecture']} built with arguments this adapter does not record (other image size,"
+                    " depth, ...):\n# build it exactly as it was built for training.")
+        if info.get("pretrained") is False and info.get("seed") is not None:
+            return (f'import timm, torch\n\ntorch.manual_seed({info["seed"]})  # a random init: the seed rebuilds it\n'
+                    f'base = timm.create_model("{info["architecture"]}", pretrained=False{args})')
+        return (f'import timm\n\nbase = timm.create_model("{info["architecture"]}"{args})\n# then load the weights '
+                "it was trained on: this adapter does not record which (pass TAPSConfig(base_model_name_or_path=...)"
+                " or base_model_info={'pretrained': True} when training)")
+    if info["library"] == "transformers":
+        cls = info["architecture"]
+        labels = f", num_labels={classes}, ignore_mismatched_sizes=True" if classes else ""
+        if info.get("pretrained"):
+            return f'from transformers import {cls}\n\nbase = {cls}.from_pretrained("{info["name"]}"{labels})'
+        if info.get("seed") is not None and "model_type" in info:
+            args = "".join(f", {k}={v!r}" for k, v in ({"num_labels": classes} | kwargs).items() if v is not None)
+            return (f"import torch\nfrom transformers import AutoConfig, {cls}\n\ntorch.manual_seed({info['seed']})"
+                    f"  # a random init: the seed rebuilds it\nbase = {cls}(AutoConfig.for_model("
+                    f'"{info["model_type"]}"{args}))')
+        return (f"# a {cls} built from a config (random weights), which this adapter cannot rebuild: save that base "
+                "with base.save_pretrained(dir) and load it with from_pretrained(dir)")
+    return f"base = ...  # a {info['architecture']}, with the weights it was trained on"
 
 
 def build_card_section(model: nn.Module, adapter_name: Optional[str] = None, repo_id: Optional[str] = None) -> str:
@@ -87,7 +111,7 @@ gate is open carry a task-specific weight delta; every other layer is shared wit
 | | |
 |---|---|
 | Base model | `{info.name}` ({info.library}{info.detail}){f", [{info.hub_id}](https://huggingface.co/{info.hub_id})" if info.hub_id else ""} |
-| Adapter | `{adapter}` |
+{_task_rows(model, config, info.num_classes)}| Adapter | `{adapter}` |
 | lam (sparsity weight) | {lam} |
 | tau (gate threshold) | {tau} |
 | Active layers (k/L) | {k}/{n} ({100.0 * k / max(n, 1):.1f}%) |
@@ -120,6 +144,25 @@ use `W_base` unchanged. A layer is active while its score is >= tau.
 {versions}
 {END}
 """
+
+
+def _task_rows(model: nn.Module, config: Any, classes: Optional[int]) -> str:
+    """Card rows for what is known of the task: classes, dataset, label names, metrics."""
+    task = dict(getattr(config, "task_info", None) or {})
+    hf_config = getattr(model.get_base_model(), "config", None)
+    id2label = getattr(hf_config, "id2label", None)
+    if "labels" not in task and id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+        task["labels"] = [id2label[i] for i in sorted(id2label)]
+    classes = classes or (len(task["labels"]) if task.get("labels") else None)
+    rows = [("Classes", classes)] if classes else []
+    if task.get("dataset"):
+        rows.append(("Dataset", f"`{task['dataset']}`"))
+    if task.get("labels"):
+        labels = [str(label) for label in task["labels"]]
+        rows.append(("Labels", ", ".join(labels[:20]) + (f" ... ({len(labels)})" if len(labels) > 20 else "")))
+    for key, value in (task.get("metrics") or {}).items():
+        rows.append((key, f"{value:.4f}" if isinstance(value, float) else value))
+    return "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
 def build_model_card(model: nn.Module, adapter_name: Optional[str] = None, repo_id: Optional[str] = None) -> str:

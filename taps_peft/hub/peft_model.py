@@ -157,12 +157,15 @@ def load_adapter(self: nn.Module, model_id: Any, adapter_name: str, *args: Any, 
     """PEFT's ``load_adapter`` (also behind ``PeftModel.from_pretrained``), all or nothing: the adapter folder (a path
     or a Hub repo) is fetched as one snapshot of ``adapter_config.json`` and ``adapter_model.safetensors`` (never a
     pickle), the weights are checked against the model, and only then loaded. On any failure the model is left as it
-    was; after a failed ``from_pretrained`` that means the base model without TAPS layers."""
+    was; after a failed ``from_pretrained`` that means the base model without TAPS layers. A base with the adapter's
+    shapes but other weights warns (``strict_base=True``: raises), see ``taps_peft.hub.identity``."""
     from peft import PeftModel
 
     from ..tuner.config import TAPSConfig
     from ..tuner.targets import check_saved_adapter
+    from .identity import check_base
 
+    strict_base = kwargs.pop("strict_base", False)
     existed = adapter_name in self.peft_config
     config = self.peft_config.get(adapter_name)
     where = _where(model_id, kwargs.get("subfolder"))
@@ -172,6 +175,7 @@ def load_adapter(self: nn.Module, model_id: Any, adapter_name: str, *args: Any, 
         local = _local_adapter(model_id, kwargs)
         config = config or TAPSConfig.from_pretrained(local)
         check_saved_adapter(self.base_model.model, config, _check_weights_file(os.path.join(local, WEIGHTS_NAME)))
+        check_base(self, config, adapter_name, strict=strict_base)
         peft_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
         return PeftModel.load_adapter(self, local, adapter_name, *args, **peft_kwargs)
     except BaseException:
@@ -194,7 +198,7 @@ def _local_adapter(model_id: Any, kwargs: dict) -> str:
         folder = where
     else:
         import huggingface_hub
-        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
         prefix = f"{kwargs['subfolder']}/" if kwargs.get("subfolder") else ""
         hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "force_download", "local_files_only")
@@ -206,6 +210,12 @@ def _local_adapter(model_id: Any, kwargs: dict) -> str:
         except HFValidationError:
             raise ValueError(
                 f"Can't find '{CONFIG_NAME}' at '{where}': it is neither a local folder nor a Hub repo id."
+            ) from None
+        except EntryNotFoundError as err:
+            raise ValueError(
+                f"The Hub repo '{where}' did not serve its adapter files ({str(err).splitlines()[0]}): it lists "
+                f"{WEIGHTS_NAME} but answered 404 when downloading it. taps_peft never falls back to a pickled "
+                "adapter_model.bin. Check the repo (and its revision), then try again."
             ) from None
         folder = os.path.join(snapshot, kwargs["subfolder"]) if kwargs.get("subfolder") else snapshot
     if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):

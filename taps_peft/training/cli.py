@@ -121,7 +121,7 @@ def _load_model(args: TrainArgs, num_classes: int, labels: list[str]):
     if source not in ("", "timm", "hf"):
         raise ValueError(f"--model {args.model!r}: use timm:NAME, hf:NAME or a bare name.")
     if source == "timm" or (source == "" and _timm_knows(name)):
-        import timm
+        timm = _require("timm", "timm")
 
         kwargs = dict(args.model_kwargs)
         model = timm.create_model(name, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
@@ -165,9 +165,22 @@ def _pair(size: Any) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
 
 
+def _require(module: str, extra: str) -> Any:
+    """Import ``module`` or say which install brings it (the minimal install has neither datasets nor timm)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"taps-peft train needs `{module}`, which the minimal install lacks: pip install 'taps_peft[{extra}]' "
+            f"(or pip install {module})."
+        ) from None
+
+
 def _load_data(args: TrainArgs):
     """(train dataset, eval dataset or None, image column, label column, label names)."""
-    import datasets
+    datasets = _require("datasets", "hub")
 
     name = args.dataset
     if name.startswith("imagefolder:"):
@@ -299,6 +312,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        AcceleratorState._reset_state()
+        raise ValueError(
+            f"taps-peft train was launched as {launched} processes, but Accelerate runs each one alone (no GPU for "
+            f"them, and ACCELERATE_USE_CPU is not set): they would train {launched} independent models into one "
+            "output folder. For processes on CPU, set ACCELERATE_USE_CPU=1 (ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu --num_processes N ...); on GPUs, check that every process sees one."
+        )
     try:
         return _train(accelerator, args)
     finally:
@@ -328,8 +350,14 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     base, is_hf, size, mean, std = _load_model(args, len(labels), labels)
     if args.image_size:
         size = _pair(args.image_size)
-    config = TAPSConfig(lam=args.lam, tau=args.tau, score_init=args.score_init, warmup_steps=args.taps_warmup_steps,
-                        target_modules=args.target_modules)
+    pretrained = args.pretrained
+    config = TAPSConfig(
+        lam=args.lam, tau=args.tau, score_init=args.score_init, warmup_steps=args.taps_warmup_steps,
+        target_modules=args.target_modules,
+        base_model_info={"name": args.model.partition(":")[2] or args.model, "pretrained": pretrained,
+                         "seed": None if pretrained else args.seed, "model_kwargs": args.model_kwargs or None},
+        task_info={"dataset": args.dataset, "labels": labels},
+    )
     model = get_peft_model(base, config)
 
     optimizer_cls, extra = (torch.optim.SGD, {"momentum": args.momentum}) if args.optimizer == "sgd" else (
@@ -362,8 +390,12 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     if args.resume_from:
         path = _find_checkpoint(ckpt_root) if args.resume_from == "latest" else Path(args.resume_from)
-        if path is None:
-            raise FileNotFoundError(f"--resume-from latest: no checkpoint in {ckpt_root}.")
+        if path is None or not path.is_dir():
+            raise FileNotFoundError(
+                f"--resume-from {args.resume_from}: {path or ckpt_root} holds no checkpoint yet. Start without "
+                "--resume-from (with --checkpoint-every N to write checkpoints), or name an existing step_N folder."
+            )
+        _check_same_arguments(path, args)
         accelerator.load_state(str(path))
         if pos.batch >= len(train_dl):
             pos.epoch, pos.batch = pos.epoch + 1, 0
@@ -379,7 +411,8 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
         output = model(pixel_values=x) if is_hf else model(x)
         return output.logits if hasattr(output, "logits") else output
 
-    bar = tqdm(total=total_steps, initial=pos.step, disable=not accelerator.is_local_main_process,
+    lines = not sys.stderr.isatty()  # in a log file a bar is one long line: print a line per logged step instead
+    bar = tqdm(total=total_steps, initial=pos.step, disable=lines or not accelerator.is_local_main_process,
                desc="taps train", dynamic_ncols=True)
     window = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
     history: list[dict[str, float]] = []
@@ -426,10 +459,14 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
                 entry = {"step": pos.step, "loss": float(total[0] / total[2]), "acc": float(total[1] / total[2]),
                          "active": sum(r["active"] for r in report)}
                 history.append(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['acc']:.3f}",
+                progress = dict(loss=f"{entry['loss']:.4f}", acc=f"{entry['acc']:.3f}",
                                 active=f"{entry['active']}/{len(report)}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(progress)
+                if lines:
+                    accelerator.print(f"step {pos.step}/{total_steps} " + " ".join(f"{k} {v}" for k, v in
+                                                                              progress.items()), flush=True)
             if args.checkpoint_every and (pos.step % args.checkpoint_every == 0 or done):
-                _save_checkpoint(accelerator, ckpt_root, pos.step, args.keep_checkpoints)
+                _save_checkpoint(accelerator, ckpt_root, pos.step, args.keep_checkpoints, args)
             if done:
                 break
         else:
@@ -459,17 +496,22 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if "eval_accuracy" in metrics:
+            peft_model.peft_config["default"].task_info["metrics"] = {
+                k: metrics[k] for k in ("eval_accuracy", "eval_loss")}
         peft_model.save_pretrained(str(out))
         results = {k: v for k, v in metrics.items() if k != "state"}
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
-        (out / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        if args.push_to_hub:
-            repo_id = args.hub_model_id or out.resolve().name
-            peft_model.push_to_hub(repo_id)
-            metrics["hub_model_id"] = repo_id
+        (out / ARGS_NAME).write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        evaluated = f"eval accuracy {metrics['eval_accuracy']:.4f}" if "eval_accuracy" in metrics else "no eval split"
         accelerator.print(
             f"done: step {pos.step}, active layers {summary['active_layers']}/{summary['total_layers']}, "
-            f"eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}, adapter saved to {out}")
+            f"{evaluated}, adapter saved to {out}")
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or out.resolve().name
+            commit = peft_model.push_to_hub(repo_id)
+            metrics["hub_model_id"] = repo_id
+            accelerator.print(f"pushed to the Hub: {repo_id} ({getattr(commit, 'commit_url', None) or commit})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -492,8 +534,9 @@ def _evaluate(accelerator, model, loader, forward) -> dict[str, float]:
     return {"eval_loss": float(torch.cat(losses).mean()), "eval_accuracy": float(torch.cat(correct).float().mean())}
 
 
-def _save_checkpoint(accelerator, root: Path, step: int, keep: Optional[int]) -> None:
-    """``accelerator.save_state`` into a temporary folder, renamed once every rank has written its part."""
+def _save_checkpoint(accelerator, root: Path, step: int, keep: Optional[int], args: TrainArgs) -> None:
+    """``accelerator.save_state`` (and the run's arguments) into a temporary folder, renamed once every rank has
+    written its part."""
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -501,6 +544,7 @@ def _save_checkpoint(accelerator, root: Path, step: int, keep: Optional[int]) ->
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / ARGS_NAME).write_text(json.dumps(dataclasses.asdict(args), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -508,6 +552,32 @@ def _save_checkpoint(accelerator, root: Path, step: int, keep: Optional[int]) ->
             for old in sorted(_checkpoints(root), key=lambda p: int(p.name[5:]))[:-keep]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+ARGS_NAME = "train_args.json"
+# Arguments a resumed run may change: they do not change what is trained.
+_RESUMABLE = {"resume_from", "output_dir", "push_to_hub", "hub_model_id", "print_state", "log_every",
+              "checkpoint_every", "keep_checkpoints", "num_workers", "cache_dir", "eval_batch_size", "eval_split"}
+
+
+def _check_same_arguments(checkpoint: Path, args: TrainArgs) -> None:
+    """A resumed run must train what the checkpoint's run trained: refuse other arguments (batch, lam, lr, ...)."""
+    saved_file = checkpoint / ARGS_NAME
+    if not saved_file.is_file():
+        return  # a checkpoint written before arguments were recorded
+    try:
+        saved = json.loads(saved_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{saved_file} is not valid JSON ({err}): the checkpoint is damaged.") from None
+    now = dataclasses.asdict(args)
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and k not in _RESUMABLE and saved[k] != now[k]}
+    if changed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"--resume-from {checkpoint}: this run's arguments differ from the checkpoint's: {listed}. A resumed run "
+            "must train what the interrupted one trained: rerun with the same arguments, or start a new "
+            "--output-dir."
+        )
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -575,7 +645,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     Multi-process runs end with a hard exit after everything is written and flushed: Gloo's threads can abort the
     interpreter at teardown, which would fail a run that already succeeded.
     """
-    metrics = train(parse_args(argv))
+    try:
+        metrics = train(parse_args(argv))
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as err:
+        sys.stderr.write(f"taps-peft train: error: {err}\n")  # a message, not a traceback
+        sys.stderr.flush()
+        raise SystemExit(2) from None
     if metrics["num_processes"] > 1:
         sys.stdout.flush()
         sys.stderr.flush()

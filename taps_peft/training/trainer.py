@@ -226,7 +226,8 @@ class TAPSTrainer(Trainer):
         num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
         """The Trainer's loss plus, in training mode, ``taps_penalty(self.state.global_step)`` (see the class notes
-        on gradient accumulation)."""
+        on gradient accumulation). A non-finite training loss stops training with a ``FloatingPointError`` (one host
+        read of the loss per micro-batch, as the Trainer's own logging makes)."""
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -238,6 +239,13 @@ class TAPSTrainer(Trainer):
             micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             penalty = penalty / micro_batches
         loss = loss + penalty.to(loss.device, loss.dtype)
+        if not torch.isfinite(loss.detach()).all():  # stop before a NaN/inf gradient reaches a weight or a checkpoint
+            raise FloatingPointError(
+                f"TAPSTrainer: the training loss is {loss.detach().float().item()} at step "
+                f"{self.state.global_step + 1} (penalty {float(penalty.detach()):.4g}): training stopped before this step's "
+                "update, and no checkpoint of it was saved. Lower learning_rate or score_learning_rate, set "
+                "max_grad_norm, or prefer bf16 to fp16; resume_from_checkpoint restarts from the last checkpoint."
+            )
         return (loss, outputs) if return_outputs else loss
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Optional[Union[torch.Tensor, int]]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -45,6 +46,11 @@ class TAPSConfig(PeftConfig):
         budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per penalty call.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
+        base_model_info: What the adapter knows of its base (filled in at every save: library, architecture, name,
+            number of classes, a fingerprint of the gated weights). Set ``pretrained`` (and for a random init
+            ``seed``, for custom shapes ``model_kwargs``, for local weights ``weights``) so the model card can show
+            how to rebuild the base; loading onto a base with other weights warns (see ``hub.identity``).
+        task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -68,6 +74,10 @@ class TAPSConfig(PeftConfig):
     save_inactive_deltas: bool = field(
         default=False, metadata={"help": "Also save inactive layers' deltas (resumable checkpoints)."}
     )
+    base_model_info: Optional[dict] = field(
+        default=None, metadata={"help": "The base the adapter was trained on (filled in when saving)."}
+    )
+    task_info: Optional[dict] = field(default=None, metadata={"help": "dataset, labels, metrics (for the card)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,15 +119,24 @@ class TAPSConfig(PeftConfig):
         for name in ("train_norms", "init_weights", "save_inactive_deltas"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")
+        for name in ("base_model_info", "task_info"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use a dict or None.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
         adapter with its name. The config remembers where it came from, so that a failed
         ``PeftModel.from_pretrained`` can leave the base model as it was (see ``taps_peft.hub.peft_model``)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
             pretrained_model_name_or_path)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"The adapter config '{os.path.join(where, 'adapter_config.json')}' is not valid JSON ({err}): the "
+                "file is damaged. Save the adapter again (or restore the file)."
+            ) from None
         if not isinstance(config, TAPSConfig):
             kind = getattr(config.peft_type, "value", config.peft_type)
             raise ValueError(

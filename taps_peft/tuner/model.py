@@ -159,7 +159,11 @@ class TAPSModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection, minus each delta whose score (read from the state dict itself) is below tau, unless
-        ``config.save_inactive_deltas`` (resumable training checkpoints)."""
+        ``config.save_inactive_deltas`` (resumable training checkpoints). The config's ``base_model_info`` is brought
+        up to date here: PEFT saves the config next."""
+        from ..hub.identity import base_identity
+
+        config.base_model_info = base_identity(model, config)  # written with the adapter's config, right after
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.save_inactive_deltas:
             return selected
