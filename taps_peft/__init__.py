@@ -9,6 +9,7 @@ Example:
     >>> model = get_peft_model(base_model, taps_peft.TAPSConfig(lam=0.5))  # doctest: +SKIP
 """
 
+from .hub.export import export_lora
 from .training.optim import create_taps_optimizer
 from .tuner import Conv, Linear, TAPSConfig, TAPSLayer, TAPSModel
 from .tuner.registration import register as _register
@@ -16,4 +17,4 @@ from .tuner.registration import register as _register
 _register()
 
 __version__ = "0.1.0"
-__all__ = ["Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "create_taps_optimizer"]
+__all__ = ["Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "create_taps_optimizer", "export_lora"]

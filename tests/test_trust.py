@@ -33,13 +33,14 @@ def resnet(num_classes=7, seed=3):
 
 
 def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m).__name__ for m in model.modules()], [
+    """Tensors, the very module objects, and requires_grad flags."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, [id(m) for m in model.modules()], [
         p.requires_grad for p in model.parameters()]
 
 
 def unchanged(before, model):
-    tensors, types, grads = snapshot(model)
-    return (before[1] == types and before[2] == grads and before[0].keys() == tensors.keys()
+    tensors, modules, grads = snapshot(model)
+    return (before[1] == modules and before[2] == grads and before[0].keys() == tensors.keys()
             and all(torch.equal(v, tensors[k]) for k, v in before[0].items()))
 
 
@@ -263,3 +264,62 @@ def test_a_broken_adapter_config_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"good/adapter_config\.json' is not valid JSON"):
         model.load_adapter(tmp_path / "good", adapter_name="other")
     assert list(model.peft_config) == ["default"]
+
+
+# ----- export to LoRA -----
+
+_LOAD_LORA = textwrap.dedent("""
+    import sys, torch, timm
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    assert "taps_peft" not in sys.modules
+    torch.manual_seed(3)
+    base = timm.create_model("resnet10t", pretrained=False, num_classes=7)
+    model = PeftModel.from_pretrained(base, sys.argv[1]).eval()
+    assert "taps_peft" not in sys.modules  # loading needed no TAPS code
+    with torch.no_grad():
+        save_file({"out": model(load_file(sys.argv[2])["x"])}, sys.argv[3])
+""")
+
+
+def test_export_lora_loads_without_taps_peft_and_matches(tmp_path):
+    from taps_peft import export_lora
+
+    model = get_peft_model(resnet(), TAPSConfig(init_weights=False)).eval()
+    layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
+    with torch.no_grad():
+        for layer in layers[::3]:
+            layer.taps_scores["default"].fill_(0.0)  # closed: not exported
+        x = torch.randn(2, 3, 64, 64)
+        expected = model(x)
+    info = export_lora(model, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    active = {n for n, m in model.base_model.taps_layers() if m.is_active("default")}
+    assert config["peft_type"] == "LORA" and set(config["target_modules"]) == active == set(info["lora_layers"])
+    assert {k.replace("\\", "") for k in config["rank_pattern"]} == active and config["rank_pattern"] == config[
+        "alpha_pattern"]  # one rank per layer, every scaling 1
+    assert "fc" in config["modules_to_save"] and "bn1" in config["modules_to_save"]
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    subprocess.run([sys.executable, "-c", _LOAD_LORA, str(tmp_path / "lora"), str(tmp_path / "x.safetensors"),
+                    str(tmp_path / "out.safetensors")], check=True, cwd=ROOT, timeout=300)
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["out"], expected, rtol=0, atol=1e-5)
+    small = export_lora(model, tmp_path / "r4", rank=4)
+    assert max(small["lora_layers"].values()) == 4 and small["bytes"] < info["bytes"]
+
+
+def test_export_lora_saves_layers_lora_cannot_hold_whole(tmp_path):
+    from torch import nn
+
+    from taps_peft import export_lora
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    pristine = copy.deepcopy(net)
+    model = get_peft_model(net, TAPSConfig(target_modules=["0", "1", "3"], init_weights=False)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    info = export_lora(model, tmp_path)
+    assert info["saved_whole"] == ["1"] and set(info["lora_layers"]) == {"0", "3"}  # the depthwise conv is whole
+    loaded = PeftModel.from_pretrained(pristine, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)

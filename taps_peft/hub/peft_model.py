@@ -258,9 +258,17 @@ def _check_weights_file(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _undo_injection(self: nn.Module) -> None:
-    """Put the base model back as ``from_pretrained`` found it: modules, ``requires_grad`` flags, no ``peft_config``."""
+    """Put the base model back as ``from_pretrained`` found it: the very module objects (each TAPS layer's base layer,
+    each wrapper's original module), ``requires_grad`` flags, no ``peft_config``."""
+    from ..tuner.layer import TAPSLayer
+    from ..tuner.model import _tuner_modules
+
     tuner = self.base_model
-    base = tuner.unload()
+    base = tuner.model
+    for name, module in _tuner_modules(base, with_names=True):
+        parent, _, child = name.rpartition(".")
+        original = module.get_base_layer() if isinstance(module, TAPSLayer) else module.original_module
+        setattr(base.get_submodule(parent), child, original)
     for param, flag in zip(base.parameters(), tuner._base_requires_grad):
         param.requires_grad_(flag)
     base.__dict__.pop("peft_config", None)
