@@ -157,6 +157,9 @@ def test_cli_usage_errors_are_messages_not_tracebacks(data, tmp_path, monkeypatc
         return capsys.readouterr().err
 
     assert "holds no checkpoint yet" in fails("--resume-from", "latest")
+    offline = ["--model", "timm:resnet18", "--pretrained"]  # HF_HUB_OFFLINE=1 (conftest) and nothing cached
+    assert "pretrained weights are not in the local cache and must be downloaded, but HF_HUB_OFFLINE is set. Pass " \
+           "--weights PATH" in fails(*offline)
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for 2 processes that Accelerate then runs alone
     assert "launched as 2 processes, but Accelerate runs each one alone" in fails()
     monkeypatch.delenv("WORLD_SIZE")

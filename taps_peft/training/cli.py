@@ -124,6 +124,11 @@ def _load_model(args: TrainArgs, num_classes: int, labels: list[str]):
         timm = _require("timm", "timm")
 
         kwargs = dict(args.model_kwargs)
+        if args.pretrained:
+            pcfg = timm.models.get_pretrained_cfg(name)
+            _check_download(args.model, getattr(pcfg, "hf_hub_id", None), getattr(pcfg, "url", None),
+                            ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"),
+                            "--weights PATH (a local weights file)")
         model = timm.create_model(name, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
         cfg = timm.data.resolve_model_data_config(model)
         size = kwargs.get("img_size") or getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -136,6 +141,8 @@ def _load_model(args: TrainArgs, num_classes: int, labels: list[str]):
     label_kwargs = dict(num_labels=num_classes, id2label=dict(enumerate(labels)),
                         label2id={n: i for i, n in enumerate(labels)})
     if args.pretrained:
+        if not os.path.isdir(name):
+            _check_download(args.model, name, None, ("config.json",), "a local folder as --model hf:PATH")
         model = AutoModelForImageClassification.from_pretrained(
             name, ignore_mismatched_sizes=True, **label_kwargs, **args.model_kwargs)
     else:
@@ -151,6 +158,35 @@ def _load_model(args: TrainArgs, num_classes: int, labels: list[str]):
     except Exception:  # no processor (a bare config or model type): ImageNet statistics
         pass
     return model, True, _pair(getattr(model.config, "image_size", 224)), mean, std
+
+
+def _check_download(model: str, repo_id: Optional[str], url: Optional[str], files: tuple[str, ...], local: str) -> None:
+    """Fail in a second, with the way out, when pretrained weights are not cached and cannot be downloaded (offline
+    mode, or no route to the Hub): the download itself would retry for about a minute and end in a traceback."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if repo_id and any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in files):
+        return
+    where = constants.ENDPOINT if repo_id else url
+    if not where:
+        return
+    problem = "HF_HUB_OFFLINE is set" if repo_id and constants.HF_HUB_OFFLINE else None
+    if problem is None:
+        import socket
+
+        parts = urlsplit(where)
+        try:
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=5).close()
+            return
+        except OSError as err:
+            problem = f"{parts.hostname} cannot be reached ({err})"
+    raise ValueError(
+        f"--model {model}: its pretrained weights are not in the local cache and must be downloaded, but {problem}. "
+        f"Pass {local} or --no-pretrained (random weights), or run once where the Hub is reachable to fill the cache."
+    )
 
 
 def _timm_knows(name: str) -> bool:
