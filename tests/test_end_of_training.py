@@ -59,3 +59,55 @@ def test_recalibrate_batchnorm_averages_the_batches_and_changes_no_weight(images
     stats = copy.deepcopy(wrapper.modules_to_save["default"].state_dict())
     recalibrate_batchnorm(model, batches)  # idempotent
     assert all(torch.equal(v, wrapper.modules_to_save["default"].state_dict()[k]) for k, v in stats.items())
+
+
+def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path):
+    """TAPSTrainer(freeze_gates_at=0.5, recalibrate_bn=True): no gate changes after half the steps; the statistics
+    change after training, no weight does."""
+    from transformers import TrainingArguments
+
+    from taps_peft.training import TAPSTrainer
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"x": torch.randn(3, 32, 32, generator=g) + i % 2, "labels": i % 2}
+
+    class Net(torch.nn.Module):  # a BatchNorm model with a loss, as the Trainer expects
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_resnet(num_classes=2)
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": F.cross_entropy(out, labels), "logits": out} if labels is not None else {"logits": out}
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), TAPSConfig(lam=3.0, target_modules=None))
+    args = TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    seen = []
+
+    class Record(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append([r["active"] for r in model.taps_layer_report()])
+
+    trainer = TAPSTrainer(model=model, args=args, train_dataset=Data(), score_learning_rate=0.05, freeze_gates_at=0.5,
+                          recalibrate_bn=True, callbacks=[Record()])
+    weights = {}
+
+    class Before(__import__("transformers").TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            weights.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    trainer.add_callback(Before())
+    trainer.train()
+    assert seen[0] != seen[-1] or len(set(map(tuple, seen[:4]))) > 1  # the gates moved before the freeze ...
+    assert all(s == seen[4] for s in seen[4:])  # ... and never after it
+    after = model.state_dict()
+    stats = [k for k in after if "running_mean" in k and ".modules_to_save." in k]
+    assert stats and any(not torch.equal(after[k], weights[k]) for k in stats)
+    assert all(torch.equal(after[k], v) for k, v in weights.items() if "running" not in k and "num_batches" not in k)

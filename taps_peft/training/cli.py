@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 STATE_PREFIX = "TAPS_STATE "  # the line ``--print-state`` writes on every rank, followed by JSON
+_RECALIBRATION_IMAGES = 2048  # at most this many training images re-estimate the BatchNorm statistics
 
 
 @dataclass
@@ -63,6 +65,12 @@ class TrainArgs:
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to gate (every Linear/Conv but head and patch embedding when unset)."})
     score_lr: Optional[float] = field(default=None, metadata={
         "help": "Learning rate of the scores (--lr when unset; use e.g. 1e-2 with AdamW)."})
+    freeze_gates_at: Optional[float] = field(default=None, metadata={
+        "help": "Fix the gates after this fraction of the steps (e.g. 0.8): no late flips, and closed layers skip "
+                "their weight gradient. Unset: never."})
+    recalibrate_bn: bool = field(default=False, metadata={
+        "help": "At the end, re-estimate the task's BatchNorm statistics on the training images (no weight "
+                "changes)."})
     # optimisation
     optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum, as in the paper) or adamw.",
                                                      "choices": ("sgd", "adamw")})
@@ -162,14 +170,18 @@ def train(args: TrainArgs) -> dict[str, Any]:
         >>> m = train(TrainArgs(model="timm:resnet18", dataset="imagefolder:data", epochs=5))  # doctest: +SKIP
         >>> m["active_layers"], m["total_layers"], m["eval_accuracy"]  # doctest: +SKIP
     """
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
+    if args.freeze_gates_at is not None and not 0 <= args.freeze_gates_at <= 1:
+        raise ValueError(f"--freeze-gates-at {args.freeze_gates_at}: use a fraction of the steps in [0, 1], e.g. 0.8.")
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # frozen gates: closed layers' deltas and every score then get no gradient, which DDP must be told
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_gates_at is not None)],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
@@ -199,6 +211,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     from ..tuner import TAPSConfig
     from .build import EpochOrder, load_data, load_model, pair, with_transform
+    from .norms import recalibrate_batchnorm
     from .optim import create_taps_optimizer
 
     out = Path(args.output_dir)
@@ -277,6 +290,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     window = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
     history: list[dict[str, float]] = []
     done = pos.step >= total_steps
+    freeze_step = None if args.freeze_gates_at is None else int(args.freeze_gates_at * total_steps)
     for epoch in range(pos.epoch, epochs):
         if done:
             break
@@ -285,6 +299,8 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
         model.train()
         loader = accelerator.skip_first_batches(train_dl, pos.batch) if pos.batch else train_dl
         for batch in loader:
+            if freeze_step is not None and pos.step >= freeze_step and accelerator.sync_gradients:
+                peft_model.freeze_gates()  # idempotent: also right after a resume past the freeze step
             with accelerator.accumulate(model):
                 logits = forward(batch["pixel_values"])
                 task_loss = F.cross_entropy(logits.float(), batch["labels"])
@@ -332,6 +348,13 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
         else:
             pos.batch = 0
     bar.close()
+    if args.recalibrate_bn:  # the same images on every process: identical statistics everywhere
+        images = DataLoader(with_transform(train_ds, image_col, label_col, size, mean, std),
+                            batch_size=args.eval_batch_size or args.batch_size)
+        batches = itertools.islice(images, max(1, _RECALIBRATION_IMAGES // images.batch_size))
+        with accelerator.autocast():
+            recalibrate_batchnorm(peft_model, (b["pixel_values"].to(accelerator.device) for b in batches),
+                                  lambda m, x: m(pixel_values=x) if is_hf else m(x))
 
     metrics: dict[str, Any] = {"step": pos.step, "history": history, "num_processes": accelerator.num_processes}
     if history:

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional, Union
 
 import torch
@@ -179,6 +180,11 @@ class TAPSTrainer(Trainer):
             the lr schedule scales both groups alike. Scores never get weight decay.
         taps_logging: Add ``taps_active_layers``, ``taps_total_layers`` and ``taps_penalty`` to the training logs
             (a :class:`TAPSCallback`).
+        freeze_gates_at: Fix the gates (``model.freeze_gates()``) once this fraction of ``max_steps`` is done, e.g.
+            0.8: no gate flips in the last steps, and closed layers skip their weight gradient. Under DDP it needs
+            ``TrainingArguments(ddp_find_unused_parameters=True)``.
+        recalibrate_bn: After training, re-estimate the task's BatchNorm statistics on (up to 2048) training images,
+            changing no weight (``taps_peft.training.recalibrate_batchnorm``); save the model after ``train()``.
 
     The penalty is added in training mode only (``eval_loss`` is the task loss alone), once per optimizer step
     whatever the gradient accumulation (it is divided by the number of micro-batches whenever the Trainer does not
@@ -196,13 +202,27 @@ class TAPSTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, score_learning_rate: Optional[float] = None, taps_logging: bool = True, **kwargs: Any
+        self,
+        *args: Any,
+        score_learning_rate: Optional[float] = None,
+        taps_logging: bool = True,
+        freeze_gates_at: Optional[float] = None,
+        recalibrate_bn: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         unwrap_taps_model(self.model)  # fail early, with a fix, on a model without TAPS
         if score_learning_rate is not None and not score_learning_rate > 0:
             raise ValueError(f"score_learning_rate={score_learning_rate!r} is invalid: use a float > 0, e.g. 1e-2.")
+        if freeze_gates_at is not None and not 0 <= freeze_gates_at <= 1:
+            raise ValueError(f"freeze_gates_at={freeze_gates_at!r} is invalid: use a fraction in [0, 1], e.g. 0.8.")
+        if freeze_gates_at is not None and self.args.world_size > 1 and not self.args.ddp_find_unused_parameters:
+            raise ValueError(
+                "freeze_gates_at under DDP: closed layers and scores get no gradient once the gates are fixed; pass "
+                "TrainingArguments(ddp_find_unused_parameters=True)."
+            )
         self.score_learning_rate = score_learning_rate
+        self.freeze_gates_at, self.recalibrate_bn = freeze_gates_at, recalibrate_bn
         if taps_logging and not any(isinstance(cb, TAPSCallback) for cb in self.callback_handler.callbacks):
             # first, so that reporting integrations and the progress bar see the TAPS values
             self.callback_handler.callbacks.insert(0, TAPSCallback())
@@ -216,7 +236,22 @@ class TAPSTrainer(Trainer):
                 "layers that were inactive at that step restart from zero (the run differs from an uninterrupted "
                 "one if such a gate reopens). Use TAPSConfig(save_inactive_deltas=True) for exact resumes."
             )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.recalibrate_bn:
+            from .norms import recalibrate_batchnorm
+
+            loader = self.get_train_dataloader()
+            batches = itertools.islice(loader, max(1, 2048 // max(1, self.args.per_device_train_batch_size)))
+            model = unwrap_taps_model(self.model)
+            with torch.no_grad():
+                recalibrate_batchnorm(model, (self._prepare_inputs(b) for b in batches))  # labels are dropped
+        return result
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``Trainer.training_step``; fixes the gates once ``freeze_gates_at`` of the steps are done."""
+        if self.freeze_gates_at is not None and self.state.global_step >= self.freeze_gates_at * self.state.max_steps:
+            unwrap_taps_model(model).freeze_gates()
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(
         self,
