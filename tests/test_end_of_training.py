@@ -3,6 +3,7 @@ BatchNorm statistics re-estimated after the last gate change."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
@@ -111,3 +112,17 @@ def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path):
     stats = [k for k in after if "running_mean" in k and ".modules_to_save." in k]
     assert stats and any(not torch.equal(after[k], weights[k]) for k in stats)
     assert all(torch.equal(after[k], v) for k, v in weights.items() if "running" not in k and "num_batches" not in k)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_frozen_gates_work_under_activation_checkpointing(images, reentrant):
+    """The recompute in the backward runs after the forward's host gates are gone: both must take the same path."""
+    model = get_peft_model(tiny_resnet(), TAPSConfig(lam=1.0))
+    with torch.no_grad():
+        taps_layers(model)[0].taps_scores["default"].fill_(0.05)
+    model.freeze_gates()
+    model.train()
+    x = images.clone().requires_grad_(reentrant)
+    out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant)
+    out.square().mean().backward()
+    assert taps_layers(model)[1].taps_delta["default"].grad is not None

@@ -296,3 +296,22 @@ def test_adapters_loaded_for_inference_hold_memory_only_for_active_layers(tmp_pa
     assert not torch.equal(logits(model.eval(), images), outs["a"])
     trainable = PeftModel.from_pretrained(tiny_timm_vit(), tmp_path / "a", is_trainable=True)
     assert all("default" in m.taps_delta for m in taps_layers(trainable))  # training keeps every delta
+
+
+def test_reloading_into_an_adapter_loaded_for_inference(tmp_path, images):
+    """The same file again, and a later checkpoint in which a layer closed at first load is open."""
+    base = tiny_timm_vit()
+    model = trained(copy.deepcopy(base), images, closed=(0,))
+    model.save_pretrained(tmp_path / "early")
+    with torch.no_grad():
+        taps_layers(model)[0].taps_scores["default"].fill_(0.3)  # reopens later in training
+    model.save_pretrained(tmp_path / "late")
+    with torch.no_grad():
+        late = logits(model.eval(), images)
+    served = PeftModel.from_pretrained(base, tmp_path / "early")
+    assert "default" not in taps_layers(served)[0].taps_delta  # closed: no delta held
+    served.load_adapter(tmp_path / "early", adapter_name="default")
+    served.load_adapter(tmp_path / "late", adapter_name="default")
+    assert "default" in taps_layers(served)[0].taps_delta
+    with torch.no_grad():
+        assert torch.equal(logits(served.eval(), images), late)

@@ -246,6 +246,22 @@ def test_lora_save_and_load_are_byte_identical_with_taps_peft_imported(tmp_path)
 # ----- the first release's bugs, one test each -----
 
 
+def test_an_interrupted_gate_read_leaves_no_hook_behind(images, monkeypatch):
+    """A Ctrl-C while the host waits for the gates must not leave mixed-batch hooks on the model."""
+    import taps_peft.tuner.model as tuner_model
+
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig()).eval()
+    with torch.no_grad():
+        expected = model(images)
+    monkeypatch.setattr(tuner_model, "_read_gates", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model(images, adapter_names=["default", "__base__", "default", "__base__"])
+    monkeypatch.undo()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+
+
 def test_adapter_names_must_name_every_sample(tmp_path, images):
     model = get_peft_model(tiny_timm_vit(), TAPSConfig()).eval()
     with torch.no_grad():
@@ -259,12 +275,14 @@ def test_adapter_names_must_name_every_sample(tmp_path, images):
     assert torch.isfinite(out).all()
 
 
-def test_frozen_norms_keep_the_base_batchnorm_statistics(images):
-    model = get_peft_model(tiny_resnet(), TAPSConfig(train_norms=False))
+@pytest.mark.parametrize("call_train", [True, False])
+def test_frozen_norms_keep_the_base_batchnorm_statistics(images, call_train):
+    model = get_peft_model(tiny_resnet(), TAPSConfig(train_norms=False))  # timm models start in train mode
     stats = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "running" in k}
     assert stats
     opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.1)
-    model.train()
+    if call_train:
+        model.train()
     for step in range(2):
         (logits(model, images).square().mean() + model.taps_penalty(step)).backward()
         opt.step()
@@ -317,6 +335,11 @@ def test_scores_stay_fp32_and_deltas_follow_the_base_dtype():
     assert layer.taps_delta["default"].dtype == torch.float16
     model.to(torch.bfloat16)
     assert layer.taps_scores["default"].item() == tau and layer.taps_delta["default"].dtype == torch.bfloat16
+    model.merge_adapter()
+    model.float()  # the base weight set aside while merged converts too
+    model.unmerge_adapter()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model(torch.randn(1, 3, 32, 32))
     bf16 = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # autocast_adapter_dtype=True (default)
     layer = taps_layers(bf16)[0]
     assert layer.taps_delta["default"].dtype == torch.bfloat16 and layer.taps_scores["default"].dtype == torch.float32

@@ -87,7 +87,7 @@ def test_train_single_process(data, tmp_path, capsys):
 
 def assert_card_rebuilds_the_base(folder: Path, *expected: str) -> None:
     """The card's load code, run as a user would paste it, builds a base with the trained base's fingerprint."""
-    from taps_peft.hub.identity import BaseModelMismatchWarning, fingerprint
+    from taps_peft.hub.identity import BaseModelMismatchWarning, adapter_layers, fingerprint
 
     card = (folder / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S)[1]
@@ -98,7 +98,7 @@ def assert_card_rebuilds_the_base(folder: Path, *expected: str) -> None:
         warnings.simplefilter("error", BaseModelMismatchWarning)
         loaded = PeftModel.from_pretrained(scope["base"], str(folder))
     saved = json.loads((folder / "adapter_config.json").read_text())["base_model_info"]
-    assert fingerprint(loaded) == saved["fingerprint"] and saved["pretrained"] is False
+    assert fingerprint(loaded, adapter_layers(loaded, "default")) == saved["fingerprint"] and saved["pretrained"] is False
     assert "| Dataset | `imagefolder:" in card and "| Labels | c0, c1 |" in card
 
 

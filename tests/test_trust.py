@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from taps_peft import TAPSConfig, TAPSLayer
-from taps_peft.hub.identity import BaseModelMismatchWarning, fingerprint
+from taps_peft.hub.identity import BaseModelMismatchWarning, adapter_layers, fingerprint
 from conftest import logits, tiny_hf_vit, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_the_card_rebuilds_a_random_init_base_from_its_seed(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelMismatchWarning)
         loaded = PeftModel.from_pretrained(rebuilt, tmp_path)
-    assert fingerprint(loaded) == saved["fingerprint"]
+    assert fingerprint(loaded, adapter_layers(loaded, "default")) == saved["fingerprint"]
     assert "| Classes | 7 |" in (tmp_path / "README.md").read_text()
 
 
@@ -110,6 +110,57 @@ def test_auto_peft_model_loads_a_transformers_adapter(tmp_path, images):
     loaded = AutoPeftModel.from_pretrained(tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(logits(loaded, images), logits(model, images))
+
+
+def test_the_fingerprint_covers_the_adapter_s_own_layers(tmp_path):
+    """An adapter on some layers, saved or loaded beside one on all layers (or into a merged model): no false alarm."""
+    base = resnet()
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False), adapter_name="all")
+    model.add_adapter("few", TAPSConfig(target_modules=["layer1.0.conv1", "layer2.0.conv1"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        alone = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "few", adapter_name="few")
+        alone.load_adapter(tmp_path / "all", adapter_name="all")
+        merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "all", adapter_name="all")
+        merged.merge_adapter()
+        merged.load_adapter(tmp_path / "few", adapter_name="few")
+    with pytest.warns(BaseModelMismatchWarning):
+        PeftModel.from_pretrained(resnet(seed=5), tmp_path / "few")
+
+
+def test_a_failed_load_into_a_model_you_built_strips_nothing(tmp_path, images):
+    """Only a failed PeftModel.from_pretrained undoes its own injection; a model built with get_peft_model (even from
+    the same saved config) keeps its layers when a later load_adapter fails."""
+    get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "good")
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig.from_pretrained(tmp_path / "good"))
+    before = snapshot(model)
+    bad = _edited(tmp_path / "good", tmp_path / "bad", lambda t, c: t.update(
+        {k: torch.full_like(v, float("nan")) for k, v in t.items() if k.endswith("taps_delta")}))
+    with pytest.raises(ValueError, match="NaN"):
+        model.load_adapter(bad, adapter_name="default")
+    assert unchanged(before, model) and sum(isinstance(m, TAPSLayer) for m in model.modules()) == 8
+
+
+def test_peft_key_mapping_is_honoured(tmp_path, images):
+    from torch import nn
+
+    base = tiny_timm_vit()
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False, train_norms=False)).eval()
+    model.save_pretrained(tmp_path)
+
+    class Wrapped(nn.Module):  # the same network under another attribute name
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    mapping = {r"^blocks": "net.blocks", r"^head": "net.head"}
+    loaded = PeftModel.from_pretrained(Wrapped(base), tmp_path, key_mapping=mapping).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
 
 
 # ----- strict, all-or-nothing loading -----
@@ -202,17 +253,36 @@ def test_a_save_killed_at_any_moment_leaves_a_whole_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"], leftovers
 
 
-def test_saved_files_follow_the_umask_and_foreign_files_stay(tmp_path):
+def test_saved_files_follow_the_umask_and_the_folder_keeps_its_own(tmp_path):
     model = get_peft_model(tiny_timm_vit(), TAPSConfig())
-    (tmp_path / "notes.txt").write_text("mine")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "link.txt").symlink_to("notes.txt")
+    folder.chmod(0o2750)  # private, setgid: a save must not open it up
     old = os.umask(0o027)
     try:
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(folder)
     finally:
         os.umask(old)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    modes = {p.name: p.lstat().st_mode & 0o777 for p in folder.iterdir() if not p.is_symlink()}
     assert modes == {"adapter_config.json": 0o640, WEIGHTS: 0o640, "README.md": 0o640, "notes.txt": modes["notes.txt"]}
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "link.txt").is_symlink()
+    assert folder.stat().st_mode & 0o7777 == 0o2750
+
+
+def test_saving_onto_a_file_or_under_a_read_only_parent(tmp_path, monkeypatch):
+    import taps_peft.hub.atomic as atomic
+
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig())
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"it is a file, not a folder"):
+        model.save_pretrained(tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)  # e.g. /kaggle/working: no new siblings
+    model.save_pretrained(tmp_path / "mounted")
+    assert sorted(p.name for p in (tmp_path / "mounted").iterdir()) == ["README.md", "adapter_config.json", WEIGHTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mounted"]
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "..", "", "x\\y"])

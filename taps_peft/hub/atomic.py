@@ -18,30 +18,39 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
     """Run ``write(tmp)`` in a fresh folder beside ``target``, then put that folder in ``target``'s place in one step.
 
     Files already in ``target`` that ``write`` does not produce (a user's notes, a trainer's optimizer state) are kept
-    (hard-linked into the new folder). The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux, so no kill at any point
-    leaves ``target`` missing or mixed; elsewhere it is two renames, with ``target`` absent for an instant. File modes
-    follow the umask, like any file a user writes. Temporary folders of earlier saves killed part-way (their process
-    is gone) are removed. A ``target`` that holds the working directory is not swapped (the process would be left in a
-    deleted folder): its files are replaced one by one, each atomically.
+    (hard-linked into the new folder; symbolic links and empty folders are recreated), and so are the folder's own
+    mode and group. The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux, so no kill at any point leaves ``target``
+    missing or mixed; elsewhere it is two renames, with ``target`` absent for an instant. New files' modes follow the
+    umask. Temporary folders of earlier saves killed part-way (their process is gone) are removed.
+
+    Where the folder cannot be swapped (it holds the working directory: the process would be left in a deleted
+    folder; or its parent is not writable, as for a mounted output folder), its files are replaced one by one, each
+    atomically, from a temporary folder inside it.
 
     Example:
         >>> replace_folder("runs/x", lambda tmp: (tmp / "a.txt").write_text("done"))  # doctest: +SKIP
     """
     target = Path(target).resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"Cannot save into '{target}': it is a file, not a folder. Choose another path.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{_TMP}{os.getpid()}-"))
+    in_place = target == Path.cwd() or target in Path.cwd().parents or not os.access(target.parent, os.W_OK)
+    if in_place:
+        target.mkdir(exist_ok=True)
+    home = target if in_place else target.parent
+    _remove_stale(home, target.name)
+    tmp = Path(tempfile.mkdtemp(dir=home, prefix=f".{target.name}{_TMP}{os.getpid()}-"))
     try:
         write(tmp)
         _apply_umask(tmp)
-        if target == Path.cwd() or target in Path.cwd().parents:
+        if in_place:
             for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 (target / src.relative_to(tmp)).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, target / src.relative_to(tmp))
         elif not target.exists():
             os.rename(tmp, target)
         else:
-            _link_missing(target, tmp)
+            _keep(target, tmp)
             if not _exchange(tmp, target):
                 old = tmp.with_name(tmp.name + "-old")
                 os.rename(target, old)
@@ -67,16 +76,32 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), str(b))
 
 
-def _link_missing(old: Path, new: Path) -> None:
-    """Hard-link (or copy) every file of ``old`` that ``new`` lacks into ``new``."""
-    for src in old.rglob("*"):
-        dst = new / src.relative_to(old)
-        if src.is_file() and not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+def _keep(old: Path, new: Path) -> None:
+    """Give ``new`` what ``old`` holds and ``new`` lacks (files hard-linked or copied, symbolic links and empty folders
+    recreated), and ``old``'s mode and group."""
+    for root, dirs, files in os.walk(old):
+        here = Path(root)
+        for name in dirs + files:
+            src, dst = here / name, new / (here / name).relative_to(old)
+            if dst.exists() or dst.is_symlink():
+                continue
+            if src.is_symlink():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.readlink(src), dst)
+            elif src.is_dir():
+                dst.mkdir(parents=True)
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+    stat = old.stat()
+    new.chmod(stat.st_mode & 0o7777)
+    try:
+        os.chown(new, -1, stat.st_gid)
+    except OSError:
+        pass
 
 
 def _apply_umask(folder: Path) -> None:
@@ -87,11 +112,11 @@ def _apply_umask(folder: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _remove_stale(target: Path) -> None:
-    """Remove ``.<name>.tmp-<pid>-*`` folders left by saves whose process no longer runs."""
-    for path in target.parent.glob(f".{target.name}{_TMP}*"):
-        pid = path.name[len(target.name) + 1 + len(_TMP):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+def _remove_stale(home: Path, name: str) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` folders left in ``home`` by saves whose process no longer runs."""
+    for path in home.glob(f".{name}{_TMP}*"):
+        pid = path.name[len(name) + 1 + len(_TMP):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -42,7 +42,8 @@ def describe_base_model(model: nn.Module, adapter_name: Optional[str] = None) ->
     """The base model of a TAPS PeftModel as the card shows it, from ``base_identity`` (``hub.identity``)."""
     from .identity import base_identity
 
-    info = base_identity(model, _peft_config(model, adapter_name))
+    config = _peft_config(model, adapter_name)
+    info = base_identity(model, config, adapter_name or model.active_adapters[0])
     name, library = info["name"], info["library"]
     detail = f", model_type `{info['model_type']}`" if "model_type" in info else ""
     hub_id = _hub_id(name) if info.get("pretrained") else None
@@ -62,7 +63,9 @@ def rebuild_code(info: dict[str, Any]) -> str:
                     "weights file it was trained on")
         if info.get("pretrained"):
             name = f"hf-hub:{info['name']}" if "/" in info["name"] else info["name"]
-            return f'import timm\n\nbase = timm.create_model("{name}", pretrained=True{args})'
+            unknown = "" if kwargs or info.get("default_args") is not False else (
+                "  # plus the non-default arguments (image size, depth, ...) it was built with: not recorded")
+            return f'import timm\n\nbase = timm.create_model("{name}", pretrained=True{args}){unknown}'
         if not kwargs and info.get("default_args") is False:
             return (f"# {info['architecture']} built with arguments this adapter does not record (other image size,"
                     " depth, ...):\n# build it exactly as it was built for training.")

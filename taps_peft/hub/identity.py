@@ -15,7 +15,8 @@ differs by about 1e-3. Cheap: a few thousand elements per layer.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+import zlib
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -31,31 +32,48 @@ class BaseModelMismatchWarning(UserWarning):
     """
 
 
-def fingerprint(model: nn.Module) -> Optional[list[float]]:
-    """The fingerprint of the gated base weights of a TAPS model (None when they are sharded, e.g. under FSDP2)."""
+def fingerprint(model: nn.Module, layers: Iterable[str]) -> Optional[list[float]]:
+    """The fingerprint of the base weights of the gated ``layers`` (module names) of ``model``, as they are without
+    any adapter (merged weights are looked through); None when they are sharded (FSDP2) or on the meta device. Each
+    layer's projections are seeded by its name, so an adapter's fingerprint depends on its own layers only."""
     from ..tuner.layer import TAPSLayer, _is_sharded
 
-    layers = sorted((n, m) for n, m in model.named_modules() if isinstance(m, TAPSLayer))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
     projections = torch.zeros(_PROJECTIONS, dtype=torch.float64)
     square = 0.0
-    for i, (_, layer) in enumerate(layers):
-        weight = layer._unmerged_weight if layer._unmerged_weight is not None else layer.get_base_layer().weight
+    for name in sorted(layers):
+        module = modules[name]
+        if isinstance(module, TAPSLayer):
+            weight = module._unmerged_weight if module._unmerged_weight is not None else module.get_base_layer().weight
+        else:
+            weight = module.weight
         if _is_sharded(weight) or weight.device.type == "meta":
             return None
         flat = weight.detach().reshape(-1)
         index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLES)).long().to(flat.device)
         values = flat[index].double().cpu()
-        signs = torch.randint(0, 2, (_PROJECTIONS, len(values)), generator=torch.Generator().manual_seed(i)) * 2 - 1
+        seed = zlib.crc32(name.encode())
+        signs = torch.randint(0, 2, (_PROJECTIONS, len(values)), generator=torch.Generator().manual_seed(seed)) * 2 - 1
         projections += signs.double() @ values
         square += float(values.square().sum())
-    if not layers or square == 0:
+    if square == 0:
         return None
     return [round(v, 4) for v in (projections / square**0.5).tolist()]
 
 
-def base_identity(model: nn.Module, config: Any) -> dict[str, Any]:
-    """``config.base_model_info`` brought up to date for ``model`` (a TAPS ``PeftModel``): what a script recorded
-    (``pretrained``, ``seed``, ``model_kwargs``, ``weights``) is kept, the rest is read off the model."""
+def adapter_layers(model: nn.Module, adapter_name: str) -> list[str]:
+    """Names (in the base model) of the layers that hold ``adapter_name``'s score."""
+    from ..tuner.layer import TAPSLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [n for n, m in base.named_modules() if isinstance(m, TAPSLayer) and adapter_name in m.taps_scores]
+
+
+def base_identity(model: nn.Module, config: Any, adapter_name: Optional[str] = None) -> dict[str, Any]:
+    """``config.base_model_info`` brought up to date for ``model`` (a TAPS ``PeftModel``) and one of its adapters: what
+    a script recorded (``pretrained``, ``seed``, ``model_kwargs``, ``weights``) is kept, the rest is read off the
+    model (the fingerprint covers that adapter's layers; none without an adapter name)."""
     from ..tuner.targets import find_head
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -83,16 +101,19 @@ def base_identity(model: nn.Module, config: Any) -> dict[str, Any]:
         if out is not None:
             info["num_classes"] = int(out)
     info.setdefault("pretrained", None)
-    info["fingerprint"] = fingerprint(model)
+    info["fingerprint"] = fingerprint(model, adapter_layers(model, adapter_name)) if adapter_name else None
     return info
 
 
 def check_base(model: nn.Module, config: Any, adapter_name: str, strict: bool = False) -> None:
     """Warn (``strict``: raise) when ``model``'s base has other weights than the one the adapter was trained on."""
+    from ..tuner.targets import planned_targets
+
     saved = getattr(config, "base_model_info", None) or {}
     if not saved.get("fingerprint"):
         return
-    now = fingerprint(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    now = fingerprint(model, planned_targets(base, config, config.target_modules))
     if now is None or max(abs(a - b) for a, b in zip(saved["fingerprint"], now)) <= _TOLERANCE:
         return
     here = base_identity(model, None)["name"]

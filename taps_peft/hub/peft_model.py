@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
+import sys
 import tempfile
 import warnings
 import weakref
@@ -168,13 +170,16 @@ def load_adapter(self: nn.Module, model_id: Any, adapter_name: str, *args: Any, 
     strict_base = kwargs.pop("strict_base", False)
     existed = adapter_name in self.peft_config
     config = self.peft_config.get(adapter_name)
-    where = _where(model_id, kwargs.get("subfolder"))
-    fresh = existed and len(self.peft_config) == 1 and config.__dict__.pop("_taps_source", None) == where
+    # PeftModel.from_pretrained injects the adapter into the user's base, then calls this: only then is a failure
+    # undone down to the plain base (a model the user built and trained is never stripped).
+    fresh = existed and len(self.peft_config) == 1 and sys._getframe(1).f_code is _FROM_PRETRAINED
     try:
         check_adapter_name(adapter_name)
         local = _local_adapter(model_id, kwargs)
         config = config or TAPSConfig.from_pretrained(local)
-        check_saved_adapter(self.base_model.model, config, _check_weights_file(os.path.join(local, WEIGHTS_NAME)))
+        shapes = _check_weights_file(os.path.join(local, WEIGHTS_NAME))
+        mapping = kwargs.get("key_mapping") or getattr(self.base_model.model, "_checkpoint_conversion_mapping", None)
+        check_saved_adapter(self.base_model.model, config, _mapped(shapes, mapping))
         check_base(self, config, adapter_name, strict=strict_base)
         peft_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
         return PeftModel.load_adapter(self, local, adapter_name, *args, **peft_kwargs)
@@ -184,6 +189,31 @@ def load_adapter(self: nn.Module, model_id: Any, adapter_name: str, *args: Any, 
         elif not existed and adapter_name in self.peft_config:
             self.delete_adapter(adapter_name)
         raise
+
+
+def _from_pretrained_code() -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained.__func__.__code__
+
+
+_FROM_PRETRAINED = _from_pretrained_code()
+
+
+def _mapped(shapes: dict[str, Any], mapping: Optional[dict[str, str]]) -> dict[str, Any]:
+    """The file's keys as PEFT maps them when loading with ``key_mapping`` (first matching pattern wins)."""
+    if not mapping:
+        return shapes
+    out = {}
+    for key, value in shapes.items():
+        prefix = "base_model.model." if key.startswith("base_model.model.") else "base_model."
+        bare = key.removeprefix(prefix)
+        for pattern, replacement in mapping.items():
+            bare, replaced = re.subn(pattern, replacement, bare)
+            if replaced:
+                break
+        out[prefix + bare] = value
+    return out
 
 
 def _where(model_id: Any, subfolder: Optional[str]) -> str:
@@ -259,7 +289,7 @@ def _check_weights_file(path: str) -> dict[str, tuple[int, ...]]:
 
 def _undo_injection(self: nn.Module) -> None:
     """Put the base model back as ``from_pretrained`` found it: the very module objects (each TAPS layer's base layer,
-    each wrapper's original module), ``requires_grad`` flags, no ``peft_config``."""
+    each wrapper's original module), ``requires_grad`` flags, no ``peft_config``, no input-gradient hook."""
     from ..tuner.layer import TAPSLayer
     from ..tuner.model import _tuner_modules
 
@@ -269,8 +299,10 @@ def _undo_injection(self: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
         original = module.get_base_layer() if isinstance(module, TAPSLayer) else module.original_module
         setattr(base.get_submodule(parent), child, original)
-    for param, flag in zip(base.parameters(), tuner._base_requires_grad):
+    for param, flag in zip(base.parameters(), tuner._base_state["requires_grad"]):
         param.requires_grad_(flag)
+    if hasattr(base, "_require_grads_hook") and not tuner._base_state["input_grads_hook"]:
+        base.disable_input_require_grads()  # PeftModel added it for gradient checkpointing
     base.__dict__.pop("peft_config", None)
 
 

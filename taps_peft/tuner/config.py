@@ -126,8 +126,7 @@ class TAPSConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
-        adapter with its name. The config remembers where it came from, so that a failed
-        ``PeftModel.from_pretrained`` can leave the base model as it was (see ``taps_peft.hub.peft_model``)."""
+        adapter with its name and a damaged file with its path."""
         where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
             pretrained_model_name_or_path)
         try:
@@ -143,7 +142,6 @@ class TAPSConfig(PeftConfig):
                 f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
                 f"peft_type={kind!r}): load it with its own PEFT method."
             )
-        config._taps_source = where
         return config
 
 

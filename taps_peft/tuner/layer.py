@@ -158,10 +158,17 @@ class TAPSLayer(BaseTunerLayer):
         adapters = [a for a in adapters if a in self.taps_delta]
         scores = [self.taps_scores[a] for a in adapters]
         learning = torch.is_grad_enabled() and any(s.requires_grad for s in scores)
-        if self._gates is None or learning:
-            terms = [(self.taps_delta[a], s, self.gate(a)) for a, s in zip(adapters, scores)]
-        else:  # the gates of this forward are known: closed layers cost nothing
-            terms = [(self.taps_delta[a], s, True) for a, s in zip(adapters, scores) if self._gates.get(a)]
+        # Host gates (read once by TAPSModel for this forward) let closed layers run as the base layer. Not while the
+        # gates learn, and not under activation checkpointing (outer saved-tensor hooks): its recompute in the
+        # backward runs after this forward's gates are gone, and must take the same path (the device gate).
+        host = None if learning or self._gates is None or outer_saved_tensors_hooks() else self._gates
+        terms = []
+        for a, s in zip(adapters, scores):
+            gate = None if host is None else host.get(a)
+            if gate is None:
+                terms.append((self.taps_delta[a], s, self.gate(a)))
+            elif gate:
+                terms.append((self.taps_delta[a], s, True))
         if not terms:
             return self.base_layer(x, *args, **kwargs)
         weight = form_weight(base.weight, terms)
@@ -169,7 +176,7 @@ class TAPSLayer(BaseTunerLayer):
             not (torch.is_grad_enabled() and weight.requires_grad)
             or torch.compiler.is_compiling()  # the compiler decides what to save and what to recompute
             or type(weight) is not torch.Tensor  # a tensor subclass (DTensor under tensor parallelism, ...)
-            or outer_saved_tensors_hooks()
+            or outer_saved_tensors_hooks()  # activation checkpointing: it decides what is saved
         ):
             return self._functional_forward(x, weight, *args, **kwargs)
         with RecomputeFormedWeight(weight, partial(form_weight, base.weight, terms)):
@@ -218,12 +225,15 @@ class _TAPSModule(nn.Module, TAPSLayer):
         return out
 
     def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
-        """``model.half()``, ``.to(dtype)``: every tensor converts, but scores keep their exact fp32 value."""
+        """``model.half()``, ``.to(dtype)``, ``.cuda()``: every tensor converts (the set-aside base weight too), but
+        scores keep their exact fp32 value."""
         scores = {name: p.data for name, p in self.taps_scores.items()}
         super()._apply(fn, recurse)
         for name, p in self.taps_scores.items():
             if p.dtype != torch.float32 and not _is_sharded(p):
                 p.data = scores[name].to(p.device)
+        if self._unmerged_weight is not None:  # the base weight set aside while merged follows the model too
+            self._unmerged_weight = fn(self._unmerged_weight)
         return self
 
     def __repr__(self) -> str:

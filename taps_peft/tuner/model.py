@@ -36,8 +36,10 @@ class TAPSModel(BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
         requires_grad = [p.requires_grad for p in model.parameters()]
+        input_grads_hook = hasattr(model, "_require_grads_hook")  # PEFT may add one (gradient checkpointing)
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self._base_requires_grad = requires_grad  # restored if the first load fails (hub.peft_model.load_adapter)
+        # what a failed first load puts back (hub.peft_model.load_adapter)
+        self._base_state = {"requires_grad": requires_grad, "input_grads_hook": input_grads_hook}
         from ..hub.peft_model import attach_when_wrapped
 
         attach_when_wrapped(self)
@@ -94,14 +96,18 @@ class TAPSModel(BaseTuner):
             if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module.original_module)
+        self._keep_base_norms_frozen()  # timm models start in train mode: no forward may move base statistics
+
+    def _keep_base_norms_frozen(self) -> None:
+        for module in _frozen_batchnorms(self.model):
+            module.eval()
 
     def train(self, mode: bool = True) -> "TAPSModel":
         """``nn.Module.train``, except that BatchNorm layers without trainable parameters (the shared base's, when
-        ``train_norms=False``) stay in eval mode: their running statistics belong to the base and must not move."""
+        ``train_norms=False``) stay in eval mode, as they are from injection on: their running statistics belong to
+        the base and must not move."""
         super().train(mode)
-        if mode:
-            for module in _frozen_batchnorms(self.model):
-                module.eval()
+        self._keep_base_norms_frozen()
         return self
 
     # ----- one forward: host gates read once, mixed-task batches -----
@@ -125,10 +131,11 @@ class TAPSModel(BaseTuner):
                 elif isinstance(m, ModulesToSaveWrapper):  # heads and norms (PEFT's own routing skips norm layers)
                     handles.append(m.register_forward_hook(partial(_route_samples, adapter_names=adapter_names)))
         names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
-        gates = {} if torch.compiler.is_compiling() else _read_gates(layers, names)
-        for layer, layer_gates in gates.items():
-            layer._gates = layer_gates
+        gates: dict[TAPSLayer, dict[str, bool]] = {}
         try:
+            gates = {} if torch.compiler.is_compiling() else _read_gates(layers, names)
+            for layer, layer_gates in gates.items():
+                layer._gates = layer_gates
             yield
         finally:
             for layer in gates:
@@ -163,39 +170,49 @@ class TAPSModel(BaseTuner):
         up to date here: PEFT saves the config next."""
         from ..hub.identity import base_identity
 
-        config.base_model_info = base_identity(model, config)  # written with the adapter's config, right after
+        config.base_model_info = base_identity(model, config, adapter_name)  # PEFT saves the config right after
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.save_inactive_deltas:
             return selected
-        suffix = f".taps_delta.{adapter_name}"
-        for key in [k for k in selected if k.endswith(suffix)]:
-            score = selected[key[: -len(suffix)] + f".taps_scores.{adapter_name}"]
-            if float(score.float().max()) < config.tau:
-                del selected[key]
+        suffix, scores = f".taps_delta.{adapter_name}", f".taps_scores.{adapter_name}"
+        for key in [k for k in selected if k.endswith(scores)]:
+            delta = key[: -len(scores)] + suffix
+            if float(selected[key].float().max()) < config.tau:
+                selected.pop(delta, None)
+            elif delta not in selected:  # open, but loaded for inference when it was closed: its delta is zero
+                layer = model.get_submodule(key[: -len(scores)])
+                selected[delta] = torch.zeros_like(layer.get_base_layer().weight)
         return selected
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's key mapping, then: a file that does not fit the model's layers, or holds NaN/inf, is refused before
         anything is loaded; an inactive layer's delta (absent from the file) becomes real zeros for an adapter that may
-        train, and is dropped from the layer for one loaded for inference (it holds memory only for active layers)."""
+        train, and is dropped from the layer for one loaded for inference (it holds memory only for active layers); a
+        layer that holds no delta yet (closed when loaded for inference) gets one when the file has it."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, TAPSLayer) and adapter_name in m.taps_scores}
+        regrown = {}
+        for key in [k for k in remapped if k.endswith(".taps_delta")]:
+            stem = key[: -len(".taps_delta")]
+            name = stem if stem in layers else stem.removeprefix("base_model.model.")
+            if name in layers and adapter_name not in layers[name].taps_delta:
+                regrown[name] = remapped.pop(key)
         orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_scores")))
+        orphans += [n for n, v in regrown.items() if v.shape != layers[n].get_base_layer().weight.shape]
         if orphans:
             raise ValueError(
                 f"TAPS adapter '{adapter_name}' does not fit this base model: {len(orphans)} saved layer(s) have no "
                 f"matching module, e.g. `{orphans[0]}`. Load the adapter onto the base model it was trained from."
             )
-        broken = [k for k, v in remapped.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        broken = [k for k, v in [*remapped.items(), *regrown.items()] if v.is_floating_point() and not v.isfinite().all()]
         if broken:
             raise ValueError(
                 f"TAPS adapter '{adapter_name}' holds NaN/inf values in {len(broken)} tensor(s), e.g. `{broken[0]}`: "
                 "it is broken (it diverged in training, or the file was damaged). Load an earlier checkpoint."
             )
         absent = []
-        for name, module in model.named_modules():
-            if not (isinstance(module, TAPSLayer) and adapter_name in module.taps_scores):
-                continue
+        for name, module in layers.items():
             score = remapped.get(f"{name}.taps_scores.{adapter_name}")
             if score is None:
                 raise ValueError(
@@ -204,7 +221,7 @@ class TAPSModel(BaseTuner):
                     "it was trained from, with the weights saved with it."
                 )
             key = f"{name}.taps_delta.{adapter_name}"
-            if key in remapped:
+            if key in remapped or name in regrown:
                 continue
             if float(score.float().max()) >= module.taps_tau[adapter_name]:
                 raise ValueError(
@@ -213,9 +230,16 @@ class TAPSModel(BaseTuner):
                     "again with save_pretrained."
                 )
             absent.append((module, key))
-        for module, key in absent:  # every check passed: now the layers may change
+        for name, value in regrown.items():  # every check passed: now the layers may change
+            module = layers[name]
+            weight = module.get_base_layer().weight
+            trainable = module.taps_scores[adapter_name].requires_grad
+            module.taps_delta[adapter_name] = nn.Parameter(torch.zeros_like(weight), requires_grad=trainable)
+            remapped[f"{name}.taps_delta.{adapter_name}"] = value
+        for module, key in absent:
             if config.inference_mode:
-                del module.taps_delta[adapter_name]
+                if adapter_name in module.taps_delta:
+                    del module.taps_delta[adapter_name]
             elif adapter_name in module.taps_delta:
                 param = module.taps_delta[adapter_name]
                 remapped[key] = torch.zeros(param.shape, dtype=param.dtype, device=module.get_base_layer().weight.device)
