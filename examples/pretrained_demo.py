@@ -121,11 +121,15 @@ def task_steps(train_size: int, args: argparse.Namespace) -> int:
     return min(args.steps, math.ceil(args.epochs * train_size / args.batch))
 
 
-def train_taps(base: nn.Module, train: Data, classes: int, args: argparse.Namespace, lam: float,
-               freeze_at: Optional[float], recalibrate: bool, on_step: Callable[[int], None]) -> nn.Module:
-    """TAPS on a copy of the base; ``freeze_at`` (a fraction of the steps) fixes the gates from then on, and
-    ``recalibrate`` re-estimates the task's BatchNorm statistics after training."""
-    model = get_peft_model(demo.new_task_model(base, classes, args.seed), taps_peft.TAPSConfig(lam=lam))
+def new_taps_model(base: nn.Module, classes: int, lam: float, seed: int) -> nn.Module:
+    """A TAPS model on a copy of the base with a fresh ``classes``-way head (the same init as the other methods)."""
+    return get_peft_model(demo.new_task_model(base, classes, seed), taps_peft.TAPSConfig(lam=lam))
+
+
+def train_taps(model: nn.Module, train: Data, args: argparse.Namespace, freeze_at: Optional[float],
+               recalibrate: bool, on_step: Callable[[int], None]) -> nn.Module:
+    """Train a TAPS model; ``freeze_at`` (a fraction of the steps) fixes the gates from then on, and ``recalibrate``
+    re-estimates the task's BatchNorm statistics after training (the stable end of training)."""
     opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=args.lr, score_lr=args.score_lr)
     steps = task_steps(len(train[1]), args)
     freeze_step = None if freeze_at is None else round(freeze_at * steps)
@@ -193,7 +197,8 @@ def run_task(base: nn.Module, name: str, split: Split, out: Path, args: argparse
         return lambda step: bar.update(1)
 
     start = time.perf_counter()
-    taps = train_taps(base, train, classes, args, args.lam, args.freeze_at, args.recalibrate_bn, progress("TAPS"))
+    taps = train_taps(new_taps_model(base, classes, args.lam, args.seed), train, args, args.freeze_at,
+                      args.recalibrate_bn, progress("TAPS"))
     result = {"taps": demo.accuracy(taps, test)}
     taps.save_pretrained(str(out / name.replace(" ", "_")))
     summary, report = taps.taps_summary(), taps.taps_layer_report()
@@ -265,8 +270,8 @@ def lam_sweep(base: nn.Module, tasks: dict[str, Split], args: argparse.Namespace
         for name, (train, test) in tasks.items():
             for lam in args.lam_sweep:
                 bar.set_postfix_str(f"{name}: lam {lam:g}")
-                model = train_taps(base, train, int(train[1].max()) + 1, args, lam, args.freeze_at,
-                                   args.recalibrate_bn, lambda step: bar.update(1))
+                model = train_taps(new_taps_model(base, int(train[1].max()) + 1, lam, args.seed), train, args,
+                                   args.freeze_at, args.recalibrate_bn, lambda step: bar.update(1))
                 s = model.taps_summary()
                 rows.append({"task": name, "lam": lam, "accuracy": demo.accuracy(model, test),
                              "active_layers": s["active_layers"], "total_layers": s["total_layers"],
@@ -278,9 +283,11 @@ def lam_sweep(base: nn.Module, tasks: dict[str, Split], args: argparse.Namespace
     return rows
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/pretrained"))
+def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] = __doc__,
+               out: str = "runs/pretrained") -> argparse.Namespace:
+    """The demo's options (end_of_training.py adds its own)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--size", type=int, default=64, help="input resolution (px)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per task and method (at most)")
@@ -311,16 +318,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    start = time.perf_counter()
-    args = parse_args(argv)
+def setup(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Split]]:
+    """Threads, seed, the pretrained base and the tasks' data."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     # channels_last: oneDNN's faster CPU convs (~1.6x per step here); every method's copy inherits it
     base = efficientnet_lite0(num_classes=1000).eval().to(memory_format=torch.channels_last)
     cfg = base.pretrained_cfg
-    tasks = load_tasks(args.size, cfg["mean"], cfg["std"], args.seed, args.tasks, args.limit)
+    return base, load_tasks(args.size, cfg["mean"], cfg["std"], args.seed, args.tasks, args.limit)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    base, tasks = setup(args)
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.lam_sweep:
