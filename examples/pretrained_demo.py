@@ -8,19 +8,23 @@ scikit-image) in about 3 minutes on 2 CPU cores:
    faces vs non-faces (scikit-image's LFW subset) and textures (crops of scikit-image's brick / grass / gravel; test
    crops come from rows no training crop touches). Grey images are resized to ``--size`` px and repeated to RGB.
 3. Four methods per task, same steps, batch and cosine schedule, each from the same pretrained weights and head init:
-   - TAPS (``get_peft_model`` + ``taps_penalty``; gates frozen for the last ``--freeze-at`` of training and the
-     task's BatchNorm statistics re-estimated at the end: the stable end of training, see docs/results.md);
+   - TAPS (``get_peft_model`` + ``taps_penalty``; gates frozen after ``--freeze-at`` of the steps: the stable end
+     of training, see docs/results.md);
    - full fine-tuning of every parameter;
    - head-only (a linear probe: a new head on the frozen base's pooled features, BatchNorm in eval mode);
    - PEFT LoRA on the same targets as TAPS minus the depthwise convs (PEFT refuses a depthwise conv unless the rank
      divides its groups), i.e. the stem, pointwise and head convs, with the head and the BatchNorm layers trained
      and saved (``modules_to_save``), as TAPS trains task-specific norms.
+   TAPS, full fine-tuning and LoRA end alike: BatchNorm statistics re-estimated on 512 training images
+   (``recalibrate_batchnorm``, no weight changes; ``--no-recalibrate-bn`` to skip).
 4. Prints per task the accuracy of each method, TAPS's active layers k/L and adapter bytes, and whether the goals
    are met; writes ``results.json``, ``details.json`` (configuration, timings, per-layer scores), ``layer_map.png``
    (rows = tasks, columns = gated layers, as in the paper's Fig. 3) and each TAPS adapter (``save_pretrained``).
 
-    python examples/pretrained_demo.py [--out runs/pretrained] [--steps 60] [--lam 0.5] [--size 64] [--quick]
-    python examples/pretrained_demo.py --lam-sweep 0.1 0.25 0.5 1 2 --tasks digits faces   # TAPS only, per lam
+    python examples/pretrained_demo.py [--out runs/pretrained] [--steps 60] [--lam 0.2] [--size 64] [--quick]
+    python examples/pretrained_demo.py --lam-sweep 0.05 0.1 0.2 0.5 1 2 --tasks digits faces   # TAPS only, per lam
+    python examples/pretrained_demo.py --model vit_small_patch16_224 --size 96   # timm's weights, from the Hub
+    python examples/pretrained_demo.py --model resnet18 --weights resnet18.safetensors   # any local weights file
 """
 
 from __future__ import annotations
@@ -152,6 +156,8 @@ def train_full(base: nn.Module, train: Data, classes: int, args: argparse.Namesp
     model = demo.new_task_model(base, classes, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     demo.fit(model, train, opt, task_steps(len(train[1]), args), args.batch, on_step=on_step)
+    if args.recalibrate_bn:  # the same end of training as TAPS: every BatchNorm layer here
+        recalibrate_batchnorm(model, recalibration_batches(train[0], args.seed))
     return model
 
 
@@ -185,6 +191,8 @@ def train_lora(base: nn.Module, train: Data, classes: int, targets: list[str], a
     model = get_peft_model(demo.new_task_model(base, classes, args.seed), config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
     demo.fit(model, train, opt, task_steps(len(train[1]), args), args.batch, on_step=on_step)
+    if args.recalibrate_bn:  # the same end of training as TAPS: LoRA's task-specific BatchNorm copies
+        recalibrate_batchnorm(model, recalibration_batches(train[0], args.seed))
     return model
 
 
@@ -307,7 +315,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     p.add_argument("--freeze-at", type=float, default=0.8,
                    help="freeze the TAPS gates after this fraction of the steps (1 = never)")
     p.add_argument("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
-                   help="skip re-estimating TAPS's BatchNorm statistics after training")
+                   help="skip re-estimating the BatchNorm statistics after training (TAPS, full FT, LoRA)")
     p.add_argument("--lam-sweep", type=float, nargs="+", default=None, metavar="LAM",
                    help="instead of the comparison: TAPS alone for each lam on --tasks (writes lam_sweep.json)")
     p.add_argument("--seed", type=int, default=0)
