@@ -350,14 +350,14 @@ def print_table(res: dict[str, Any]) -> None:
         f"torch {env['torch']} threads {env['torch_threads']}"
     )
     mem = cfg["device"] == "cuda"
-    head = f"{'strategy':<10} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} {'min ms':>8} "
+    head = f"{'strategy':<11} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} {'min ms':>8} "
     head += f"{'vs full':>8} {'paired':>7}" + (f" {'peak GiB':>9}" if mem else "")
     print(head)
     print("-" * len(head))
     notes = []
     for r in res["results"]:
         line = (
-            f"{r['strategy']:<10} {r['trainable_params'] / 1e6:>11.3f} {r['optimizer_tensors']:>11d} "
+            f"{r['strategy']:<11} {r['trainable_params'] / 1e6:>11.3f} {r['optimizer_tensors']:>11d} "
             f"{r['median_ms']:>10.2f} {r['p25_ms']:>7.2f}-{r['p75_ms']:<7.2f} {r['min_ms']:>8.2f} "
             f"{r['ratio_vs_full']:>8.3f} {r['paired_ratio_median']:>7.3f}"
         )
