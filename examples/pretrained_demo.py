@@ -30,6 +30,7 @@ scikit-image) in about 3 minutes on 2 CPU cores:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -168,14 +169,21 @@ def pooled_features(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torc
 
 
 def head_only(base: nn.Module, train: Data, test: Data, classes: int, args: argparse.Namespace,
-              on_step: Callable[[int], None]) -> float:
-    """Linear probe: a new head trained on the frozen base's pooled features (computed once, BatchNorm in eval)."""
+              on_step: Callable[[int], None]) -> tuple[float, float]:
+    """Linear probe: a new head trained on the frozen base's pooled features (computed once, BatchNorm in eval).
+    Returns its test accuracy after the task's steps (the budget every method gets) and, from the same initial head,
+    after 10x as many (close to converged; cheap, since the features are computed once)."""
     model = demo.new_task_model(base, classes, args.seed)
-    head = model.get_classifier()
+    heads = [model.get_classifier(), copy.deepcopy(model.get_classifier())]
     features = (pooled_features(model, train[0]), train[1])
-    opt = torch.optim.AdamW(head.parameters(), lr=args.head_lr)
-    demo.fit(head, features, opt, task_steps(len(train[1]), args), args.batch, on_step=on_step)
-    return demo.accuracy(head, (pooled_features(model, test[0]), test[1]))
+    test_features = (pooled_features(model, test[0]), test[1])
+    steps = task_steps(len(train[1]), args)
+    accuracies = []
+    for head, n, callback in zip(heads, (steps, 10 * steps), (on_step, None)):
+        opt = torch.optim.AdamW(head.parameters(), lr=args.head_lr)
+        demo.fit(head, features, opt, n, args.batch, on_step=callback)
+        accuracies.append(demo.accuracy(head, test_features))
+    return accuracies[0], accuracies[1]
 
 
 def lora_targets(base: nn.Module, taps_layers: Sequence[str]) -> list[str]:
@@ -219,7 +227,7 @@ def run_task(base: nn.Module, name: str, split: Split, out: Path, args: argparse
     timings["full_ft"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result["head_only"] = head_only(base, train, test, classes, args, progress("head-only"))
+    result["head_only"], probe_long = head_only(base, train, test, classes, args, progress("head-only"))
     timings["head_only"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -233,6 +241,7 @@ def run_task(base: nn.Module, name: str, split: Split, out: Path, args: argparse
                   adapter_bytes=adapter.stat().st_size)
     details = {
         "train_size": len(train[1]), "test_size": len(test[1]), "classes": classes, "seconds": timings,
+        "head_only_10x_steps": probe_long,
         "taps_summary": summary, "layers": [{k: r[k] for k in ("name", "score", "active", "params")} for r in report],
         "lora_targets": len(targets),
         "lora_trainable_params": sum(p.numel() for p in lora.parameters() if p.requires_grad),
@@ -249,8 +258,9 @@ def mean(results: dict[str, dict[str, Any]], key: str) -> float:
     return sum(r[key] for r in results.values()) / len(results)
 
 
-def goals(results: dict[str, dict[str, Any]], seconds: float) -> dict[str, dict[str, Any]]:
-    """The issue's goals, each with its measured value and whether it is met."""
+def goals(results: dict[str, dict[str, Any]], probe_long: float, seconds: float) -> dict[str, dict[str, Any]]:
+    """The issue's goals, each with its measured value and whether it is met, and the first one against the linear
+    probe trained 10x longer (mean accuracy ``probe_long``)."""
     taps, head, full = mean(results, "taps"), mean(results, "head_only"), mean(results, "full_ft")
     kl = sum(r["active_layers"] / r["total_layers"] for r in results.values()) / len(results)
     rows = {
@@ -258,6 +268,8 @@ def goals(results: dict[str, dict[str, Any]], seconds: float) -> dict[str, dict[
         "mean TAPS >= mean full FT - 0.02": (taps - full, -0.02, taps - full >= -0.02),
         "mean k/L <= 0.5": (kl, 0.5, kl <= 0.5),
         "whole job <= 300 s": (seconds, 300.0, seconds <= 300.0),
+        "(not a goal) mean TAPS >= mean head-only trained 10x longer + 0.02": (
+            taps - probe_long, 0.02, taps - probe_long >= 0.02),
     }
     return {k: {"value": v, "bound": b, "met": bool(m)} for k, (v, b, m) in rows.items()}
 
@@ -391,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                  "image_size": args.size},
         "tasks": results,
     }
-    met = goals(results, seconds)
+    met = goals(results, mean(details, "head_only_10x_steps"), seconds)
 
     print(f"\nbase: {args.model} ({report['base']['weights']}), {report['base']['params']:,} params, {total_layers} "
           f"gated layers; {args.size} px; per task and method {args.steps} steps (at most {args.epochs:g} epochs) of "
@@ -399,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print_table(results)
     print("test accuracy per method; k/L = TAPS task-specific layers; adapter = TAPS adapter_model.safetensors")
     for goal, g in met.items():
-        print(f"goal {goal}: {g['value']:.3f} -> {'MET' if g['met'] else 'NOT met'}")
+        print(f"{goal}: {g['value']:.3f} -> {'MET' if g['met'] else 'NOT met'}")
 
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     (args.out / "details.json").write_text(json.dumps(
