@@ -350,7 +350,8 @@ def print_table(res: dict[str, Any]) -> None:
         f"torch {env['torch']} threads {env['torch_threads']}"
     )
     mem = cfg["device"] == "cuda"
-    head = f"{'strategy':<11} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} {'min ms':>8} "
+    head = f"{'strategy':<11} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} "
+    head += f"{'min ms':>8} "
     head += f"{'vs full':>8} {'paired':>7}" + (f" {'peak GiB':>9}" if mem else "")
     print(head)
     print("-" * len(head))

