@@ -4,7 +4,7 @@
 Runs, each as its own process (one at a time, so they do not compete for the cores), with ``--json`` to a
 temporary file that is collected afterwards:
 
-    train_step   bench_train_step.py --lora     TAPS (and LoRA) step / full fine-tuning step
+    train_step   bench_train_step.py --lora     TAPS (frozen gates, LoRA) step / full fine-tuning step
     inference    bench_inference.py             TAPS unmerged / merged forward vs the base model
     switch       bench_switch.py                task switch time and bytes with N adapters, adapter size
     memory       bench_memory.py --lora         TAPS / full fine-tuning training memory
@@ -89,6 +89,9 @@ def rows_train_step(r: dict[str, Any]) -> list[Row]:
              r["goal_met"]),
         _row("train_step", "  (median of paired per-round ratios)", r["taps_over_full_paired"]),
     ]
+    if r.get("frozen_over_full") is not None:
+        out.append(_row("train_step", f"TAPS frozen gates ({r['frozen_active_layers']} open) / full FT step",
+                        r["frozen_over_full"], f"<= {r['frozen_goal']:.2f}", r["frozen_goal_met"]))
     for res in r["results"]:
         if res["strategy"].startswith("LoRA"):
             out.append(_row("train_step", f"{res['strategy']} / full FT step time", res["ratio_vs_full"]))

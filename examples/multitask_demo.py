@@ -74,8 +74,10 @@ def load_tasks(seed: int) -> tuple[Split, dict[str, Split]]:
 
 
 def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, steps: int, batch: int,
-        penalty: Optional[Callable[[int], torch.Tensor]] = None) -> None:
-    """``steps`` optimizer steps of cross-entropy (+ TAPS penalty) over shuffled mini-batches, cosine lr."""
+        penalty: Optional[Callable[[int], torch.Tensor]] = None,
+        on_step: Optional[Callable[[int], None]] = None) -> None:
+    """``steps`` optimizer steps of cross-entropy (+ TAPS penalty) over shuffled mini-batches, cosine lr;
+    ``on_step(steps_done)`` runs after each step (progress bars, freezing the gates)."""
     x, y = data
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -90,6 +92,8 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, steps: int, ba
             opt.step()
             sched.step()
             step += 1
+            if on_step is not None:
+                on_step(step)
             if step == steps:
                 break
 
@@ -115,8 +119,8 @@ def new_task_model(base: nn.Module, num_classes: int, seed: int) -> nn.Module:
 
 
 def short_name(name: str) -> str:
-    """``blocks.2.attn.qkv`` -> ``b2.qkv`` (column labels of the layer map)."""
-    m = re.search(r"blocks\.(\d+)\..*?([^.]+)$", name)
+    """``blocks.2.attn.qkv`` -> ``b2.qkv``, ``blocks.2.1.conv_pw`` -> ``b2.1.conv_pw`` (layer-map column labels)."""
+    m = re.search(r"blocks\.(\d+(?:\.\d+)*)\..*?([^.]+)$", name)
     return f"b{m.group(1)}.{m.group(2)}" if m else ".".join(name.split(".")[-2:])
 
 
@@ -151,7 +155,7 @@ def run_task(base: nn.Module, data: Split, out: Path, args: argparse.Namespace) 
     return result
 
 
-def plot_layer_map(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_layer_map(results: dict[str, dict[str, Any]], path: Path, dpi: int = 150) -> None:
     """Rows = tasks, columns = gated layers in depth order; a filled cell is a task-specific (active) layer."""
     tasks = list(results)
     names = [r["name"] for r in results[tasks[0]]["layers"]]
@@ -168,7 +172,7 @@ def plot_layer_map(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.tick_params(which="minor", length=0)
     ax.set_title("TAPS layer map: dark = task-specific layer, light = shared with the base")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=dpi)
 
 
 def pretrain_base(data: Data, args: argparse.Namespace) -> nn.Module:

@@ -126,3 +126,14 @@ def test_frozen_gates_work_under_activation_checkpointing(images, reentrant):
     out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant)
     out.square().mean().backward()
     assert taps_layers(model)[1].taps_delta["default"].grad is not None
+
+
+def test_recalibrate_batchnorm_on_a_plain_model_re_estimates_every_batchnorm(images):
+    model = tiny_resnet().eval()  # no adapters: e.g. the full fine-tuning baseline
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    seen = []
+    hook = model.bn1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    assert recalibrate_batchnorm(model, batches) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    hook.remove()
+    torch.testing.assert_close(model.bn1.running_mean, torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0))
+    assert not model.training and model.bn1.momentum == 0.1  # restored

@@ -20,7 +20,8 @@ def recalibrate_batchnorm(
     model: nn.Module, batches: Iterable[Any], forward: Optional[Callable[[nn.Module, Any], Any]] = None
 ) -> int:
     """Recompute the running statistics of the active adapter's BatchNorm copies (``train_norms=True``) as the exact
-    average over ``batches``, changing no weight; returns how many layers were re-estimated.
+    average over ``batches``, changing no weight; returns how many layers were re-estimated. On a plain model (no PEFT
+    adapters: full fine-tuning, a baseline) every BatchNorm layer is re-estimated.
 
     The running statistics average activations seen during training. When a gate closes (or opens) in the last steps,
     the layers after it see other activations than the statistics describe, and eval accuracy drops (on a real
@@ -35,14 +36,17 @@ def recalibrate_batchnorm(
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     active = set(model.active_adapters) if hasattr(model, "active_adapters") else set()
-    norms = [
-        bn
-        for wrapper in _tuner_modules(base)
-        if isinstance(wrapper, ModulesToSaveWrapper)
-        for name in active & set(wrapper.modules_to_save)
-        for bn in wrapper.modules_to_save[name].modules()
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
-    ]
+    if hasattr(model, "peft_config"):
+        candidates = [
+            bn
+            for wrapper in _tuner_modules(base)
+            if isinstance(wrapper, ModulesToSaveWrapper)
+            for name in active & set(wrapper.modules_to_save)
+            for bn in wrapper.modules_to_save[name].modules()
+        ]
+    else:
+        candidates = list(model.modules())
+    norms = [bn for bn in candidates if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
     if not norms:
         return 0
     was_training = model.training

