@@ -146,6 +146,18 @@ def test_resume_matches_uninterrupted(data, tmp_path):
         train(vit_args(data, tmp_path / "resumed", resume_from="latest", **{**kw, "lam": 1.0, "batch_size": 8}))
 
 
+def test_a_local_weights_file_for_a_timm_model(data, tmp_path):
+    """--weights: the pretrained EfficientNet-Lite0 from its package file (nothing downloaded); the card rebuilds it."""
+    from taps_peft.pretrained import efficientnet_lite0_weights
+
+    weights = efficientnet_lite0_weights()
+    m = train(TrainArgs(model="timm:tf_efficientnet_lite0", weights=weights, dataset=f"imagefolder:{data}",
+                        cache_dir=str(data.parent / "hf_cache"), output_dir=str(tmp_path / "run"), cpu=True,
+                        max_steps=2, batch_size=8, image_size=64, eval_split="none"))
+    assert m["total_layers"] == 49
+    assert_card_rebuilds_the_base(tmp_path / "run", f'load_weights(base, "{weights}")', "num_classes=2")
+
+
 def test_cli_usage_errors_are_messages_not_tracebacks(data, tmp_path, monkeypatch, capsys):
     cli = ["--model", "timm:vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", VIT, "--dataset",
            f"imagefolder:{data}", "--cache-dir", str(data.parent / "hf_cache"), "--cpu", "--max-steps", "1"]
@@ -174,18 +186,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_single_process(data, tmp_path):
+@pytest.mark.parametrize("freeze", ["1", "0.5"])
+def test_ddp_two_processes_match_single_process(data, tmp_path, freeze):
     """2 CPU processes x batch 8 through the real launcher == 1 process x batch 16 (same data order).
 
     DDP averages the ranks' gradients of their mean losses, which is the gradient of the mean over the global batch;
     the penalty's gradient is the same on both ranks, so the average keeps it. SGD with momentum and cosine decay.
-    Gates close and reopen during these 8 steps (the history shows it), so closed-gate layers must still hand DDP a
-    (zero) gradient: the launcher uses DDP's default find_unused_parameters=False.
+    Gates close and reopen during these 8 steps (the history shows it), so while the gates learn (freeze 1: never
+    frozen) closed-gate layers must still hand DDP a (zero) gradient: find_unused_parameters=False. With the gates
+    frozen half-way, closed layers get none, and the launcher tells DDP so.
     """
     cli = ["--model", "timm:vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", VIT,
            "--dataset", f"imagefolder:{data}", "--cache-dir", str(data.parent / "hf_cache"),
            "--optimizer", "sgd", "--lr", "0.05", "--score-lr", "0.2", "--lam", "0.5", "--max-steps", "8",
-           "--log-every", "1", "--eval-split", "none"]
+           "--log-every", "1", "--eval-split", "none", "--freeze-gates-at", freeze]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -200,7 +214,8 @@ def test_ddp_two_processes_match_single_process(data, tmp_path):
     states = {s["rank"]: s for s in (json.loads(line[len(STATE_PREFIX):]) for line in proc.stdout.splitlines()
                                      if line.startswith(STATE_PREFIX))}
     assert sorted(states) == [0, 1] and all(s["world"] == 2 and s["step"] == 8 for s in states.values())
-    assert states[0]["wrapper"] == "DistributedDataParallel" and states[0]["find_unused_parameters"] is False
+    assert states[0]["wrapper"] == "DistributedDataParallel"
+    assert states[0]["find_unused_parameters"] is (freeze != "1")
     assert {k: v for k, v in states[0].items() if k != "rank"} == {k: v for k, v in states[1].items() if k != "rank"}
     ckpts = tmp_path / "ddp/checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_6", "step_8"]  # pruned, no .tmp_* left

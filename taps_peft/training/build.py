@@ -26,17 +26,24 @@ def load_model(args: TrainArgs, num_classes: int, labels: list[str]):
         timm = require("timm", "timm")
 
         kwargs = dict(args.model_kwargs)
-        if args.pretrained:
+        download = args.pretrained and not args.weights
+        if download:
             pcfg = timm.models.get_pretrained_cfg(name)
             check_download(args.model, getattr(pcfg, "hf_hub_id", None), getattr(pcfg, "url", None),
                             ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"),
                             "--weights PATH (a local weights file)")
-        model = timm.create_model(name, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
+        if args.weights:
+            from ..pretrained import load_weights
+
+            load_weights(model, args.weights)
         cfg = timm.data.resolve_model_data_config(model)
         size = kwargs.get("img_size") or getattr(getattr(model, "patch_embed", None), "img_size", None)
         size = size or cfg["input_size"][1:]
         return model, False, pair(size), cfg["mean"], cfg["std"]
 
+    if args.weights:
+        raise ValueError(f"--weights {args.weights}: for a transformers model, pass its local folder as --model hf:PATH.")
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 STATE_PREFIX = "TAPS_STATE "  # the line ``--print-state`` writes on every rank, followed by JSON
-_RECALIBRATION_IMAGES = 2048  # at most this many training images re-estimate the BatchNorm statistics
 
 
 @dataclass
@@ -45,6 +44,9 @@ class TrainArgs:
     dataset: str = field(metadata={"help": "A Hub dataset name, a local dataset dir, or imagefolder:PATH."})
     output_dir: str = field(default="runs/taps", metadata={"help": "Adapter, checkpoints/ and results go here."})
     pretrained: bool = field(default=True, metadata={"help": "Load pretrained weights (--no-pretrained: random)."})
+    weights: Optional[str] = field(default=None, metadata={
+        "help": "A local weights file for a timm model (.safetensors or .pth: by name or in order, a head of another "
+                "size stays fresh); nothing is downloaded."})
     model_kwargs: dict = field(default_factory=dict, metadata={
         "help": "JSON passed to timm.create_model or the transformers config, e.g. '{\"img_size\": 32}'."})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
@@ -65,11 +67,11 @@ class TrainArgs:
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to gate (every Linear/Conv but head and patch embedding when unset)."})
     score_lr: Optional[float] = field(default=None, metadata={
         "help": "Learning rate of the scores (--lr when unset; use e.g. 1e-2 with AdamW)."})
-    freeze_gates_at: Optional[float] = field(default=None, metadata={
-        "help": "Fix the gates after this fraction of the steps (e.g. 0.8): no late flips, and closed layers skip "
-                "their weight gradient. Unset: never."})
-    recalibrate_bn: bool = field(default=False, metadata={
-        "help": "At the end, re-estimate the task's BatchNorm statistics on the training images (no weight "
+    freeze_gates_at: float = field(default=0.8, metadata={
+        "help": "Fix the gates after this fraction of the steps: no late flips, and closed layers skip their weight "
+                "gradient (1: never)."})
+    recalibrate_bn: bool = field(default=True, metadata={
+        "help": "At the end, re-estimate the task's BatchNorm statistics on up to 512 training images (no weight "
                 "changes)."})
     # optimisation
     optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum, as in the paper) or adamw.",
@@ -173,7 +175,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
-    if args.freeze_gates_at is not None and not 0 <= args.freeze_gates_at <= 1:
+    if not 0 <= args.freeze_gates_at <= 1:
         raise ValueError(f"--freeze-gates-at {args.freeze_gates_at}: use a fraction of the steps in [0, 1], e.g. 0.8.")
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -181,7 +183,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
         # frozen gates: closed layers' deltas and every score then get no gradient, which DDP must be told
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_gates_at is not None)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.freeze_gates_at < 1)],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
@@ -211,7 +213,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     from ..tuner import TAPSConfig
     from .build import EpochOrder, load_data, load_model, pair, with_transform
-    from .norms import recalibrate_batchnorm
+    from .norms import RECALIBRATION_IMAGES, recalibrate_batchnorm
     from .optim import create_taps_optimizer
 
     out = Path(args.output_dir)
@@ -223,12 +225,13 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     base, is_hf, size, mean, std = load_model(args, len(labels), labels)
     if args.image_size:
         size = pair(args.image_size)
-    pretrained = args.pretrained
+    pretrained = args.pretrained and not args.weights
     config = TAPSConfig(
         lam=args.lam, tau=args.tau, score_init=args.score_init, warmup_steps=args.taps_warmup_steps,
         target_modules=args.target_modules,
         base_model_info={"name": args.model.partition(":")[2] or args.model, "pretrained": pretrained,
-                         "seed": None if pretrained else args.seed, "model_kwargs": args.model_kwargs or None},
+                         "seed": None if pretrained else args.seed, "model_kwargs": args.model_kwargs or None,
+                         "weights": args.weights},
         task_info={"dataset": args.dataset, "labels": labels},
     )
     model = get_peft_model(base, config)
@@ -290,7 +293,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     window = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
     history: list[dict[str, float]] = []
     done = pos.step >= total_steps
-    freeze_step = None if args.freeze_gates_at is None else int(args.freeze_gates_at * total_steps)
+    freeze_step = None if args.freeze_gates_at >= 1 else int(args.freeze_gates_at * total_steps)
     for epoch in range(pos.epoch, epochs):
         if done:
             break
@@ -351,7 +354,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     if args.recalibrate_bn:  # the same images on every process: identical statistics everywhere
         images = DataLoader(with_transform(train_ds, image_col, label_col, size, mean, std),
                             batch_size=args.eval_batch_size or args.batch_size)
-        batches = itertools.islice(images, max(1, _RECALIBRATION_IMAGES // images.batch_size))
+        batches = itertools.islice(images, max(1, RECALIBRATION_IMAGES // images.batch_size))
         with accelerator.autocast():
             recalibrate_batchnorm(peft_model, (b["pixel_values"].to(accelerator.device) for b in batches),
                                   lambda m, x: m(pixel_values=x) if is_hf else m(x))

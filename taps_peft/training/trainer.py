@@ -180,11 +180,12 @@ class TAPSTrainer(Trainer):
             the lr schedule scales both groups alike. Scores never get weight decay.
         taps_logging: Add ``taps_active_layers``, ``taps_total_layers`` and ``taps_penalty`` to the training logs
             (a :class:`TAPSCallback`).
-        freeze_gates_at: Fix the gates (``model.freeze_gates()``) once this fraction of ``max_steps`` is done, e.g.
-            0.8: no gate flips in the last steps, and closed layers skip their weight gradient. Under DDP it needs
-            ``TrainingArguments(ddp_find_unused_parameters=True)``.
-        recalibrate_bn: After training, re-estimate the task's BatchNorm statistics on (up to 2048) training images,
-            changing no weight (``taps_peft.training.recalibrate_batchnorm``); save the model after ``train()``.
+        freeze_gates_at: Fix the gates (``model.freeze_gates()``) once this fraction of ``max_steps`` is done
+            (default 0.8; ``None``: never): no gate flips in the last steps, and closed layers skip their weight
+            gradient. Under DDP the Trainer's default (finding unused parameters for PEFT models) is needed.
+        recalibrate_bn: After training, re-estimate the task's BatchNorm statistics on up to 512 training images,
+            changing no weight (``taps_peft.training.recalibrate_batchnorm``; default on); save the model after
+            ``train()``. Both defaults are measured in docs/results.md.
 
     The penalty is added in training mode only (``eval_loss`` is the task loss alone), once per optimizer step
     whatever the gradient accumulation (it is divided by the number of micro-batches whenever the Trainer does not
@@ -206,8 +207,8 @@ class TAPSTrainer(Trainer):
         *args: Any,
         score_learning_rate: Optional[float] = None,
         taps_logging: bool = True,
-        freeze_gates_at: Optional[float] = None,
-        recalibrate_bn: bool = False,
+        freeze_gates_at: Optional[float] = 0.8,
+        recalibrate_bn: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -216,10 +217,11 @@ class TAPSTrainer(Trainer):
             raise ValueError(f"score_learning_rate={score_learning_rate!r} is invalid: use a float > 0, e.g. 1e-2.")
         if freeze_gates_at is not None and not 0 <= freeze_gates_at <= 1:
             raise ValueError(f"freeze_gates_at={freeze_gates_at!r} is invalid: use a fraction in [0, 1], e.g. 0.8.")
-        if freeze_gates_at is not None and self.args.world_size > 1 and not self.args.ddp_find_unused_parameters:
+        if freeze_gates_at is not None and self.args.world_size > 1 and self.args.ddp_find_unused_parameters is False:
             raise ValueError(
-                "freeze_gates_at under DDP: closed layers and scores get no gradient once the gates are fixed; pass "
-                "TrainingArguments(ddp_find_unused_parameters=True)."
+                "freeze_gates_at under DDP: closed layers and scores get no gradient once the gates are fixed, and "
+                "ddp_find_unused_parameters=False forbids that: leave it unset (the Trainer then finds unused "
+                "parameters for PEFT models), or pass freeze_gates_at=None."
             )
         self.score_learning_rate = score_learning_rate
         self.freeze_gates_at, self.recalibrate_bn = freeze_gates_at, recalibrate_bn
@@ -238,10 +240,10 @@ class TAPSTrainer(Trainer):
             )
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.recalibrate_bn:
-            from .norms import recalibrate_batchnorm
+            from .norms import RECALIBRATION_IMAGES, recalibrate_batchnorm
 
-            loader = self.get_train_dataloader()
-            batches = itertools.islice(loader, max(1, 2048 // max(1, self.args.per_device_train_batch_size)))
+            per_batch = max(1, self.args.per_device_train_batch_size)
+            batches = itertools.islice(self.get_train_dataloader(), max(1, RECALIBRATION_IMAGES // per_batch))
             model = unwrap_taps_model(self.model)
             with torch.no_grad():
                 recalibrate_batchnorm(model, (self._prepare_inputs(b) for b in batches))  # labels are dropped
