@@ -42,8 +42,7 @@ def describe_base_model(model: nn.Module, adapter_name: Optional[str] = None) ->
     """The base model of a TAPS PeftModel as the card shows it, from ``base_identity`` (``hub.identity``)."""
     from .identity import base_identity
 
-    config = _peft_config(model, adapter_name)
-    info = base_identity(model, config, adapter_name or model.active_adapters[0])
+    info = base_identity(model, _peft_config(model, adapter_name))  # no adapter name: the card needs no fingerprint
     name, library = info["name"], info["library"]
     detail = f", model_type `{info['model_type']}`" if "model_type" in info else ""
     hub_id = _hub_id(name) if info.get("pretrained") else None

@@ -38,7 +38,7 @@ def fingerprint(model: nn.Module, layers: Iterable[str]) -> Optional[list[float]
     layer's projections are seeded by its name, so an adapter's fingerprint depends on its own layers only."""
     from ..tuner.layer import TAPSLayer, _is_sharded
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     modules = dict(base.named_modules())
     projections = torch.zeros(_PROJECTIONS, dtype=torch.float64)
     square = 0.0
@@ -66,7 +66,7 @@ def adapter_layers(model: nn.Module, adapter_name: str) -> list[str]:
     """Names (in the base model) of the layers that hold ``adapter_name``'s score."""
     from ..tuner.layer import TAPSLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     return [n for n, m in base.named_modules() if isinstance(m, TAPSLayer) and adapter_name in m.taps_scores]
 
 
@@ -76,7 +76,7 @@ def base_identity(model: nn.Module, config: Any, adapter_name: Optional[str] = N
     model (the fingerprint covers that adapter's layers; none without an adapter name)."""
     from ..tuner.targets import find_head
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     info = dict(getattr(config, "base_model_info", None) or {})
     user_name = info.get("name")  # as a script or an earlier save recorded it
     pcfg = getattr(base, "pretrained_cfg", None)
@@ -112,7 +112,7 @@ def check_base(model: nn.Module, config: Any, adapter_name: str, strict: bool = 
     saved = getattr(config, "base_model_info", None) or {}
     if not saved.get("fingerprint"):
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     now = fingerprint(model, planned_targets(base, config, config.target_modules))
     if now is None or max(abs(a - b) for a, b in zip(saved["fingerprint"], now)) <= _TOLERANCE:
         return
@@ -128,6 +128,11 @@ def check_base(model: nn.Module, config: Any, adapter_name: str, strict: bool = 
     if strict:
         raise ValueError(message)
     warnings.warn(message, BaseModelMismatchWarning, stacklevel=3)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The base model of a ``PeftModel`` (``model`` itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _plain(module: nn.Module) -> nn.Module:
