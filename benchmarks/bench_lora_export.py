@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 
 import taps_peft
-from taps_peft.pretrained import efficientnet_lite0
-from taps_peft.training import recalibrate_batchnorm
+from taps_peft.weights import efficientnet_lite0
+from taps_peft import recalibrate_batchnorm
 
 
 def digits(img_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     model.eval()
     with torch.no_grad():
         ref = model(xte)
-    summary = model.taps_summary()
+    summary = taps_peft.taps_summary(model)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(os.path.join(tmp, "taps"))

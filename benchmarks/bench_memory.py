@@ -53,6 +53,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 1e-4 for adamw")
     p.add_argument("--lam", type=float, default=0.5, help="TAPS lam")
     p.add_argument("--lora", action="store_true", help="also measure PEFT LoRA r=16 on qkv, proj, fc1, fc2")
+    p.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the base's own dtype; bf16 also measures TAPS with autocast_adapter_dtype=False (bf16 deltas)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per strategy (default 5; quick 2)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: measure one strategy's peak RSS
     args = p.parse_args(argv)
@@ -97,7 +99,8 @@ def rss_child(args: argparse.Namespace) -> int:
 
     baseline = _rss_kib()["VmRSS"]
     base = T.build_base(args)
-    make = {"full FT": T.make_full, "TAPS": T.make_taps, "LoRA r=16": T.make_lora}[args.rss_child]
+    make = {"full FT": T.make_full, "TAPS": T.make_taps, "LoRA r=16": T.make_lora, HALF_DELTAS: make_half}[
+        args.rss_child]
     s = make(base, args)
     del base
     x, y = T.make_batch(args)
@@ -111,10 +114,18 @@ def rss_child(args: argparse.Namespace) -> int:
     return 0
 
 
+HALF_DELTAS = "TAPS autocast_adapter_dtype=False"
+
+
+def make_half(base, args: argparse.Namespace) -> T.Strategy:
+    """TAPS with PEFT's ``autocast_adapter_dtype=False``: deltas and head/norm copies in the base's 16-bit dtype."""
+    return T.make_taps(base, args, autocast_adapter_dtype=False, name=HALF_DELTAS)
+
+
 def measure_rss(name: str, args: argparse.Namespace) -> int:
     """Run ``rss_child`` for strategy ``name`` in a fresh process with this run's settings."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    flags = ["model", "img_size", "batch", "num_classes", "dtype", "seed", "optim", "lr", "lam", "steps"]
+    flags = ["model", "img_size", "batch", "num_classes", "dtype", "seed", "optim", "lr", "lam", "steps", "base_dtype"]
     argv = [a for f in flags for a in (f"--{f.replace('_', '-')}", str(getattr(args, f)))]
     argv += ["--threads", str(args.threads)] if args.threads else []
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--rss-child", name]
@@ -128,6 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return rss_child(args)
     base = T.build_base(args)
     strategies = [T.make_full(base, args), T.make_taps(base, args)]
+    if args.base_dtype != "fp32":
+        strategies.append(make_half(base, args))
     if args.lora:
         strategies.append(T.make_lora(base, args))
     del base

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import taps_peft  # noqa: E402
 from torch import nn
 
 import _common as C
@@ -441,7 +442,7 @@ def sizes(factory: AdapterFactory, args, full_file: int, model_bytes: int) -> li
     for f in args.size_fractions:
         name = f"size{len(rows)}_{round(f * 100)}pct"
         factory.make(name, f)
-        summary = factory.template.taps_summary("default")
+        summary = taps_peft.taps_summary(factory.template, "default")
         file_bytes = factory.file_bytes(name)
         rows.append(
             {

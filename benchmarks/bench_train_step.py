@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import taps_peft  # noqa: E402
 import torch.nn.functional as F
 from torch import nn
 
@@ -127,9 +128,13 @@ def build_base(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(args.seed)
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": args.num_classes}
     try:
-        return timm.create_model(args.model, img_size=args.img_size, **kwargs)
+        model = timm.create_model(args.model, img_size=args.img_size, **kwargs)
     except TypeError:  # models without an img_size argument (CNNs) take any resolution
-        return timm.create_model(args.model, **kwargs)
+        model = timm.create_model(args.model, **kwargs)
+    return model.to(BASE_DTYPES[getattr(args, "base_dtype", "fp32")])
+
+
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +142,7 @@ def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
-    return x.to(args.device), y.to(args.device)
+    return x.to(args.device, BASE_DTYPES[getattr(args, "base_dtype", "fp32")]), y.to(args.device)
 
 
 def make_full(base: nn.Module, args: argparse.Namespace) -> Strategy:
@@ -148,17 +153,20 @@ def make_full(base: nn.Module, args: argparse.Namespace) -> Strategy:
     return Strategy("full FT", model, opt, info=_param_info(model, opt))
 
 
-def make_taps(base: nn.Module, args: argparse.Namespace) -> Strategy:
+def make_taps(base: nn.Module, args: argparse.Namespace, autocast_adapter_dtype: bool = True,
+              name: str = "TAPS") -> Strategy:
+    """TAPS with every gate open; ``autocast_adapter_dtype`` is PEFT's flag (True: fp32 deltas on a 16-bit base)."""
     import taps_peft
     from peft import get_peft_model
 
-    model = get_peft_model(copy.deepcopy(base), taps_peft.TAPSConfig(lam=args.lam)).to(args.device).train()
+    model = get_peft_model(copy.deepcopy(base), taps_peft.TAPSConfig(lam=args.lam),
+                           autocast_adapter_dtype=autocast_adapter_dtype).to(args.device).train()
     cls, kw = _optimizer_cls(args)
     opt = taps_peft.create_taps_optimizer(model, cls, lr=args.lr, **kw)
-    summary = model.taps_summary()
+    summary = taps_peft.taps_summary(model)
     info = _param_info(model, opt)
     info["active_layers"] = f"{summary['active_layers']}/{summary['total_layers']}"
-    return Strategy("TAPS", model, opt, extra_loss=model.taps_penalty, info=info)
+    return Strategy(name, model, opt, extra_loss=model.taps_penalty, info=info)
 
 
 def make_taps_frozen(base: nn.Module, args: argparse.Namespace) -> Strategy:
@@ -178,7 +186,7 @@ def make_taps_frozen(base: nn.Module, args: argparse.Namespace) -> Strategy:
         for i, layer in enumerate(layers):
             layer.taps_scores["default"].fill_(0.15 if i in open_layers else 0.05)
     model.freeze_gates()
-    summary = model.taps_summary()
+    summary = taps_peft.taps_summary(model)
     info = _param_info(model, opt)
     info["active_layers"] = f"{summary['active_layers']}/{summary['total_layers']}"
     return Strategy("TAPS frozen", model, opt, extra_loss=model.taps_penalty, info=info)

@@ -14,6 +14,7 @@ It also counts the steps in the last 20% of training at which the set of active 
 from __future__ import annotations
 
 import argparse
+import taps_peft  # noqa: E402
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrained_demo as pd  # noqa: E402  (base, data, TAPS training of the main job)
 
-from taps_peft.training import recalibrate_batchnorm  # noqa: E402
+from taps_peft import recalibrate_batchnorm  # noqa: E402
 
 
 
@@ -33,7 +34,7 @@ def run(base, split, lam: float, seed: int, freeze: bool, args: argparse.Namespa
     model = pd.new_taps_model(base, classes, lam, seed)
     history: list[tuple[bool, ...]] = []
     pd.train_taps(model, train, args, args.freeze_at if freeze else None, recalibrate=False,
-                  on_step=lambda step: history.append(tuple(r["active"] for r in model.taps_layer_report())))
+                  on_step=lambda step: history.append(tuple(r["active"] for r in taps_peft.taps_layer_report(model))))
     steps = len(history)
     changes = [i + 1 for i in range(1, steps) if history[i] != history[i - 1]]
     row = {"lam": lam, "seed": seed, "gates": "frozen" if freeze else "free", "steps": steps,

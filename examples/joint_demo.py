@@ -49,9 +49,9 @@ def incremental(base: nn.Module, tasks: dict, args: argparse.Namespace) -> dict[
 
 def row(model: Any, adapter: str, test: Any) -> dict[str, Any]:
     model.set_adapter(adapter)
-    s = model.taps_summary(adapter)
+    s = taps_peft.taps_summary(model, adapter)
     return {"accuracy": demo.accuracy(model, test), "active_layers": s["active_layers"],
-            "total_layers": s["total_layers"], "layers": [r["name"] for r in model.taps_layer_report(adapter)
+            "total_layers": s["total_layers"], "layers": [r["name"] for r in taps_peft.taps_layer_report(model, adapter)
                                                           if r["active"]]}
 
 

@@ -43,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         model = get_peft_model(demo.new_task_model(base, classes, args.seed), taps_peft.TAPSConfig(lam=lam))
         opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=args.lr, score_lr=args.score_lr)
         demo.fit(model, train, opt, args.steps, args.batch, penalty=model.taps_penalty)
-        s = model.taps_summary()
+        s = taps_peft.taps_summary(model)
         rows.append({"lam": lam, "accuracy": demo.accuracy(model, test), "active_layers": s["active_layers"],
                      "total_layers": s["total_layers"], "adapter_bytes": s["adapter_bytes"]})
         print(f"{lam:>6g} {rows[-1]['accuracy']:>6.3f} {s['active_layers']:>3}/{s['total_layers']}")

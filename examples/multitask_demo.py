@@ -134,11 +134,11 @@ def run_task(base: nn.Module, data: Split, out: Path, args: argparse.Namespace) 
     fit(taps, train, opt, args.steps, args.batch, penalty=taps.taps_penalty)
     result["taps"] = accuracy(taps, test)
     taps.save_pretrained(str(out))
-    summary = taps.taps_summary()
+    summary = taps_peft.taps_summary(taps)
     result.update(
         active_layers=summary["active_layers"], total_layers=summary["total_layers"],
         adapter_bytes=(out / "adapter_model.safetensors").stat().st_size, taps_summary=summary,
-        layers=[{k: r[k] for k in ("name", "score", "active", "params")} for r in taps.taps_layer_report()],
+        layers=[{k: r[k] for k in ("name", "score", "active", "params")} for r in taps_peft.taps_layer_report(taps)],
     )
 
     full = new_task_model(base, n, args.seed)

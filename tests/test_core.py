@@ -85,15 +85,16 @@ def test_default_targets_convnets_count_like_the_paper(arch, expected_layers, he
     model = get_peft_model(timm.create_model(arch, pretrained=False, num_classes=3), TAPSConfig())
     assert len(taps_layers(model)) == expected_layers
     assert model.peft_config["default"].modules_to_save[0] == head
-    assert model.taps_summary()["total_layers"] == expected_layers
+    assert taps_peft.taps_summary(model)["total_layers"] == expected_layers
 
 
 def test_default_targets_convnext_gate_convs_and_mlp_not_head():
     timm = pytest.importorskip("timm")
     base = timm.create_model("convnext_atto", pretrained=False, num_classes=3)
-    n_gateable = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in base.modules()) - 1  # minus head.fc
+    n_gateable = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in base.modules()) - 2  # minus head.fc, patchify stem
     model = get_peft_model(base, TAPSConfig())
     assert len(taps_layers(model)) == n_gateable
+    assert not any(n.startswith("stem.") for n in model.peft_config["default"].target_modules)
     assert model.peft_config["default"].modules_to_save[0] == "head.fc"
     assert "head.norm" in model.peft_config["default"].modules_to_save
     x = torch.randn(2, 3, 32, 32)
@@ -407,15 +408,15 @@ def test_report_and_summary(capsys):
     layers = taps_layers(model)
     for layer in layers[:5]:
         layer.taps_scores["default"].data.fill_(0.0)
-    rows = model.taps_layer_report()
+    rows = taps_peft.taps_layer_report(model)
     assert [r["active"] for r in rows] == [False] * 5 + [True] * 3
-    summary = model.taps_summary()
+    summary = taps_peft.taps_summary(model)
     assert (summary["active_layers"], summary["total_layers"]) == (3, 8)
     active_params = sum(r["params"] for r in rows if r["active"])
     assert summary["task_specific_params"] > active_params
     base_params = sum(p.numel() for p in tiny_timm_vit(depth=2).parameters())
     assert summary["base_params"] == base_params
-    model.print_taps_summary(show_layers=True)
+    taps_peft.print_taps_summary(model, show_layers=True)
     out = capsys.readouterr().out
     assert "active layers: 3/8 (37.5%)" in out and "blocks.0.attn.qkv" in out
 

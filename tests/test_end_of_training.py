@@ -5,12 +5,13 @@ import copy
 
 import pytest
 import torch
+import taps_peft  # noqa: E402
 import torch.nn.functional as F
 from peft import get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 
 from taps_peft import TAPSConfig, TAPSLayer, create_taps_optimizer
-from taps_peft.training import recalibrate_batchnorm
+from taps_peft import recalibrate_batchnorm
 from conftest import logits, tiny_resnet
 
 
@@ -62,12 +63,24 @@ def test_recalibrate_batchnorm_averages_the_batches_and_changes_no_weight(images
     assert all(torch.equal(v, wrapper.modules_to_save["default"].state_dict()[k]) for k, v in stats.items())
 
 
-def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path):
+def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path, monkeypatch):
     """TAPSTrainer(freeze_gates_at=0.5, recalibrate_bn=True): no gate changes after half the steps; the statistics
-    change after training, no weight does."""
+    change after training, no weight does; they are re-estimated on the first training images in order, unsharded
+    (every DDP rank sees the same ones and ends with the same statistics)."""
     from transformers import TrainingArguments
 
+    import taps_peft.batchnorm
     from taps_peft.training import TAPSTrainer
+
+    recalibrated = []
+    real = taps_peft.batchnorm.recalibrate_batchnorm
+
+    def spy(model, batches, *args):
+        batches = list(batches)
+        recalibrated.extend(b["x"] for b in batches)
+        return real(model, batches, *args)
+
+    monkeypatch.setattr(taps_peft.batchnorm, "recalibrate_batchnorm", spy)
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -94,7 +107,7 @@ def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path):
 
     class Record(__import__("transformers").TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            seen.append([r["active"] for r in model.taps_layer_report()])
+            seen.append([r["active"] for r in taps_peft.taps_layer_report(model)])
 
     trainer = TAPSTrainer(model=model, args=args, train_dataset=Data(), score_learning_rate=0.05, freeze_gates_at=0.5,
                           recalibrate_bn=True, callbacks=[Record()])
@@ -112,6 +125,7 @@ def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path):
     stats = [k for k in after if "running_mean" in k and ".modules_to_save." in k]
     assert stats and any(not torch.equal(after[k], weights[k]) for k in stats)
     assert all(torch.equal(after[k], v) for k, v in weights.items() if "running" not in k and "num_batches" not in k)
+    assert torch.equal(torch.cat(recalibrated), torch.stack([Data()[i]["x"] for i in range(32)]))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -137,3 +151,47 @@ def test_recalibrate_batchnorm_on_a_plain_model_re_estimates_every_batchnorm(ima
     hook.remove()
     torch.testing.assert_close(model.bn1.running_mean, torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0))
     assert not model.training and model.bn1.momentum == 0.1  # restored
+
+
+def _statistics(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_recalibrate_batchnorm_finds_the_task_copies_inside_any_wrapper(images):
+    """Through a DDP-like wrapper (``.module``) or a user's own module around the PeftModel, only the active adapter's
+    BatchNorm copies are re-estimated; the shared base's statistics never move."""
+    from torch import nn
+
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    model = get_peft_model(tiny_resnet(), TAPSConfig(init_weights=False))
+    before = _statistics(model)
+    wrapped = Wrapper(Wrapper(model))
+    count = recalibrate_batchnorm(wrapped, [torch.randn(4, 3, 32, 32)])
+    after = _statistics(model)
+    assert count > 0 and count == sum(1 for k in before if k.endswith("modules_to_save.default.running_mean"))
+    for key, value in before.items():
+        assert torch.equal(after[key], value) == (".modules_to_save." not in key), key  # base kept, copies moved
+
+
+def test_recalibrate_batchnorm_is_all_or_nothing(images):
+    model = get_peft_model(tiny_resnet(), TAPSConfig(init_weights=False))
+    before = _statistics(model)
+    with pytest.raises(ValueError, match="got no batch"):
+        recalibrate_batchnorm(model, iter([]))
+
+    def broken():
+        yield torch.randn(4, 3, 32, 32)
+        raise OSError("the data went away")
+
+    with pytest.raises(OSError, match="went away"):
+        recalibrate_batchnorm(model, broken())
+    after = _statistics(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

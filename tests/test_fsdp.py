@@ -69,9 +69,9 @@ SCRIPT = textwrap.dedent('''
         gathered.load_state_dict(full)
         gathered.save_pretrained(os.path.join(out, "fsdp"))
         single.save_pretrained(os.path.join(out, "single"))
-    summary = model.taps_summary()  # on every rank: reading sharded scores gathers them
+    summary = taps_peft.taps_summary(model)  # on every rank: reading sharded scores gathers them
     result = {"rank": rank, "losses": sharded_losses, "single": single_losses, "active": summary["active_layers"],
-              "single_active": single.taps_summary()["active_layers"]}
+              "single_active": taps_peft.taps_summary(single)["active_layers"]}
     with open(os.path.join(out, f"result_{rank}.json"), "w") as f:  # not stdout: the ranks' lines can interleave
         json.dump(result, f)
     dist.barrier()
@@ -113,5 +113,5 @@ def test_fsdp2_two_ranks_train_like_one_process_and_save_an_adapter(tmp_path):
         model = PeftModel.from_pretrained(base, tmp_path / name).eval()
         with torch.no_grad():
             outs[name] = model(x)
-        assert model.taps_summary()["active_layers"] == results[0]["active"]
+        assert taps_peft.taps_summary(model)["active_layers"] == results[0]["active"]
     torch.testing.assert_close(outs["fsdp"], outs["single"], rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ and checks the repo it received, the child's logs and the Authorization headers.
 from __future__ import annotations
 
 import json
+import taps_peft  # noqa: E402
 import os
 import socket
 import subprocess
@@ -68,21 +69,23 @@ def _client(out: Path) -> None:
         model.eval()
         expected = logits(model, x[:4]).detach()
         repo = f"user/taps-{kind}"
-        model.push_to_hub(repo)
-        model.save_pretrained(str(out / kind))  # the plain local save gets the card too
+        taps_peft.push_to_hub(model, repo)
+        taps_peft.save_adapter(model, str(out / kind))  # the local save gets the card too
+        model.push_to_hub(f"{repo}-peft")  # PEFT's own push (transformers' card): loads the same
 
         loaded, got = {}, {}
-        for source in (repo, str(out / kind)):  # from the Hub, and from the local folder for reference
+        for source in (repo, f"{repo}-peft", str(out / kind)):  # from the Hub, and from the local folder
             torch.manual_seed(0)
             loaded[source] = PeftModel.from_pretrained(MODELS[kind](), source).eval()
             got[source] = logits(loaded[source], x[:4]).detach()
         results[kind] = {
             "repo": repo,
-            "same_as_local_load": bool(torch.equal(got[repo], got[str(out / kind)])),
+            "same_as_local_load": bool(torch.equal(got[repo], got[str(out / kind)])
+                                       and torch.equal(got[f"{repo}-peft"], got[str(out / kind)])),
             "max_abs_diff": float((expected - got[repo]).abs().max()),
-            "summary": model.taps_summary(),
-            "loaded_summary": loaded[repo].taps_summary(),
-            "report": model.taps_layer_report(),
+            "summary": taps_peft.taps_summary(model),
+            "loaded_summary": taps_peft.taps_summary(loaded[repo]),
+            "report": taps_peft.taps_layer_report(model),
         }
     results["vanishing"] = _load_from_a_changing_server(out)
     results["blocked"] = blocked
@@ -231,7 +234,7 @@ def test_card_refresh_keeps_user_text_and_metadata(tmp_path, front_matter):
     assert text.count(BEGIN) == 1 and text.count(END) == 1  # refreshed, not appended twice
     assert text.startswith("---\n") and text.count("---\n") == 2 and "library_name: peft" in text and "- taps" in text
     assert "# My task\n\nNotes by me." in text and ("license: mit" in text and "- mine" in text) == bool(front_matter)
-    s = model.taps_summary()
+    s = taps_peft.taps_summary(model)
     assert f"{s['active_layers']}/{s['total_layers']}" in text and s["active_layers"] == s["total_layers"] - 1
     assert 'PeftModel.from_pretrained(base, "me/task")' in text
 

@@ -256,11 +256,17 @@ def test_merged_task_switch_touches_only_the_active_layers(tmp_path, images):
 
 
 def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, images, monkeypatch):
+    """``save_adapter`` (what the CLI and TAPSTrainer use) replaces each file atomically: a save that fails part-way
+    leaves the previous adapter as it was. PEFT's own ``save_pretrained`` writes in place; a folder it left
+    half-written is refused when loading, never loaded silently."""
     import peft.peft_model
 
+    import taps_peft
+
     model = trained(tiny_timm_vit(), images)
-    model.save_pretrained(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    taps_peft.save_adapter(model, tmp_path / "atomic")
+    model.save_pretrained(tmp_path / "peft")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "atomic").iterdir()}
 
     def crash(tensors, filename, *args, **kwargs):
         with open(filename, "wb") as f:
@@ -271,9 +277,12 @@ def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, images, monk
     with torch.no_grad():
         taps_layers(model)[3].taps_scores["default"].fill_(0.0)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.tmp")] == []
+        taps_peft.save_adapter(model, tmp_path / "atomic")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "atomic").iterdir()} == before  # and no stray temporary file
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        PeftModel.from_pretrained(tiny_timm_vit(), tmp_path / "peft")
 
 
 def test_adapters_loaded_for_inference_hold_memory_only_for_active_layers(tmp_path, images):

@@ -129,7 +129,7 @@ def test_save_joint_then_load_joint_reproduces_each_task(joint, tmp_path):
         with torch.no_grad():
             got = loaded(x)
         assert got.shape == (len(x), classes) and torch.equal(got, expected), t
-        assert loaded.taps_summary(t)["active_layers"] == model.taps_summary(t)["active_layers"]
+        assert taps_peft.taps_summary(loaded, t)["active_layers"] == taps_peft.taps_summary(model, t)["active_layers"]
     model.train()
 
 

@@ -99,13 +99,13 @@ def plant_and_fit(seed: int) -> dict:
         sched.step()
         if step >= STEPS - WINDOW:
             window_losses.append(loss.item())
-            on_count += torch.tensor([float(row["active"]) for row in model.taps_layer_report()])
+            on_count += torch.tensor([float(row["active"]) for row in taps_peft.taps_layer_report(model)])
     seconds = time.perf_counter() - started
 
     model.eval()
     with torch.no_grad():  # the inference path: cached formed weights, layers that are off run as the plain base
         final_loss = (F.mse_loss(model(x), y) / scale).item()
-    report = model.taps_layer_report()
+    report = taps_peft.taps_layer_report(model)
     layers = dict(model.base_model.taps_layers())
     learned = {j: layers[f"layers.{j}"].taps_delta["default"].detach() for j in planted}
     delta_error = {j: ((learned[j] - perturbation[j]).norm() / perturbation[j].norm()).item() for j in planted}

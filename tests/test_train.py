@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+import taps_peft  # noqa: E402
 from peft import PeftModel
 
 pytest.importorskip("timm")
@@ -80,14 +81,14 @@ def test_train_single_process(data, tmp_path, capsys):
 
     base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **json.loads(VIT))
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "run"))
-    assert loaded.taps_summary()["active_layers"] == s["active_layers"]
-    assert [r["score"] for r in loaded.taps_layer_report()] == pytest.approx(m["state"]["scores"])
+    assert taps_peft.taps_summary(loaded)["active_layers"] == s["active_layers"]
+    assert [r["score"] for r in taps_peft.taps_layer_report(loaded)] == pytest.approx(m["state"]["scores"])
     assert_card_rebuilds_the_base(tmp_path / "run", "torch.manual_seed(42)", "img_size=32")
 
 
 def assert_card_rebuilds_the_base(folder: Path, *expected: str) -> None:
     """The card's load code, run as a user would paste it, builds a base with the trained base's fingerprint."""
-    from taps_peft.hub.identity import BaseModelMismatchWarning, adapter_layers, fingerprint
+    from taps_peft import BaseModelMismatchWarning
 
     card = (folder / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S)[1]
@@ -98,7 +99,8 @@ def assert_card_rebuilds_the_base(folder: Path, *expected: str) -> None:
         warnings.simplefilter("error", BaseModelMismatchWarning)
         loaded = PeftModel.from_pretrained(scope["base"], str(folder))
     saved = json.loads((folder / "adapter_config.json").read_text())["base_model_info"]
-    assert fingerprint(loaded, adapter_layers(loaded, "default")) == saved["fingerprint"] and saved["pretrained"] is False
+    assert loaded.peft_config["default"].base_model_info["fingerprint"] == saved["fingerprint"]
+    assert saved["pretrained"] is False
     assert "| Dataset | `imagefolder:" in card and "| Labels | c0, c1 |" in card
 
 
@@ -106,10 +108,10 @@ def test_transformers_model_bf16(data, tmp_path, monkeypatch, capsys):
     """A transformers ViT built from a config (model type 'vit'), bf16 autocast, gradient accumulation, push."""
     kwargs = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64)
-    import taps_peft.hub.peft_model
+    import taps_peft.hub.save
 
     pushed = []  # the real push is tested against the loopback Hub in test_hub.py
-    monkeypatch.setattr(taps_peft.hub.peft_model, "push_to_hub", lambda self, repo_id, **kw: pushed.append(repo_id))
+    monkeypatch.setattr(taps_peft.hub.save, "push_to_hub", lambda model, repo_id, **kw: pushed.append(repo_id))
     m = train(vit_args(data, tmp_path / "hf", model="hf:vit", model_kwargs=kwargs, mixed_precision="bf16",
                        gradient_accumulation_steps=2, max_steps=3, batch_size=8, eval_split="none",
                        push_to_hub=True, hub_model_id="user/taps-hf-vit"))
@@ -148,7 +150,7 @@ def test_resume_matches_uninterrupted(data, tmp_path):
 
 def test_a_local_weights_file_for_a_timm_model(data, tmp_path):
     """--weights: the pretrained EfficientNet-Lite0 from its package file (nothing downloaded); the card rebuilds it."""
-    from taps_peft.pretrained import efficientnet_lite0_weights
+    from taps_peft.weights import efficientnet_lite0_weights
 
     weights = efficientnet_lite0_weights()
     m = train(TrainArgs(model="timm:tf_efficientnet_lite0", weights=weights, dataset=f"imagefolder:{data}",

@@ -57,7 +57,7 @@ def training_args(out, **kwargs) -> TrainingArguments:
 
 
 def scores(model) -> list[float]:
-    return [r["score"] for r in model.taps_layer_report()]
+    return [r["score"] for r in taps_peft.taps_layer_report(model)]
 
 
 class RecordAt(TrainerCallback):
@@ -100,9 +100,9 @@ def test_scores_move_and_the_penalty_closes_gates(runs):
     closed = [s < tau for s in scores(penalized)]
     assert any(closed) and not all(closed), scores(penalized)  # some layers shared, some task-specific
     assert sum(scores(penalized)) < sum(scores(free)) - 0.1
-    assert penalized.taps_summary()["active_layers"] < free.taps_summary()["active_layers"]
+    assert taps_peft.taps_summary(penalized)["active_layers"] < taps_peft.taps_summary(free)["active_layers"]
     # the gates the model computes with follow the scores (fused AdamW, the Trainer's default, leaves no trace)
-    assert penalized.taps_summary()["active_layers"] == sum(not c for c in closed)
+    assert taps_peft.taps_summary(penalized)["active_layers"] == sum(not c for c in closed)
     assert runs[0.5]["trainer"].args.optim == "adamw_torch_fused"
 
 
@@ -114,7 +114,7 @@ def test_logs_carry_active_layers_and_penalty(runs):
         for h in train_logs + [history[-1]]:  # the periodic logs and the final train summary
             assert h["taps_total_layers"] == 12 and 0 <= h["taps_active_layers"] <= 12
             assert (h["taps_penalty"] > 0) == (lam > 0)
-        assert train_logs[-1]["taps_active_layers"] == run["model"].taps_summary()["active_layers"]
+        assert train_logs[-1]["taps_active_layers"] == taps_peft.taps_summary(run["model"])["active_layers"]
         if lam:  # the penalty falls as the scores do
             assert train_logs[-1]["taps_penalty"] < train_logs[0]["taps_penalty"]
     # TAPSTrainer puts its callback first, so reporters and the progress bar see the values
@@ -152,7 +152,7 @@ def test_checkpoint_reloads_the_trained_model_exactly(runs):
         want, got = trained(pixel_values=images).logits, loaded(pixel_values=images).logits
     assert torch.equal(got, want)
     assert scores(loaded) == scores(trained)
-    assert loaded.taps_summary()["active_layers"] == trained.taps_summary()["active_layers"]
+    assert taps_peft.taps_summary(loaded)["active_layers"] == taps_peft.taps_summary(trained)["active_layers"]
     # the mid-training checkpoint is a different (earlier) adapter
     early = PeftModel.from_pretrained(base_vit(), str(run["dir"] / f"checkpoint-{SAVE_EVERY}")).eval()
     with torch.no_grad():

@@ -1,7 +1,9 @@
-"""Adapters that say truthfully what they hold and need (issue 14): base identity and the card's rebuild code,
-strict all-or-nothing loading, folder-atomic saves, file modes, adapter names, a NaN stop in the Trainer."""
+"""Adapters that say truthfully what they hold and need: base identity and the card's rebuild code, configs and
+weights bound to one save, strict all-or-nothing loading, atomic per-file saves anywhere (mount points, read-only
+parents, symlinks), file modes, adapter names, non-finite stops in the Trainer, LoRA export."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +20,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from taps_peft import TAPSConfig, TAPSLayer
-from taps_peft.hub.identity import BaseModelMismatchWarning, adapter_layers, fingerprint
+import taps_peft
+from taps_peft import BaseModelMismatchWarning, TAPSConfig, TAPSLayer
+from taps_peft.tuner.saved import tensors_digest
 from conftest import logits, tiny_hf_vit, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +36,14 @@ def resnet(num_classes=7, seed=3):
 
 
 def snapshot(model):
-    """Tensors, the very module objects, and requires_grad flags."""
-    return {k: v.clone() for k, v in model.state_dict().items()}, [id(m) for m in model.modules()], [
-        p.requires_grad for p in model.parameters()]
+    """Tensors, the very module objects, requires_grad flags and train/eval modes."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [id(m) for m in model.modules()],
+            [p.requires_grad for p in model.parameters()], [m.training for m in model.modules()])
 
 
 def unchanged(before, model):
-    tensors, modules, grads = snapshot(model)
-    return (before[1] == modules and before[2] == grads and before[0].keys() == tensors.keys()
+    tensors, modules, grads, modes = snapshot(model)
+    return (before[1] == modules and before[2] == grads and before[3] == modes and before[0].keys() == tensors.keys()
             and all(torch.equal(v, tensors[k]) for k, v in before[0].items()))
 
 
@@ -56,44 +59,101 @@ def card_code(folder: Path) -> str:
 def test_the_card_rebuilds_a_random_init_base_from_its_seed(tmp_path):
     info = {"pretrained": False, "seed": 3}
     model = get_peft_model(resnet(), TAPSConfig(base_model_info=info, init_weights=False))
-    model.save_pretrained(tmp_path)
+    taps_peft.save_adapter(model, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_info"]
     assert saved["name"] == "resnet10t" and saved["num_classes"] == 7 and saved["pretrained"] is False
     code = card_code(tmp_path)
     assert "torch.manual_seed(3)" in code and 'timm.create_model("resnet10t", pretrained=False, num_classes=7)' in code
     scope = {}
     exec(code, scope)  # the card's own code, as a user would paste it
-    rebuilt = scope["base"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelMismatchWarning)
-        loaded = PeftModel.from_pretrained(rebuilt, tmp_path)
-    assert fingerprint(loaded, adapter_layers(loaded, "default")) == saved["fingerprint"]
+        loaded = PeftModel.from_pretrained(scope["base"], tmp_path)
+    assert loaded.peft_config["default"].base_model_info["fingerprint"] == saved["fingerprint"]
     assert "| Classes | 7 |" in (tmp_path / "README.md").read_text()
 
 
 def test_the_card_never_claims_weights_it_does_not_know_of(tmp_path):
-    get_peft_model(resnet(), TAPSConfig()).save_pretrained(tmp_path / "unknown")
+    taps_peft.save_adapter(get_peft_model(resnet(), TAPSConfig()), tmp_path / "unknown")
     code = card_code(tmp_path / "unknown")
     assert "pretrained=True" not in code and "does not record which" in code and "num_classes=7" in code
     pretrained = TAPSConfig(base_model_info={"name": "timm/resnet10t.c3_in1k", "pretrained": True})
-    get_peft_model(resnet(), pretrained).save_pretrained(tmp_path / "named")
+    taps_peft.save_adapter(get_peft_model(resnet(), pretrained), tmp_path / "named")
     assert 'timm.create_model("hf-hub:timm/resnet10t.c3_in1k", pretrained=True, num_classes=7)' in card_code(
         tmp_path / "named")
     assert "base_model: timm/resnet10t.c3_in1k" in (tmp_path / "named" / "README.md").read_text()
 
 
-def test_a_base_with_other_weights_warns_naming_both_or_raises_when_strict(tmp_path, images):
-    get_peft_model(resnet(seed=3), TAPSConfig(init_weights=False)).save_pretrained(tmp_path)
-    with pytest.warns(BaseModelMismatchWarning, match=r"trained on the base `resnet10t`.*also `resnet10t` but has"):
-        PeftModel.from_pretrained(resnet(seed=4), tmp_path)
-    other = resnet(seed=4)
+def _shift_pos_embed(vit):
+    with torch.no_grad():
+        vit.pos_embed += 1
+    return vit
+
+
+def _double_gated(vit):
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.attn.qkv.weight *= 2
+    return vit
+
+
+def _bn_stats(net):
+    with torch.no_grad():
+        net.layer1[0].bn1.running_var *= 3
+    return net
+
+
+@pytest.mark.parametrize("make, change, config", [
+    (tiny_timm_vit, lambda m: tiny_timm_vit(), {}),  # another seed
+    (tiny_timm_vit, _shift_pos_embed, {}),  # an ungated tensor (the logits moved by about 5 with it)
+    (tiny_timm_vit, _double_gated, {}),  # every gated weight scaled: the fingerprint is not scale-invariant
+    (resnet, _bn_stats, {"train_norms": False}),  # the base's BatchNorm statistics, which the adapter then uses
+])
+def test_a_base_with_other_weights_warns_or_is_refused_before_anything_changes(tmp_path, make, change, config):
+    torch.manual_seed(0)
+    base = make()
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False, **config))
+    model.save_pretrained(tmp_path)
+    with pytest.warns(BaseModelMismatchWarning, match=r"was trained on the base `.*`, and this base has other weights"):
+        PeftModel.from_pretrained(change(copy.deepcopy(base)), tmp_path)
+    other = change(copy.deepcopy(base)).eval()
     before = snapshot(other)
-    with pytest.raises(ValueError, match=r"same layer shapes but other weights"):
-        PeftModel.from_pretrained(other, tmp_path, strict_base=True)
-    assert unchanged(before, other)  # the failed load put the base back
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelMismatchWarning)
-        PeftModel.from_pretrained(resnet(seed=3).to(torch.bfloat16), tmp_path)  # the same base in bf16 matches
+        with pytest.raises(BaseModelMismatchWarning):
+            PeftModel.from_pretrained(other, tmp_path)
+        assert unchanged(before, other)  # refused before any module was replaced; modes kept
+        PeftModel.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path)  # the same base in bf16 matches
+        PeftModel.from_pretrained(copy.deepcopy(base).half(), tmp_path)  # and in fp16
+
+
+def test_the_identity_of_an_llm_sized_layer_is_exact_and_fast(tmp_path):
+    """Integer index arithmetic: a 32000 x 4096 (and 4096 x 11008) gated layer saves, loads and is fingerprinted."""
+    from torch import nn
+
+    from taps_peft.tuner.identity import base_tensors, fingerprint
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(4096, 11008, bias=False, dtype=torch.bfloat16)
+            self.lm = nn.Linear(4096, 32000, bias=False, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return self.lm(x) + self.up(x).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    block = Block()
+    started = time.process_time()
+    prints = fingerprint(base_tensors(block))
+    assert time.process_time() - started < 5 and set(prints) == {"up.weight", "lm.weight"}
+    model = get_peft_model(block, TAPSConfig(target_modules=["up", "lm"]), autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for _, layer in model.base_model.taps_layers():
+            layer.taps_scores["default"].fill_(0.05)  # closed: the file holds the scores only
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(model.unload(), tmp_path)
+    assert loaded.peft_config["default"].base_model_info["fingerprint"] == prints
 
 
 def test_auto_peft_model_loads_a_transformers_adapter(tmp_path, images):
@@ -112,12 +172,15 @@ def test_auto_peft_model_loads_a_transformers_adapter(tmp_path, images):
         assert torch.equal(logits(loaded, images), logits(model, images))
 
 
-def test_the_fingerprint_covers_the_adapter_s_own_layers(tmp_path):
-    """An adapter on some layers, saved or loaded beside one on all layers (or into a merged model): no false alarm."""
+def test_the_fingerprint_covers_what_the_adapter_depends_on(tmp_path):
+    """Adapters saved and loaded beside others (or into a merged model): no false alarm; a base whose head the adapter
+    replaces anyway (another head init) is the same base."""
     base = resnet()
     model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False), adapter_name="all")
     model.add_adapter("few", TAPSConfig(target_modules=["layer1.0.conv1", "layer2.0.conv1"], init_weights=False))
     model.save_pretrained(tmp_path)
+    other_head = copy.deepcopy(base)
+    torch.nn.init.normal_(other_head.fc.weight)
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelMismatchWarning)
         alone = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "few", adapter_name="few")
@@ -125,21 +188,9 @@ def test_the_fingerprint_covers_the_adapter_s_own_layers(tmp_path):
         merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "all", adapter_name="all")
         merged.merge_adapter()
         merged.load_adapter(tmp_path / "few", adapter_name="few")
+        PeftModel.from_pretrained(other_head, tmp_path / "few")
     with pytest.warns(BaseModelMismatchWarning):
         PeftModel.from_pretrained(resnet(seed=5), tmp_path / "few")
-
-
-def test_a_failed_load_into_a_model_you_built_strips_nothing(tmp_path, images):
-    """Only a failed PeftModel.from_pretrained undoes its own injection; a model built with get_peft_model (even from
-    the same saved config) keeps its layers when a later load_adapter fails."""
-    get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "good")
-    model = get_peft_model(tiny_timm_vit(), TAPSConfig.from_pretrained(tmp_path / "good"))
-    before = snapshot(model)
-    bad = _edited(tmp_path / "good", tmp_path / "bad", lambda t, c: t.update(
-        {k: torch.full_like(v, float("nan")) for k, v in t.items() if k.endswith("taps_delta")}))
-    with pytest.raises(ValueError, match="NaN"):
-        model.load_adapter(bad, adapter_name="default")
-    assert unchanged(before, model) and sum(isinstance(m, TAPSLayer) for m in model.modules()) == 8
 
 
 def test_peft_key_mapping_is_honoured(tmp_path, images):
@@ -163,10 +214,12 @@ def test_peft_key_mapping_is_honoured(tmp_path, images):
         assert torch.equal(loaded(images), model(images))
 
 
-# ----- strict, all-or-nothing loading -----
+# ----- config and weights from one save; strict, all-or-nothing loading -----
 
 
-def _edited(src: Path, dst: Path, edit) -> Path:
+def _edited(src: Path, dst: Path, edit, rebind: bool = True) -> Path:
+    """A copy of an adapter folder with its tensors/config edited; ``rebind``: the config is bound to the new weights
+    (as one save writing both would), so the load's structural checks run."""
     import shutil
 
     shutil.copytree(src, dst)
@@ -174,6 +227,8 @@ def _edited(src: Path, dst: Path, edit) -> Path:
     config = json.loads((dst / "adapter_config.json").read_text())
     edit(tensors, config)
     save_file(tensors, dst / WEIGHTS)
+    if rebind:
+        config["weights_digest"] = tensors_digest(tensors.values())
     (dst / "adapter_config.json").write_text(json.dumps(config))
     return dst
 
@@ -182,7 +237,7 @@ def _edited(src: Path, dst: Path, edit) -> Path:
     ("pos_embed", r"belong to no layer or module the adapter declares \(e\.g\. `pos_embed`\)"),
     ("base_weight", r"belong to no layer or module .*`blocks\.0\.attn\.qkv\.weight`"),
     ("head_undeclared", r"belong to no layer or module .*`head\.(bias|weight)`"),
-    ("active_without_delta", r"is incomplete: the layer `.*blocks\.1\.mlp\.fc1` is active"),
+    ("active_without_delta", r"is incomplete: the layer `blocks\.1\.mlp\.fc1` is active"),
 ])
 def test_an_adapter_file_may_touch_only_what_it_declares(tmp_path, images, fault, message):
     base = tiny_timm_vit()
@@ -211,6 +266,73 @@ def test_an_adapter_file_may_touch_only_what_it_declares(tmp_path, images, fault
     with pytest.raises(ValueError, match=message):
         model.load_adapter(bad, adapter_name="bad")
     assert unchanged(before, model) and "bad" not in model.peft_config
+    hook_message = {"pos_embed": r"does not declare: .*`pos_embed`", "base_weight": r"does not declare: .*qkv\.weight",
+                    "active_without_delta": r"is incomplete: .*`blocks\.1\.mlp\.fc1`"}.get(fault)
+    if hook_message:  # into the adapter itself: PEFT reads no config, the TAPS load hook checks the tensors
+        with pytest.raises(ValueError, match=hook_message):
+            model.load_adapter(bad, adapter_name="good")
+        assert unchanged(before, model)
+
+
+def test_config_and_weights_of_two_saves_are_refused(tmp_path, images):
+    """A folder whose config comes from one save and weights from another (an interrupted copy, a reader racing a
+    writer) is refused, from the folder and from a Hub-like copy, with an error that says so: never a silent load."""
+    base = tiny_timm_vit()
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False))
+    model.save_pretrained(tmp_path / "one")
+    with torch.no_grad():
+        model.base_model.taps_layers()[0][1].taps_delta["default"].add_(1.0)
+    model.save_pretrained(tmp_path / "two")
+    mixed = _edited(tmp_path / "one", tmp_path / "mixed", lambda t, c: t.update(load_file(tmp_path / "two" / WEIGHTS)),
+                    rebind=False)
+    fresh = copy.deepcopy(base)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"mixes two saves: its adapter_config\.json and its adapter_model\.safetensors "
+                                         r"were written by different save_pretrained calls"):
+        PeftModel.from_pretrained(fresh, mixed)
+    assert unchanged(before, fresh)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "one").eval()
+    loaded.load_adapter(tmp_path / "two", adapter_name="default")  # the binding is used once: a reload works
+    with torch.no_grad():
+        assert torch.equal(logits(loaded, images), logits(model.eval(), images))
+
+
+def test_a_file_replaced_while_it_is_loaded_is_refused(tmp_path, monkeypatch):
+    """The load hook checks the tensors PEFT really read against the config (a writer racing the reader)."""
+    import peft.utils.save_and_load as save_and_load
+
+    base = tiny_timm_vit()
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False))
+    model.save_pretrained(tmp_path / "one")
+    with torch.no_grad():
+        model.base_model.taps_layers()[0][1].taps_delta["default"].add_(1.0)
+    model.save_pretrained(tmp_path / "two")
+    read = save_and_load.load_peft_weights
+    monkeypatch.setattr("peft.peft_model.load_peft_weights", lambda model_id, **kw: read(tmp_path / "two", **kw))
+    with pytest.raises(ValueError, match=r"mixes two saves"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "one")
+
+
+def test_delete_the_only_adapter_then_load_it_again(tmp_path, images):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).eval()
+    expected = logits(model, images)
+    model.save_pretrained(tmp_path)
+    model.delete_adapter("default")
+    model.load_adapter(tmp_path, adapter_name="default")
+    model.set_adapter("default")
+    with torch.no_grad():
+        assert torch.equal(logits(model.eval(), images), expected)
+
+
+def test_a_failed_from_pretrained_keeps_the_user_s_modes(tmp_path):
+    """The base is left as it was, BatchNorm layers in train mode included."""
+    get_peft_model(resnet(), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "good")
+    bad = _edited(tmp_path / "good", tmp_path / "bad", lambda t, c: t.pop(next(k for k in t if "taps_scores" in k)))
+    user = resnet().train()
+    before = snapshot(user)
+    with pytest.raises(ValueError, match="no score for the layer"):
+        PeftModel.from_pretrained(user, bad)
+    assert unchanged(before, user) and all(m.training for m in user.modules())
 
 
 # ----- saving -----
@@ -226,31 +348,39 @@ _SAVER = textwrap.dedent("""
         model.peft_config["default"].lam = float(i)
         with torch.no_grad():
             first.taps_scores["default"].fill_(1000.0 + i)  # the save's number, in the weights too
-        model.save_pretrained(sys.argv[1])
+        taps_peft.save_adapter(model, sys.argv[1])
         print(i, flush=True)
 """)
 
 
-def _consistent(folder: Path) -> bool:
+def _whole_or_refused(folder: Path) -> str:
+    """Every file is whole, and the folder loads as one save or is refused as a mix; never loads a mix."""
     lam = json.loads((folder / "adapter_config.json").read_text())["lam"]
-    score = load_file(folder / WEIGHTS)["base_model.model.blocks.0.attn.qkv.taps_scores"]
-    return float(score) == 1000.0 + lam and f"| lam (sparsity weight) | {lam} |" in (folder / "README.md").read_text()
+    score = float(load_file(folder / WEIGHTS)["base_model.model.blocks.0.attn.qkv.taps_scores"])
+    try:
+        PeftModel.from_pretrained(tiny_timm_vit(num_classes=1000), folder)
+    except ValueError as err:
+        assert "mixes two saves" in str(err) and score != 1000.0 + lam, err
+        return "refused"
+    assert score == 1000.0 + lam
+    return "loaded"
 
 
-def test_a_save_killed_at_any_moment_leaves_a_whole_folder(tmp_path):
+def test_a_save_killed_at_any_moment_never_loads_mixed(tmp_path):
     target = tmp_path / "adapter"
-    for kill in range(5):
+    seen = set()
+    for kill in range(6):
         proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], stdout=subprocess.PIPE, text=True,
                                 cwd=ROOT)
         assert proc.stdout.readline().strip() == "0"  # one whole save done
-        time.sleep(0.05 + 0.11 * kill)  # then somewhere in the middle of a later save
+        time.sleep(0.02 + 0.07 * kill)  # then somewhere in a later save
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _consistent(target), f"kill {kill}: config, weights and card come from different saves"
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "adapter"]
-    assert leftovers  # a kill did land in the middle of a save (its temporary folder is left)
-    get_peft_model(tiny_timm_vit(), TAPSConfig()).save_pretrained(target)  # the next save cleans up
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"], leftovers
+        seen.add(_whole_or_refused(target))
+    assert "loaded" in seen
+    taps_peft.save_adapter(get_peft_model(tiny_timm_vit(num_classes=1000), TAPSConfig()), target)  # the next save
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json", WEIGHTS]  # no stray file
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_saved_files_follow_the_umask_and_the_folder_keeps_its_own(tmp_path):
@@ -262,27 +392,56 @@ def test_saved_files_follow_the_umask_and_the_folder_keeps_its_own(tmp_path):
     folder.chmod(0o2750)  # private, setgid: a save must not open it up
     old = os.umask(0o027)
     try:
-        model.save_pretrained(folder)
+        taps_peft.save_adapter(model, folder)
+        model.save_pretrained(folder / "peft")
     finally:
         os.umask(old)
-    modes = {p.name: p.lstat().st_mode & 0o777 for p in folder.iterdir() if not p.is_symlink()}
+    modes = {p.name: p.lstat().st_mode & 0o777 for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
     assert modes == {"adapter_config.json": 0o640, WEIGHTS: 0o640, "README.md": 0o640, "notes.txt": modes["notes.txt"]}
+    assert {p.name: p.stat().st_mode & 0o777 for p in (folder / "peft").iterdir()}["adapter_config.json"] == 0o640
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "link.txt").is_symlink()
     assert folder.stat().st_mode & 0o7777 == 0o2750
 
 
-def test_saving_onto_a_file_or_under_a_read_only_parent(tmp_path, monkeypatch):
-    import taps_peft.hub.atomic as atomic
+def test_saves_into_a_mount_point_a_read_only_parent_or_a_symlink_touch_only_their_files(tmp_path, monkeypatch):
+    """Neither save renames, creates or deletes anything outside the folder (a mount point cannot be renamed; a
+    read-only parent takes no sibling), writes through a symlinked folder, and deletes no file of anyone else's, even
+    one created while the save runs."""
+    import peft.peft_model
 
     model = get_peft_model(tiny_timm_vit(), TAPSConfig())
     (tmp_path / "a_file").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"it is a file, not a folder"):
-        model.save_pretrained(tmp_path / "a_file")
+    with pytest.raises(ValueError, match=r"it is a file, not a folder"):
+        taps_peft.save_adapter(model, tmp_path / "a_file")
     assert (tmp_path / "a_file").read_text() == "keep me"
-    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)  # e.g. /kaggle/working: no new siblings
-    model.save_pretrained(tmp_path / "mounted")
-    assert sorted(p.name for p in (tmp_path / "mounted").iterdir()) == ["README.md", "adapter_config.json", WEIGHTS]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mounted"]
+    mounted, real = tmp_path / "mounted", tmp_path / "real"
+    mounted.mkdir()
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    renames = []
+    monkeypatch.setattr(os, "rename", lambda a, b: renames.append((a, b)) or (_ for _ in ()).throw(OSError(16, "busy")))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        assert Path(src).parent != tmp_path and Path(dst) not in (mounted, real), (src, dst)  # never the folder itself
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    save = peft.peft_model.safe_save_file
+
+    def save_and_someone_writes(tensors, filename, *args, **kwargs):
+        Path(filename).parent.parent.joinpath("theirs.txt").write_text("written during the save")
+        return save(tensors, filename, *args, **kwargs)
+
+    for folder in (mounted, tmp_path / "link"):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", save_and_someone_writes)
+        taps_peft.save_adapter(model, folder)
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", save)
+        model.save_pretrained(folder)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before and renames == []
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", WEIGHTS, "theirs.txt"]
+    assert (tmp_path / "link").is_symlink() and (real / WEIGHTS).is_file()
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "..", "", "x\\y"])
@@ -295,6 +454,19 @@ def test_path_like_adapter_names_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match=r"is invalid: an adapter name"):
         model.add_adapter(name, TAPSConfig())
     assert list(model.peft_config) == ["default"]
+
+
+def test_unknown_adapter_names_are_refused_at_every_level(images):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig()).eval()
+    tuner = model.base_model
+    calls = [lambda: model.set_adapter("nope"), lambda: tuner.set_adapter("nope"), lambda: tuner.set_adapter(["nope"]),
+             lambda: model.delete_adapter("nope"), lambda: tuner.delete_adapter("nope"),
+             lambda: tuner.merge_adapter(["nope"]), lambda: model(images, adapter_names=["nope"] * 4),
+             lambda: taps_peft.taps_summary(model, "nope")]
+    for call in calls:
+        with pytest.raises(ValueError, match="nope"):
+            call()
+    assert model.active_adapters == ["default"]
 
 
 # ----- the Trainer stops on a non-finite loss -----
@@ -325,13 +497,54 @@ def test_taps_trainer_stops_on_a_nan_loss_and_saves_no_nan_checkpoint(tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / WEIGHTS).values())
 
 
+def test_taps_trainer_stops_on_a_nan_gradient_before_the_step(tmp_path):
+    """A finite loss whose gradient is NaN: stopped before the optimizer step, so no non-finite weight and no
+    checkpoint of one is ever written; the earlier checkpoints are finite."""
+    import torch.nn.functional as F
+    from transformers import TrainingArguments
+
+    from taps_peft.training import TAPSTrainer
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"x": torch.full((3, 32, 32), 2.0 if i >= 8 else 0.1), "labels": i % 5}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_timm_vit()
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            if bool(x[0, 0, 0, 0] == 2.0):  # a finite output whose gradient is NaN
+                out = out.clone()
+                out.register_hook(lambda g: g * float("nan"))
+            return {"loss": F.cross_entropy(out, labels), "logits": out}
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), TAPSConfig(modules_to_save=["net.head"]))
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_steps=1, report_to=[],
+                             use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
+    trainer = TAPSTrainer(model=model, args=args, train_dataset=Data())
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(16))  # clean batches first
+    with pytest.raises(FloatingPointError, match=r"a gradient is NaN/inf at step 3 though the loss is finite"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for ckpt in tmp_path.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / WEIGHTS).values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_broken_adapter_config_names_the_file(tmp_path):
     model = get_peft_model(tiny_timm_vit(), TAPSConfig())
     model.save_pretrained(tmp_path / "good")
     (tmp_path / "good" / "adapter_config.json").write_text('{"peft_type": "TAPS", ')  # cut short
     with pytest.raises(ValueError, match=r"adapter config '.*good/adapter_config\.json' is not valid JSON"):
         TAPSConfig.from_pretrained(tmp_path / "good")
-    with pytest.raises(ValueError, match=r"good/adapter_config\.json' is not valid JSON"):
+    with pytest.raises(ValueError):  # PEFT reads the file itself first (a bare JSONDecodeError): nothing is added
         model.load_adapter(tmp_path / "good", adapter_name="other")
     assert list(model.peft_config) == ["default"]
 
@@ -352,10 +565,25 @@ _LOAD_LORA = textwrap.dedent("""
 """)
 
 
+def _low_rank(model, ranks):
+    """Give each named layer a delta of the given rank (a trained delta is far from full rank)."""
+    with torch.no_grad():
+        for name, layer in model.base_model.taps_layers():
+            delta = layer.taps_delta["default"]
+            r = ranks.get(name, 2)
+            rows, cols = delta.shape[0], delta[0].numel()
+            delta.copy_((torch.randn(rows, r) @ torch.randn(r, cols) * 0.01).reshape(delta.shape))
+
+
+def _pattern_names(config):
+    return {re.sub(r"^\(\?<!\.\)", "", k).replace("\\", "") for k in config["rank_pattern"]}
+
+
 def test_export_lora_loads_without_taps_peft_and_matches(tmp_path):
     from taps_peft import export_lora
 
-    model = get_peft_model(resnet(), TAPSConfig(init_weights=False)).eval()
+    model = get_peft_model(resnet(), TAPSConfig()).eval()
+    _low_rank(model, {})
     layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
     with torch.no_grad():
         for layer in layers[::3]:
@@ -365,31 +593,63 @@ def test_export_lora_loads_without_taps_peft_and_matches(tmp_path):
     info = export_lora(model, tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     active = {n for n, m in model.base_model.taps_layers() if m.is_active("default")}
-    assert config["peft_type"] == "LORA" and set(config["target_modules"]) == active == set(info["lora_layers"])
-    assert {k.replace("\\", "") for k in config["rank_pattern"]} == active and config["rank_pattern"] == config[
-        "alpha_pattern"]  # one rank per layer, every scaling 1
+    assert config["peft_type"] == "LORA" and set(info["lora_layers"]) == active == _pattern_names(config)
+    assert set(info["lora_layers"].values()) == {2} and config["rank_pattern"] == config["alpha_pattern"]
     assert "fc" in config["modules_to_save"] and "bn1" in config["modules_to_save"]
     save_file({"x": x}, tmp_path / "x.safetensors")
     subprocess.run([sys.executable, "-c", _LOAD_LORA, str(tmp_path / "lora"), str(tmp_path / "x.safetensors"),
                     str(tmp_path / "out.safetensors")], check=True, cwd=ROOT, timeout=300)
     torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["out"], expected, rtol=0, atol=1e-5)
-    small = export_lora(model, tmp_path / "r4", rank=4)
-    assert max(small["lora_layers"].values()) == 4 and small["bytes"] < info["bytes"]
+    small = export_lora(model, tmp_path / "r1", rank=1)
+    assert max(small["lora_layers"].values()) == 1 and small["bytes"] < info["bytes"]
 
 
-def test_export_lora_saves_layers_lora_cannot_hold_whole(tmp_path):
+def test_export_lora_anchors_each_layer_s_rank_on_a_timm_resnet18(tmp_path):
+    """The stem ``conv1`` and ``layer2.0.conv1`` get their own ranks (PEFT matches pattern keys as name suffixes)."""
+    timm = pytest.importorskip("timm")
+    from taps_peft import export_lora
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig()).eval()
+    _low_rank(model, {"conv1": 3, "layer2.0.conv1": 1})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    info = export_lora(model, tmp_path)
+    assert info["lora_layers"]["conv1"] == 3 and info["lora_layers"]["layer2.0.conv1"] == 1
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    assert loaded.base_model.model.conv1.r["default"] == 3 and loaded.base_model.model.layer2[0].conv1.r["default"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-4)
+
+
+def test_export_lora_saves_layers_lora_cannot_hold_or_would_grow_whole(tmp_path):
     from torch import nn
 
     from taps_peft import export_lora
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
     pristine = copy.deepcopy(net)
-    model = get_peft_model(net, TAPSConfig(target_modules=["0", "1", "3"], init_weights=False)).eval()
+    model = get_peft_model(net, TAPSConfig(target_modules=["0", "1", "3"])).eval()
+    _low_rank(model, {"0": 1, "1": 1, "3": 3})  # the linear's rank-3 factors (3*(3+128)) outgrow its delta (3*128)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
     info = export_lora(model, tmp_path)
-    assert info["saved_whole"] == ["1"] and set(info["lora_layers"]) == {"0", "3"}  # the depthwise conv is whole
+    assert info["saved_whole"] == ["1", "3"] and set(info["lora_layers"]) == {"0"}  # depthwise conv; a larger factor
     loaded = PeftModel.from_pretrained(pristine, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)
+
+
+def test_peft_s_own_lora_conversion_takes_the_linear_layers_it_supports():
+    """``supports_lora_conversion`` is True only where PEFT's converter works (linear layers): a ViT converts, a
+    ResNet is refused by PEFT with its own error instead of crashing inside it."""
+    from peft import convert_to_lora
+
+    vit = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False))
+    lora_config, state = convert_to_lora(vit, rank=4)
+    assert lora_config.peft_type == "LORA" and any("lora_A" in k for k in state)
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        convert_to_lora(get_peft_model(resnet(), TAPSConfig()), rank=4)

@@ -2,8 +2,8 @@
 
 The card (README.md) says which base model the adapter belongs to, lam/tau, the active layers k/L, the adapter size,
 a layer map (score and gate per layer) and that ``import taps_peft`` is needed to load it. Its TAPS part sits between
-two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``save_pretrained`` and
-``push_to_hub`` write it (see ``taps_peft.hub.peft_model``).
+two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``taps_peft.save_adapter`` and
+``taps_peft.push_to_hub`` write it (``model.save_pretrained`` writes PEFT's generic card).
 
 Example:
     >>> from taps_peft.hub.card import build_model_card
@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..files import atomic_write
+from ..report import taps_layer_report, taps_summary
 
 BEGIN, END = "<!-- taps_peft:card:begin -->", "<!-- taps_peft:card:end -->"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -39,14 +41,16 @@ class BaseModelInfo:
 
 
 def describe_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> BaseModelInfo:
-    """The base model of a TAPS PeftModel as the card shows it, from ``base_identity`` (``hub.identity``)."""
-    from .identity import base_identity
-
-    info = base_identity(model, _peft_config(model, adapter_name))  # no adapter name: the card needs no fingerprint
-    name, library = info["name"], info["library"]
+    """The base model of a TAPS PeftModel as the card shows it, from the adapter's ``base_model_info``."""
+    config = _peft_config(model, adapter_name)
+    info = dict(getattr(config, "base_model_info", None) or {})
+    info.setdefault("library", "torch")
+    info.setdefault("architecture", type(model.get_base_model()).__name__)
+    name = info.get("name") or info["architecture"]
+    info["name"] = name
     detail = f", model_type `{info['model_type']}`" if "model_type" in info else ""
     hub_id = _hub_id(name) if info.get("pretrained") else None
-    return BaseModelInfo(name, hub_id, library, rebuild_code(info), detail, info.get("num_classes"))
+    return BaseModelInfo(name, hub_id, info["library"], rebuild_code(info), detail, info.get("num_classes"))
 
 
 def rebuild_code(info: dict[str, Any]) -> str:
@@ -57,7 +61,7 @@ def rebuild_code(info: dict[str, Any]) -> str:
         args = "".join(f", {k}={v!r}" for k, v in ({"num_classes": classes} | kwargs).items() if v is not None)
         weights = info.get("weights")
         if weights:
-            return (f'import timm\nfrom taps_peft.pretrained import load_weights\n\nbase = timm.create_model('
+            return (f'import timm\nfrom taps_peft.weights import load_weights\n\nbase = timm.create_model('
                     f'"{info["architecture"]}", pretrained=False{args})\nload_weights(base, "{weights}")  # the '
                     "weights file it was trained on")
         if info.get("pretrained"):
@@ -91,9 +95,9 @@ def rebuild_code(info: dict[str, Any]) -> str:
 
 def build_card_section(model: nn.Module, adapter_name: Optional[str] = None, repo_id: Optional[str] = None) -> str:
     """The TAPS part of the card (markdown between the two markers) for one adapter of a TAPS PeftModel."""
-    summary = model.taps_summary(adapter_name)
+    summary = taps_summary(model, adapter_name)
     adapter = summary["adapter"]
-    rows = model.taps_layer_report(adapter)
+    rows = taps_layer_report(model, adapter)
     config = _peft_config(model, adapter)
     info = describe_base_model(model, adapter)
     k, n = summary["active_layers"], summary["total_layers"]
@@ -183,8 +187,7 @@ def save_model_card(
     path = Path(directory) / "README.md"
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_merge_card(old, model, adapter_name, repo_id, tags), encoding="utf-8")
-    return path
+    return atomic_write(path, _merge_card(old, model, adapter_name, repo_id, tags))
 
 
 # ----- helpers -----
@@ -199,8 +202,9 @@ def _merge_card(
     info = describe_base_model(model, adapter_name)
     section = build_card_section(model, adapter_name, repo_id)
     body = card.text
-    if BEGIN in body and END in body:
-        body = body[: body.index(BEGIN)] + section.strip() + body[body.index(END) + len(END) :]
+    span = _section_span(body)
+    if span is not None:
+        body = body[: span[0]] + section.strip() + body[span[1]:]
     elif not body.strip() or "[More Information Needed]" in body:  # empty, or an untouched template
         body = section
     else:
@@ -218,6 +222,17 @@ def _merge_card(
     kept = [t for t in (data.get("tags") or []) if not str(t).endswith("base_model:adapter:")]
     data["tags"] = list(dict.fromkeys(kept + extra))
     return str(card)
+
+
+def _section_span(body: str) -> Optional[tuple[int, int]]:
+    """Where the TAPS section is: the last BEGIN marker followed by an END marker with no BEGIN in between (a user's
+    stray or unpaired marker is text like any other, and is kept)."""
+    found = None
+    for match in re.finditer(re.escape(END), body):
+        start = body.rfind(BEGIN, 0, match.start())
+        if start != -1:
+            found = (start, match.end())
+    return found
 
 
 def _peft_config(model: nn.Module, adapter_name: Optional[str]) -> Any:

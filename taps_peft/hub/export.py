@@ -23,12 +23,13 @@ def export_lora(
     ``PeftModel.from_pretrained`` in a process that never imports taps_peft.
 
     Only the active layers become LoRA layers, each with its own rank (``rank_pattern``, with ``alpha_pattern`` set so
-    that every scaling is 1): the SVD of its delta, ``W_base + dW = W_base + B @ A``. ``rank=None`` keeps every
-    non-negligible singular value (exact up to float rounding; an exact factor can hold more numbers than the delta
-    itself), an int caps each layer's rank, a float in (0, 1) keeps the smallest rank holding that fraction of the
+    that every scaling is 1, keys anchored to the whole module name): the SVD of its delta,
+    ``W_base + dW = W_base + B @ A``. ``rank=None`` keeps every non-negligible singular value (exact up to float
+    rounding), an int caps each layer's rank, a float in (0, 1) keeps the smallest rank holding that fraction of the
     delta's energy (the sum of squared singular values). The head and norms go in as ``modules_to_save``, and so do
     active layers that LoRA cannot represent exactly (grouped or dilated convs, timm's ``StdConv2d`` / ``Conv2dSame``,
-    other subclasses): those are saved whole, with ``W_base + dW`` as their weight.
+    other subclasses) or whose factors would be larger than the delta itself: those are saved whole, with
+    ``W_base + dW`` as their weight.
 
     Returns what was written: ``lora_layers`` (name -> rank), ``saved_whole`` (layer names) and ``bytes``.
 
@@ -46,6 +47,7 @@ def export_lora(
         work.unmerge_adapter()
     work.set_adapter(adapter_name)
     config = work.peft_config[adapter_name]
+    names = [n for n, _ in work.get_base_model().named_modules() if n]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     whole: list[str] = []
     for name, layer in work.base_model.taps_layers():
@@ -53,8 +55,18 @@ def export_lora(
             continue
         base = layer.get_base_layer()
         delta = layer.taps_delta[adapter_name].detach()
-        if _lora_exact(base):
-            factors[name] = _factor(delta.float().reshape(delta.shape[0], -1), rank)
+        factor = _factor(delta.float().reshape(delta.shape[0], -1), rank) if _lora_exact(base) else None
+        # PEFT wraps every module whose name ends with a modules_to_save entry: a layer whose name ends another's
+        # (a stem ``conv1`` and ``layer2.0.conv1``) can only be a LoRA layer
+        ambiguous = any(n != name and n.endswith(name) for n in names)
+        if factor is not None and (ambiguous or factor[0].numel() + factor[1].numel() < delta.numel()):
+            factors[name] = factor
+        elif ambiguous:
+            raise ValueError(
+                f"export_lora: the active layer `{name}` ({type(base).__name__}) is one LoRA cannot hold exactly, and "
+                "PEFT cannot save it whole either: modules_to_save would also take every module whose name ends with "
+                f"'{name}'. Share the TAPS adapter (save_pretrained) instead."
+            )
         else:
             whole.append(name)
             with torch.no_grad():
@@ -65,9 +77,12 @@ def export_lora(
             f"export_lora: adapter '{adapter_name}' has no active layer that LoRA can hold ({len(whole)} would be saved "
             "whole): there is nothing to export as LoRA; share the TAPS adapter (save_pretrained) instead."
         )
-    pattern = {re.escape(name): r for name, r in ranks.items()}  # PEFT reads pattern keys as regular expressions
+    # PEFT matches a pattern key at the end of a module name after any prefix (``(.*\.)?KEY$``): "(?<!.)" keeps a key
+    # from matching a longer name, so the stem's ``conv1`` does not also match ``layer2.0.conv1``.
+    pattern = {f"(?<!.){re.escape(name)}": r for name, r in ranks.items()}
     lora_config = LoraConfig(
-        r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=sorted(ranks), rank_pattern=pattern,
+        r=max(ranks.values()), lora_alpha=max(ranks.values()), rank_pattern=pattern,
+        target_modules="|".join(re.escape(n) for n in sorted(ranks)),  # a string is fullmatched: exactly these
         alpha_pattern=pattern, modules_to_save=list(config.modules_to_save or []) + whole, init_lora_weights=False,
     )
     plain = work.unload()  # gated layers: the base layers; head and norms: this adapter's copies

@@ -11,9 +11,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "cli": ("TrainArgs", "train", "taps_state"),
+    "args": ("TrainArgs",),
+    "cli": ("train", "taps_state"),
     "multitask": ("train_joint", "train_shared_then_incremental", "save_joint", "load_joint", "base_state_dict"),
-    "norms": ("recalibrate_batchnorm",),
     "optim": ("create_taps_optimizer",),
     "trainer": ("TAPSTrainer", "TAPSCallback", "taps_param_groups", "unwrap_taps_model"),
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from .cli import TrainArgs
+    from .args import TrainArgs
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -34,7 +34,7 @@ def load_model(args: TrainArgs, num_classes: int, labels: list[str]):
                             "--weights PATH (a local weights file)")
         model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
         if args.weights:
-            from ..pretrained import load_weights
+            from ..weights import load_weights
 
             load_weights(model, args.weights)
         cfg = timm.data.resolve_model_data_config(model)
@@ -129,7 +129,9 @@ def load_data(args: TrainArgs):
 
     name = args.dataset
     if name.startswith("imagefolder:"):
-        ds = datasets.load_dataset("imagefolder", data_dir=name.split(":", 1)[1], cache_dir=args.cache_dir)
+        folder = name.split(":", 1)[1]
+        check_image_folder(folder)
+        ds = datasets.load_dataset("imagefolder", data_dir=folder, cache_dir=args.cache_dir)
     elif os.path.isdir(name) and any(Path(name).glob("dataset_dict.json")):
         ds = datasets.load_from_disk(name)
     else:
@@ -155,6 +157,9 @@ def load_data(args: TrainArgs):
     label_col = args.label_column or next(
         (c for c, f in features.items() if isinstance(f, datasets.ClassLabel)),
         next((c for c in ("label", "labels", "fine_label") if c in features), None))
+    folder = name.split(":", 1)[1] if name.startswith("imagefolder:") else None
+    if folder is not None and label_col is None:  # imagefolder gives labels only for two class subfolders or more
+        raise ValueError(_single_class(folder, "its images are not in class subfolders, or all in one"))
     if image_col is None or label_col is None:
         raise ValueError(f"Cannot tell the image/label columns among {list(features)}: pass --image-column and "
                          "--label-column.")
@@ -163,7 +168,61 @@ def load_data(args: TrainArgs):
         labels = list(feature.names)
     else:
         labels = [str(i) for i in range(int(max(train_ds[label_col])) + 1)]
+    if len(labels) < 2:
+        raise ValueError(_single_class(folder or name, f"it has a single class {labels}"))
+    # decoded by us (image_file), so that a damaged image is reported with its file name
+    train_ds = train_ds.cast_column(image_col, datasets.Image(decode=False))
+    eval_ds = eval_ds.cast_column(image_col, datasets.Image(decode=False)) if eval_ds is not None else None
     return train_ds, eval_ds, image_col, label_col, labels
+
+
+def _single_class(where: str, why: str) -> str:
+    return (f"--dataset {where}: {why}, and a classifier needs at least two classes. Put each class's images in a "
+            "subfolder of its own (PATH/<class>/<image>, or PATH/train/<class>/<image> with a test split beside it).")
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def check_image_folder(folder: str) -> None:
+    """Fail with the fix when an image folder does not exist or holds no image."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"--dataset imagefolder:{folder}: no such folder.")
+    if not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+        raise ValueError(
+            f"--dataset imagefolder:{folder}: the folder holds no image ({', '.join(sorted(_IMAGE_SUFFIXES))}). "
+            "Lay it out as PATH/<class>/<image> (or PATH/train/<class>/<image> and PATH/test/<class>/<image>)."
+        )
+
+
+def image_file(value: Any) -> Any:
+    """An RGB PIL image from a ``datasets`` image value (``{"path", "bytes"}`` or a PIL image): 16-bit and float images
+    are scaled to 8 bits (PIL's own ``convert("RGB")`` saturates them to white), palette, alpha and CMYK images are
+    converted. A file that cannot be decoded stops training with a ``ValueError`` naming it (a damaged image is a
+    dataset to fix, not one to train on silently)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, dict):
+        where = value.get("path") or "an image given as bytes"
+        try:
+            image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+            image.load()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            raise ValueError(f"cannot read the image {where} ({type(err).__name__}: {err}): fix or remove the "
+                             "file.") from None
+    else:
+        image = value
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and array.max(initial=0) <= 1.0:
+            top = 1.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def with_transform(ds, image_col: str, label_col: str, size: tuple[int, int], mean, std):
@@ -172,7 +231,7 @@ def with_transform(ds, image_col: str, label_col: str, size: tuple[int, int], me
     tf = transforms.Compose([transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [tf(im.convert("RGB")) for im in batch[image_col]], "labels": batch[label_col]}
+        return {"pixel_values": [tf(image_file(im)) for im in batch[image_col]], "labels": batch[label_col]}
 
     return ds.with_transform(apply)
 

@@ -24,86 +24,13 @@ import os
 import shutil
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .args import TrainArgs
+
 STATE_PREFIX = "TAPS_STATE "  # the line ``--print-state`` writes on every rank, followed by JSON
-
-
-@dataclass
-class TrainArgs:
-    """Every option of ``taps-peft train`` (the CLI flag is the field name with dashes).
-
-    Example:
-        >>> args = TrainArgs(model="timm:vit_tiny_patch16_224", dataset="imagefolder:data", lam=0.5, epochs=3)
-    """
-
-    model: str = field(metadata={"help": "timm:NAME, hf:NAME_OR_PATH (or a transformers model type with "
-                                         "--no-pretrained, e.g. hf:vit), or a bare name (timm if it knows it)."})
-    dataset: str = field(metadata={"help": "A Hub dataset name, a local dataset dir, or imagefolder:PATH."})
-    output_dir: str = field(default="runs/taps", metadata={"help": "Adapter, checkpoints/ and results go here."})
-    pretrained: bool = field(default=True, metadata={"help": "Load pretrained weights (--no-pretrained: random)."})
-    weights: Optional[str] = field(default=None, metadata={
-        "help": "A local weights file for a timm model (.safetensors or .pth: by name or in order, a head of another "
-                "size stays fresh); nothing is downloaded."})
-    model_kwargs: dict = field(default_factory=dict, metadata={
-        "help": "JSON passed to timm.create_model or the transformers config, e.g. '{\"img_size\": 32}'."})
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Training split."})
-    eval_split: Optional[str] = field(default="auto", metadata={
-        "help": "Evaluation split; 'auto' picks validation/valid/val/test if present, 'none' skips evaluation."})
-    image_column: Optional[str] = field(default=None, metadata={"help": "Image column (autodetected when unset)."})
-    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (autodetected when unset: a ClassLabel, label, labels)."})
-    image_size: Optional[int] = field(default=None, metadata={"help": "Input size (the model's when unset)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N samples."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "datasets cache directory."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    # TAPS
-    lam: float = field(default=0.5, metadata={"help": "TAPS sparsity weight; larger shares more layers."})
-    tau: float = field(default=0.1, metadata={"help": "Gate threshold on the scores."})
-    score_init: float = field(default=0.15, metadata={"help": "Initial score (>= tau: every layer starts on)."})
-    taps_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps without the TAPS penalty."})
-    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to gate (every Linear/Conv but head and patch embedding when unset)."})
-    score_lr: Optional[float] = field(default=None, metadata={
-        "help": "Learning rate of the scores (--lr when unset; use e.g. 1e-2 with AdamW)."})
-    freeze_gates_at: float = field(default=0.8, metadata={
-        "help": "Fix the gates after this fraction of the steps: no late flips, and closed layers skip their weight "
-                "gradient (1: never)."})
-    recalibrate_bn: bool = field(default=True, metadata={
-        "help": "At the end, re-estimate the task's BatchNorm statistics on up to 512 training images (no weight "
-                "changes)."})
-    # optimisation
-    optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum, as in the paper) or adamw.",
-                                                     "choices": ("sgd", "adamw")})
-    lr: float = field(default=0.01, metadata={"help": "Learning rate of deltas, norms and head."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (never on scores)."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "cosine or constant (after the warm-up).",
-                                                          "choices": ("cosine", "constant")})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
-    epochs: int = field(default=30, metadata={"help": "Training epochs."})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after N optimizer steps (overrides "
-                                                                     "--epochs)."})
-    batch_size: int = field(default=32, metadata={"help": "Batch size per process (global = x processes)."})
-    eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Eval batch size (--batch-size when unset)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    max_grad_norm: Optional[float] = field(default=None, metadata={"help": "Clip gradients to this norm."})
-    mixed_precision: Optional[str] = field(default=None, metadata={
-        "help": "no, fp16 or bf16 (accelerate's config when unset).", "choices": ("no", "fp16", "bf16")})
-    seed: int = field(default=42, metadata={"help": "Seed of the model init and the data order."})
-    shuffle: bool = field(default=True, metadata={"help": "Shuffle the training data each epoch."})
-    cpu: bool = field(default=False, metadata={"help": "Train on CPU even if a GPU is present."})
-    # checkpoints, logging, output
-    checkpoint_every: Optional[int] = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
-    keep_checkpoints: Optional[int] = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
-    resume_from: Optional[str] = field(default=None, metadata={
-        "help": "Checkpoint dir to resume from, or 'latest' (newest in OUTPUT_DIR/checkpoints)."})
-    log_every: int = field(default=10, metadata={"help": "Update loss/acc on the progress bar every N steps."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Push the adapter to the Hub at the end."})
-    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id (the output dir's name when unset)."})
-    print_state: bool = field(default=False, metadata={
-        "help": "Print one 'TAPS_STATE {json}' line per rank at the end (scores, active set, parameter hashes)."})
 
 
 @dataclass
@@ -135,7 +62,9 @@ def taps_state(model) -> dict[str, Any]:
 
     from ..tuner import TAPSLayer
 
-    report = model.taps_layer_report()
+    from ..report import taps_layer_report
+
+    report = taps_layer_report(model)
     deltas = []
     for module in model.modules():
         if isinstance(module, TAPSLayer):
@@ -165,7 +94,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     Run it under ``accelerate launch`` for several processes. The metrics: ``step``, ``train_loss`` /
     ``train_accuracy`` (last logging window, all ranks), ``first_loss``, ``history``, ``eval_loss`` /
-    ``eval_accuracy`` (if there is an eval split), ``summary`` (``model.taps_summary()``), ``active_layers``,
+    ``eval_accuracy`` (if there is an eval split), ``summary`` (``taps_peft.taps_summary(model)``), ``active_layers``,
     ``total_layers`` and ``state`` (see ``taps_state``).
 
     Example:
@@ -213,7 +142,11 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     from ..tuner import TAPSConfig
     from .build import EpochOrder, load_data, load_model, pair, with_transform
-    from .norms import RECALIBRATION_IMAGES, recalibrate_batchnorm
+    from ..batchnorm import RECALIBRATION_IMAGES, recalibrate_batchnorm
+    from ..budget import adapt_lam
+    from ..files import atomic_write
+    from ..hub.save import push_to_hub, save_adapter
+    from ..report import taps_layer_report, taps_summary
     from .optim import create_taps_optimizer
 
     out = Path(args.output_dir)
@@ -277,7 +210,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
             pos.epoch, pos.batch = pos.epoch + 1, 0
         accelerator.print(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
 
-    summary = peft_model.taps_summary()
+    summary = taps_summary(peft_model)
     accelerator.print(
         f"TAPS: {summary['total_layers']} gated layers, {len(train_ds)} training images in {len(labels)} classes, "
         f"{accelerator.num_processes} process(es) x batch {args.batch_size} x accumulation "
@@ -307,6 +240,8 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 logits = forward(batch["pixel_values"])
                 task_loss = F.cross_entropy(logits.float(), batch["labels"])
+                if accelerator.sync_gradients:
+                    adapt_lam(peft_model)  # a budget moves lam once per step (nothing without one)
                 loss = task_loss + peft_model.taps_penalty(pos.step)
                 if not torch.isfinite(loss.detach()):  # stop before a NaN/inf gradient reaches any weight
                     raise FloatingPointError(
@@ -334,7 +269,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
             if pos.step % args.log_every == 0 or done or pos.step == 1:
                 total = accelerator.reduce(window.clone(), reduction="sum")
                 window.zero_()
-                report = peft_model.taps_layer_report()
+                report = taps_layer_report(peft_model)
                 entry = {"step": pos.step, "loss": float(total[0] / total[2]), "acc": float(total[1] / total[2]),
                          "active": sum(r["active"] for r in report)}
                 history.append(entry)
@@ -365,7 +300,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
                        train_accuracy=history[-1]["acc"])
     if eval_dl is not None:
         metrics.update(_evaluate(accelerator, model, eval_dl, forward))
-    summary = peft_model.taps_summary()
+    summary = taps_summary(peft_model)
     state = taps_state(peft_model)
     metrics.update(summary=summary, active_layers=summary["active_layers"], total_layers=summary["total_layers"],
                    state=state, output_dir=str(out))
@@ -385,17 +320,17 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
         if "eval_accuracy" in metrics:
             peft_model.peft_config["default"].task_info["metrics"] = {
                 k: metrics[k] for k in ("eval_accuracy", "eval_loss")}
-        peft_model.save_pretrained(str(out))
+        save_adapter(peft_model, out)
         results = {k: v for k, v in metrics.items() if k != "state"}
-        (out / "train_results.json").write_text(json.dumps(results, indent=2))
-        (out / ARGS_NAME).write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        atomic_write(out / "train_results.json", json.dumps(results, indent=2))
+        atomic_write(out / ARGS_NAME, json.dumps(dataclasses.asdict(args), indent=2))
         evaluated = f"eval accuracy {metrics['eval_accuracy']:.4f}" if "eval_accuracy" in metrics else "no eval split"
         accelerator.print(
             f"done: step {pos.step}, active layers {summary['active_layers']}/{summary['total_layers']}, "
             f"{evaluated}, adapter saved to {out}")
         if args.push_to_hub:
             repo_id = args.hub_model_id or out.resolve().name
-            commit = peft_model.push_to_hub(repo_id)
+            commit = push_to_hub(peft_model, repo_id)
             metrics["hub_model_id"] = repo_id
             accelerator.print(f"pushed to the Hub: {repo_id} ({getattr(commit, 'commit_url', None) or commit})")
     accelerator.wait_for_everyone()
@@ -534,7 +469,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         metrics = train(parse_args(argv))
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as err:
-        sys.stderr.write(f"taps-peft train: error: {err}\n")  # a message, not a traceback
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line is the error itself
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.stderr.write(f"taps-peft train: error: {message}\n")  # a message, not a traceback
         sys.stderr.flush()
         raise SystemExit(2) from None
     if metrics["num_processes"] > 1:

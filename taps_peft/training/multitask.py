@@ -22,6 +22,7 @@ import copy
 import json
 import os
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -33,7 +34,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..hub.atomic import replace_folder
+from ..budget import adapt_lam
+from ..files import atomic_write
+from ..hub.save import save_adapter
 from ..tuner import TAPSConfig, TAPSLayer
 from ..tuner.targets import find_head
 from .optim import create_taps_optimizer
@@ -139,8 +142,11 @@ def train_joint(
         opt.add_param_group({"params": shared, "lr": lr if base_lr is None else base_lr, "weight_decay": weight_decay})
     # the penalty: the active task's own; its warm-up counts that task's batches
     _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
-         model.set_adapter, loss_fn, model.taps_penalty, schedule)
+         model.set_adapter, loss_fn, partial(_penalty, model), schedule)
     model.set_adapter(names[0])
+    if shared:  # the base changed: the adapters now belong to the trained base
+        for t in names:
+            model.base_model.record_base_identity(t)
     return model
 
 
@@ -178,6 +184,12 @@ def train_shared_then_incremental(
         setattr(owner, leaf, original)
     return train_joint(base_model, tasks, config, steps, heads=dict(task_heads), train_base="none",
                        accelerator=accelerator, **kwargs)
+
+
+def _penalty(model: PeftModel, step: int) -> torch.Tensor:
+    """The active task's penalty, its budget (if any) first moving its lam."""
+    adapt_lam(model)
+    return model.taps_penalty(step)
 
 
 class _TaskHeads(nn.Module):
@@ -219,10 +231,11 @@ def save_joint(model: PeftModel, out_dir: Union[str, os.PathLike]) -> Path:
         v = v.cpu().contiguous()
         state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v  # safetensors refuses shared memory
         seen.add(v.untyped_storage().data_ptr())
-    replace_folder(out / "base", lambda tmp: safetensors.torch.save_file(  # a crash leaves the old file whole
-        state, str(tmp / "model.safetensors"), metadata={"format": "pt", "taps_tasks": json.dumps(names)}))
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "base" / "model.safetensors", lambda tmp: safetensors.torch.save_file(  # a crash: the old file
+        state, str(tmp), metadata={"format": "pt", "taps_tasks": json.dumps(names)}))
     for t in names:
-        model.save_pretrained(str(out), selected_adapters=[t])
+        save_adapter(model, out, selected_adapters=[t])
     return out
 
 

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Optional, Union
 
 import torch
@@ -110,6 +111,18 @@ def taps_param_groups(
     return [g for g in groups if g["params"]]
 
 
+def check_finite_gradients(parameters: Any, step: int) -> None:
+    """Raise a ``FloatingPointError`` when a gradient holds NaN/inf (one host read), before the optimizer step, so no
+    non-finite weight, and no checkpoint of one, is ever written."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        raise FloatingPointError(
+            f"a gradient is NaN/inf at step {step + 1} though the loss is finite: training stopped before this step's "
+            "update, and no checkpoint of it was saved. Lower the learning rate or the score learning rate, or clip "
+            "gradients (max_grad_norm); a checkpoint written before this step is intact."
+        )
+
+
 def taps_log_metrics(model: nn.Module, step: Optional[int] = None) -> dict[str, float]:
     """What TAPS adds to a training log: ``taps_active_layers`` (k), ``taps_total_layers`` (L) and
     ``taps_penalty`` (``model.taps_penalty(step)``, the term added to the loss at that step).
@@ -118,8 +131,10 @@ def taps_log_metrics(model: nn.Module, step: Optional[int] = None) -> dict[str, 
         >>> taps_log_metrics(model, step=100)  # doctest: +SKIP
         {'taps_active_layers': 9, 'taps_total_layers': 12, 'taps_penalty': 0.054}
     """
+    from ..report import taps_summary
+
     taps_model = unwrap_taps_model(model)
-    summary = taps_model.taps_summary()
+    summary = taps_summary(taps_model)
     with torch.no_grad():
         penalty = float(taps_model.taps_penalty(step).detach().float().cpu())
     return {
@@ -168,6 +183,15 @@ class TAPSCallback(TrainerCallback):
         logs.update(extra)
 
 
+class _FiniteGradients(TrainerCallback):
+    """Checks the gradients before every optimizer step (see :func:`check_finite_gradients`); with a ``GradScaler``
+    (fp16) the scaler itself skips steps with inf gradients, so nothing is checked."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs: Any) -> None:
+        if model is not None and getattr(optimizer, "scaler", None) is None:
+            check_finite_gradients(model.parameters(), state.global_step)
+
+
 class TAPSTrainer(Trainer):
     """A ``transformers.Trainer`` for TAPS ``PeftModel``s: the training loss gets ``taps_penalty(global_step)``, the
     scores get their own learning rate, and the logs get the active layers k/L and the penalty.
@@ -184,7 +208,7 @@ class TAPSTrainer(Trainer):
             (default 0.8; ``None``: never): no gate flips in the last steps, and closed layers skip their weight
             gradient. Under DDP the Trainer's default (finding unused parameters for PEFT models) is needed.
         recalibrate_bn: After training, re-estimate the task's BatchNorm statistics on up to 512 training images,
-            changing no weight (``taps_peft.training.recalibrate_batchnorm``; default on); save the model after
+            changing no weight (``taps_peft.recalibrate_batchnorm``; the same images on every process; default on); save the model after
             ``train()``. Both defaults are measured in docs/results.md.
 
     The penalty is added in training mode only (``eval_loss`` is the task loss alone), once per optimizer step
@@ -228,6 +252,7 @@ class TAPSTrainer(Trainer):
         if taps_logging and not any(isinstance(cb, TAPSCallback) for cb in self.callback_handler.callbacks):
             # first, so that reporting integrations and the progress bar see the TAPS values
             self.callback_handler.callbacks.insert(0, TAPSCallback())
+        self.callback_handler.add_callback(_FiniteGradients())
 
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; warns when resuming from checkpoints that lack the inactive layers' deltas."""
@@ -240,19 +265,44 @@ class TAPSTrainer(Trainer):
             )
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.recalibrate_bn:
-            from .norms import RECALIBRATION_IMAGES, recalibrate_batchnorm
+            from torch.utils.data import DataLoader
 
+            from ..batchnorm import RECALIBRATION_IMAGES, recalibrate_batchnorm
+
+            # the same images, in the same order, on every process: every rank ends with the same statistics
+            dataset = self.train_dataset
+            if hasattr(dataset, "column_names") and self.args.remove_unused_columns:
+                dataset = self._remove_unused_columns(dataset, description="recalibration")
             per_batch = max(1, self.args.per_device_train_batch_size)
-            batches = itertools.islice(self.get_train_dataloader(), max(1, RECALIBRATION_IMAGES // per_batch))
-            model = unwrap_taps_model(self.model)
+            loader = DataLoader(dataset, batch_size=per_batch, collate_fn=self.data_collator, shuffle=False)
+            batches = itertools.islice(loader, max(1, RECALIBRATION_IMAGES // per_batch))
             with torch.no_grad():
-                recalibrate_batchnorm(model, (self._prepare_inputs(b) for b in batches))  # labels are dropped
+                recalibrate_batchnorm(self.model, (self._prepare_inputs(b) for b in batches))  # labels are dropped
         return result
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """The adapter, with every file written atomically and the TAPS model card (``taps_peft.save_adapter``), and
+        what the Trainer saves beside it (processing class, training arguments)."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        from ..hub.save import save_adapter
+
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(unwrap_taps_model(self.model), output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``Trainer.training_step``; fixes the gates once ``freeze_gates_at`` of the steps are done."""
+        from ..budget import adapt_lam
+
+        taps_model = unwrap_taps_model(model)
         if self.freeze_gates_at is not None and self.state.global_step >= self.freeze_gates_at * self.state.max_steps:
-            unwrap_taps_model(model).freeze_gates()
+            taps_model.freeze_gates()
+        adapt_lam(taps_model)  # a budget moves lam (nothing without one)
         return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(

@@ -8,10 +8,14 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from ..files import atomic_write
+from .saved import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 
 
 @dataclass
@@ -46,11 +50,14 @@ class TAPSConfig(PeftConfig):
         budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per penalty call.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
-        base_model_info: What the adapter knows of its base (filled in at every save: library, architecture, name,
-            number of classes, a fingerprint of the gated weights). Set ``pretrained`` (and for a random init
-            ``seed``, for custom shapes ``model_kwargs``, for local weights ``weights``) so the model card can show
-            how to rebuild the base; loading onto a base with other weights warns (see ``hub.identity``).
+        base_model_info: What the adapter knows of its base (recorded when the adapter is injected: library,
+            architecture, name, number of classes, a fingerprint of the base tensors it depends on). Set ``name`` and
+            ``pretrained`` (and for a random init ``seed``, for custom shapes ``model_kwargs``, for local weights
+            ``weights``) so the model card can show how to rebuild the base; loading onto a base with other weights
+            warns (see ``tuner.identity``).
         task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
+        weights_digest: Written by ``save_pretrained``: the digest of the ``adapter_model.safetensors`` saved with this
+            config. Loading refuses a config and weights from two different saves. Leave it unset.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -78,6 +85,9 @@ class TAPSConfig(PeftConfig):
         default=None, metadata={"help": "The base the adapter was trained on (filled in when saving)."}
     )
     task_info: Optional[dict] = field(default=None, metadata={"help": "dataset, labels, metrics (for the card)."})
+    weights_digest: Optional[str] = field(
+        default=None, metadata={"help": "Digest of the weights saved with this config (written by save_pretrained)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,15 +136,17 @@ class TAPSConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
-        adapter with its name and a damaged file with its path."""
+        adapter with its name and a damaged file with its path. The config remembers where it was read from, so that
+        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base
+        before any module is replaced."""
         where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
             pretrained_model_name_or_path)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except json.JSONDecodeError as err:
             raise ValueError(
-                f"The adapter config '{os.path.join(where, 'adapter_config.json')}' is not valid JSON ({err}): the "
-                "file is damaged. Save the adapter again (or restore the file)."
+                f"The adapter config '{os.path.join(where, CONFIG_NAME)}' is not valid JSON ({err}): the file is "
+                "damaged. Save the adapter again (or restore the file)."
             ) from None
         if not isinstance(config, TAPSConfig):
             kind = getattr(config.peft_type, "value", config.peft_type)
@@ -142,7 +154,38 @@ class TAPSConfig(PeftConfig):
                 f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
                 f"peft_type={kind!r}): load it with its own PEFT method."
             )
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
+               if kwargs.get(k) is not None}
+        config._source = {"model_id": str(pretrained_model_name_or_path), "subfolder": subfolder, "hub": hub}
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``PeftConfig.save_pretrained``, written atomically, with ``weights_digest`` set to the digest of the
+        ``adapter_model.safetensors`` beside it (PEFT's ``save_pretrained`` writes the weights, then calls this), so a
+        later load can tell that config and weights belong to one save."""
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"Cannot save into '{folder}': it is a file, not a folder. Choose another path.")
+        folder.mkdir(parents=True, exist_ok=True)
+        weights, pickle = folder / WEIGHTS_NAME, folder / "adapter_model.bin"
+        if pickle.exists() and (not weights.exists() or pickle.stat().st_mtime_ns >= weights.stat().st_mtime_ns):
+            raise ValueError(
+                f"'{pickle}' is a pickle (save_pretrained(safe_serialization=False)): TAPS adapters are loaded from "
+                "safetensors only, and taps_peft never unpickles. Save again without safe_serialization=False."
+            )
+        output = self.to_dict()
+        output = {k: sorted(v) if isinstance(v, set) else v for k, v in output.items()}
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            output["auto_mapping"] = auto_mapping
+        output["weights_digest"] = _file_digest(weights) if weights.exists() else None
+        atomic_write(folder / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
+
+
+def _file_digest(path: Path) -> str:
+    from safetensors.torch import load_file
+
+    return tensors_digest(load_file(str(path)).values())
 
 
 def _check_names(name: str, value: object, fix: str, allow_empty: bool) -> Optional[Union[str, set[str]]]:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .config import TAPSConfig
 from .gated import RecomputeFormedWeight, form_weight, outer_saved_tensors_hooks
+
+if TYPE_CHECKING:
+    from .config import TAPSConfig
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -53,8 +55,12 @@ def check_batch_names(x: torch.Tensor, adapter_names: list[str]) -> None:
 class TAPSLayer(BaseTunerLayer):
     """State and merge logic shared by every TAPS layer; see [`Linear`] and [`Conv`] for the modules.
 
-    Dtypes: a delta has the base weight's dtype (a bf16 base gets bf16 deltas: a full-size delta in fp32 would double
-    the layer's bytes); a score is always fp32 (0.15 against tau = 0.1 must stay exact), also after ``model.half()``.
+    Dtypes follow PEFT's ``autocast_adapter_dtype``: ``True`` (PEFT's default) keeps the deltas of a fp16/bf16 base in
+    fp32, as LoRA's weights (small updates accumulate, and fp16 training with a ``GradScaler`` works); ``False`` gives
+    them the base dtype (half the memory). A score is always fp32 (0.15 against tau = 0.1 must stay exact), also after
+    ``model.half()``. ``layer.weight`` is the weight the layer computes with (``W_base`` plus the open deltas), so a
+    parent module that reads it directly (``F.linear(x, self.qkv.weight)`` in timm's EVA, torchvision's Swin,
+    ``nn.MultiheadAttention``'s ``out_proj``) computes with the gated weight too.
     """
 
     adapter_layer_names = ("taps_delta", "taps_scores")
@@ -69,6 +75,7 @@ class TAPSLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._unmerged_weight: Optional[torch.Tensor] = None  # the base weight's own data while merged
         self._gates: Optional[dict[str, bool]] = None  # host gates, set by TAPSModel for one forward only
+        self._routing = False  # a mixed-task batch is running (set by TAPSModel for one forward only)
         base = self.get_base_layer()
         if isinstance(base, _CONV):
             self.in_features, self.out_features = base.in_channels, base.out_channels
@@ -99,12 +106,16 @@ class TAPSLayer(BaseTunerLayer):
         self._active_adapter = names
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Deltas to the base weight's device and dtype, scores to its device in fp32."""
+        """Deltas to the base weight's device and dtype (an fp32 delta of a 16-bit base stays fp32: PEFT's
+        ``autocast_adapter_dtype`` made it so), scores to its device in fp32."""
         weight = self.get_base_layer().weight
         device = device or weight.device
         if device.type == "meta":
             return
-        for params, dtype in ((self.taps_delta, weight.dtype), (self.taps_scores, torch.float32)):
+        delta = self.taps_delta.get(adapter_name)
+        upcast = delta is not None and delta.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+        for params, dtype in ((self.taps_delta, torch.float32 if upcast else weight.dtype),
+                              (self.taps_scores, torch.float32)):
             if adapter_name in params and params[adapter_name].device.type != "meta":
                 params[adapter_name].data = params[adapter_name].data.to(device=device, dtype=dtype)
 
@@ -150,11 +161,29 @@ class TAPSLayer(BaseTunerLayer):
         self.merged_adapters.clear()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
+        """PEFT's ``convert_to_lora`` / ``save_as_lora`` handle linear layers only (``taps_peft.export_lora`` also
+        converts convolutions)."""
+        return isinstance(self.get_base_layer(), nn.Linear)
 
-    def _adapter_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """One matmul/conv with ``W_base`` plus the gated deltas of ``adapters``."""
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with: ``W_base + 1[s >= tau] * dW`` for the active adapters (through the
+        straight-through gate while the gates learn), the base weight when no delta is open."""
         base = self.get_base_layer()
+        if "taps_delta" not in self._modules or self.disable_adapters or self.merged:
+            return base.weight
+        if self._routing:
+            raise RuntimeError(
+                f"A module reads the weight of a TAPS layer ({type(base).__name__} {tuple(base.weight.shape)}) directly "
+                "instead of calling it, so a mixed-task batch (adapter_names=...) cannot give each sample its own "
+                "weight there. Run one adapter per batch with set_adapter() for this model."
+            )
+        terms = self._terms(self.active_adapters)
+        return form_weight(base.weight, terms) if terms else base.weight
+
+    def _terms(self, adapters: list[str]) -> list:
+        """The gated deltas of ``adapters`` that this forward adds: all of them, through the device gate, while the
+        gates learn; only the open ones when ``TAPSModel`` read the gates on the host for this forward."""
         adapters = [a for a in adapters if a in self.taps_delta]
         scores = [self.taps_scores[a] for a in adapters]
         learning = torch.is_grad_enabled() and any(s.requires_grad for s in scores)
@@ -169,6 +198,12 @@ class TAPSLayer(BaseTunerLayer):
                 terms.append((self.taps_delta[a], s, self.gate(a)))
             elif gate:
                 terms.append((self.taps_delta[a], s, True))
+        return terms
+
+    def _adapter_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One matmul/conv with ``W_base`` plus the gated deltas of ``adapters``."""
+        base = self.get_base_layer()
+        terms = self._terms(adapters)
         if not terms:
             return self.base_layer(x, *args, **kwargs)
         weight = form_weight(base.weight, terms)
@@ -246,3 +281,63 @@ class Linear(_TAPSModule):
 
 class Conv(_TAPSModule):
     """TAPS on an ``nn.Conv1d/2d/3d`` (or subclass), grouped and depthwise included: one conv with the gated weight."""
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast(module: nn.Module) -> None:
+    """Make a 16-bit module compute in fp32 between its 16-bit neighbours: its tensors become fp32, its floating inputs
+    are cast to fp32 and its output back to the dtype it had."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype in _HALF]
+    if not tensors:
+        return
+    dtype = tensors[0].dtype
+    for t in tensors:
+        t.data = t.data.float()
+    module.register_forward_pre_hook(partial(_cast_inputs, dtype=torch.float32))
+    module.register_forward_hook(partial(_cast_output, dtype=dtype))
+
+
+def _cast_inputs(module: nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _cast_output(module: nn.Module, args: tuple, output: Any, dtype: torch.dtype) -> Any:
+    return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
+
+def host_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of 1-element tensors, read in one device-to-host transfer."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
+
+
+def read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
+    """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
+    and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
+    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not _is_sharded(m.taps_scores[a])]
+    if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
+        return {}
+    gates: dict[TAPSLayer, dict[str, bool]] = {}
+    for (m, a), value in zip(pairs, host_values([m.taps_scores[a] for m, a in pairs])):
+        gates.setdefault(m, {})[a] = value >= m.taps_tau[a]
+    return gates
+
+
+def adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def route_samples(wrapper: nn.Module, args: tuple, output: torch.Tensor, adapter_names: list[str]):
+    """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
+    original module). Heads and norms are cheap next to the gated layers."""
+    check_batch_names(output, adapter_names)
+    out = output.clone()
+    for name, rows in sample_groups(adapter_names, output.device):
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
+    return out

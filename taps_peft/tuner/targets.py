@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from types import SimpleNamespace
 from typing import Any, Optional, Union
 
@@ -12,11 +13,13 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 
-from .layer import SUPPORTED_LAYERS
+from .layer import _CONV, SUPPORTED_LAYERS
 
 # A ViT's patch embedding is not gated (paper: ViT-S/16 has L = 48 = 12 blocks x {qkv, proj, fc1, fc2}).
-_PATCH_EMBED_NAMES = ("patch_embed", "patch_embeddings")
-_HEAD_ATTRS = ("classifier", "head", "fc")
+_PATCH_EMBED_NAMES = ("patch_embed", "patch_embeddings", "patch_embedding")
+# Classifier heads: timm, torchvision (ResNet ``fc``, ViT ``heads``, MobileNet/ConvNeXt/EfficientNet ``classifier``,
+# Swin ``head``), transformers (``classifier``, ``score``).
+_HEAD_ATTRS = ("classifier", "head", "heads", "fc", "score")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
@@ -55,20 +58,43 @@ def find_head(model: nn.Module) -> Optional[str]:
 
 
 def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
-    """Full names of every Linear/Conv except the head and a patch embedding (the layers the paper gates)."""
+    """Full names of every Linear/Conv except the head and a patch embedding (the layers the paper gates).
+
+    A patch embedding is recognised by name (``patch_embed``, ``patch_embeddings``) and by role: a convolution over
+    the image (at most 4 input channels) whose kernel equals its stride, i.e. that cuts the image into patches
+    (torchvision's ``conv_proj``, a Swin or ConvNeXt stem). ``nn.MultiheadAttention`` computes with its own
+    ``in_proj_weight``, which TAPS does not gate (a warning says so); its ``out_proj`` is gated.
+    """
+    modules = plain_modules(model)
     names = [
         name
-        for name, module in plain_modules(model).items()
+        for name, module in modules.items()
         if isinstance(module, SUPPORTED_LAYERS)
         and not _is_under(name, head)
         and not any(part in _PATCH_EMBED_NAMES for part in name.split("."))
+        and not is_patch_embedding(module)
     ]
+    attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        warnings.warn(
+            f"{len(attention)} nn.MultiheadAttention module(s) (e.g. `{attention[0]}`): TAPS gates their `out_proj` but "
+            "not their fused q/k/v projection `in_proj_weight`, a bare parameter that the module reads directly.",
+            UserWarning, stacklevel=2,
+        )
     if not names:
         raise ValueError(
             f"TAPS found no layer to gate in {type(model).__name__}: it gates {[t.__name__ for t in SUPPORTED_LAYERS]} "
             "outside the head and patch embedding. Pass `target_modules=[...]` naming the layers to adapt."
         )
     return names
+
+
+def is_patch_embedding(module: nn.Module) -> bool:
+    """A convolution over the image (at most 4 input channels) that cuts it into non-overlapping patches."""
+    if not isinstance(module, _CONV):
+        return False
+    kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+    return module.in_channels <= 4 and kernel == stride and max(kernel) > 1
 
 
 def check_targets(model: nn.Module, target_modules: Union[str, set[str], list[str]]) -> None:
@@ -183,49 +209,6 @@ def check_modules_to_save(model: nn.Module, modules_to_save: Optional[list[str]]
         )
 
 
-def check_saved_adapter(model: nn.Module, config, saved: dict[str, tuple]) -> None:
-    """Check a saved adapter's tensor names and shapes (``saved``) against the layers ``config`` gates in ``model``
-    and its ``modules_to_save``, before anything is loaded. Every gated layer needs its score; deltas, head and norms
-    need the model's shapes; the file may hold nothing else (no base weight, no layer the adapter does not declare)."""
-    modules = plain_modules(model)
-    targets = planned_targets(model, config, config.target_modules)
-    shapes = {k.removeprefix("base_model.model."): tuple(v) for k, v in saved.items()}
-    problems: list[str] = []
-    allowed: set[str] = set()
-    for name in targets:
-        weight = tuple(modules[name].weight.shape)
-        allowed |= {f"{name}.taps_scores", f"{name}.taps_delta"}
-        if shapes.get(f"{name}.taps_scores") != (1,):
-            problems.append(f"the file has no score for the layer `{name}`")
-        delta = shapes.get(f"{name}.taps_delta")
-        if delta is not None and delta != weight:
-            problems.append(f"the delta for `{name}` has shape {delta} but the layer's weight has shape {weight}")
-    for found in saved_modules(model, config.modules_to_save).values():
-        for name in found:
-            for key, tensor in modules[name].state_dict().items():
-                allowed.add(f"{name}.{key}")
-                got = shapes.get(f"{name}.{key}")
-                if got is None:
-                    problems.append(f"the file has no `{name}.{key}`")
-                elif got != tuple(tensor.shape):
-                    problems.append(f"`{name}.{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
-    stray = sorted(set(shapes) - allowed)
-    layers = [k for k in stray if k.endswith((".taps_delta", ".taps_scores"))]
-    problems += [f"the saved layer `{k}` has no matching module" for k in dict.fromkeys(k.rpartition(".")[0] for k in layers)]
-    others = [k for k in stray if k not in layers]
-    if others:
-        problems.append(
-            f"{len(others)} tensor(s) belong to no layer or module the adapter declares (e.g. `{others[0]}`): an "
-            "adapter may hold only the deltas and scores of its target_modules and its modules_to_save"
-        )
-    if problems:
-        raise ValueError(
-            f"The TAPS adapter does not fit this base model ({type(model).__name__}): {len(problems)} problem(s): "
-            f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Load the adapter onto the base model "
-            "it was trained from (same architecture and number of classes; its README shows how to build it)."
-        )
-
-
 def _few(names: list[str], n: int = 8) -> str:
     return f"{names[:n]}{' ...' if len(names) > n else ''}"
 
@@ -242,3 +225,29 @@ def norm_modules(model: nn.Module, skip: Optional[list[str]] = None) -> list[str
 
 def _is_under(name: str, parent: Optional[str]) -> bool:
     return parent is not None and (name == parent or name.startswith(parent + "."))
+
+
+def resolve_targets(model: nn.Module, config: Any) -> Optional[str]:
+    """Fill in ``config`` (the tuner's own copy) for ``model``: the head in ``modules_to_save`` (a warning when there
+    is none), the default targets, the norm layers; every name is checked before any module is replaced. Returns the
+    head's name."""
+    head = find_head(model)
+    if config.modules_to_save is None and head is not None:
+        config.modules_to_save = [head]
+    elif head is None and config.modules_to_save is None and config.task_type is None:
+        warnings.warn(
+            f"TAPS found no classifier head in {type(model).__name__} (a timm head, `classifier`, `head`, `heads`, "
+            "`fc` or `score`): nothing is trained in full. If the model has a head, name it: "
+            "TAPSConfig(modules_to_save=['my_head']).", UserWarning, stacklevel=7,
+        )
+    requested = config.target_modules
+    if requested is None:
+        config.target_modules = set(default_targets(model, head))
+    else:
+        check_targets(model, requested)
+    check_modules_to_save(model, config.modules_to_save, config.task_type)
+    if config.train_norms:
+        saved = list(config.modules_to_save or [])
+        config.modules_to_save = saved + [n for n in norm_modules(model, skip=saved) if n not in saved]
+    planned_targets(model, config, requested)
+    return head

@@ -7,7 +7,7 @@ for EfficientNet-Lite0 (Apache-2.0, 17 MB) in EfficientNet-PyTorch naming; :func
 files are read with safetensors, other files with timm's loader (``torch.load(weights_only=True)``).
 
 Example:
-    >>> from taps_peft.pretrained import efficientnet_lite0
+    >>> from taps_peft.weights import efficientnet_lite0
     >>> model = efficientnet_lite0(num_classes=10)  # doctest: +SKIP  (ImageNet weights, a fresh 10-class head)
 """
 
@@ -66,13 +66,24 @@ def read_state_dict(path: PathLike) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        import safetensors.torch
+    try:
+        if path.suffix == ".safetensors":
+            import safetensors.torch
 
-        return safetensors.torch.load_file(str(path))
-    from timm.models import load_state_dict
+            state = safetensors.torch.load_file(str(path))
+        else:
+            from timm.models import load_state_dict
 
-    return load_state_dict(str(path), weights_only=True)
+            state = load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # safetensors, zip, unpickling (weights_only refuses code) or decoding errors
+        raise ValueError(
+            f"{path}: not a weights file that can be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "Pass a state dict saved with safetensors or torch.save (tensors only)."
+        ) from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict of tensors. Pass a state dict saved with safetensors or "
+                         "torch.save.")
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -162,10 +173,9 @@ def load_weights(model: nn.Module, path: PathLike) -> list[str]:
     """Load a local state-dict file (``.safetensors``, ``.pth``, ``.bin``, ...) into a timm model, offline.
 
     Tensors are matched by name (exactly; or from EfficientNet-PyTorch naming to timm's; or without a ``model.`` /
-    ``backbone.`` prefix); when no name mapping covers the model, in order, with a shape check for every tensor. A
-    classifier whose shape differs from the file's (another ``num_classes``) keeps its fresh initialisation: its
-    tensor names are returned (and logged). Anything else that does not fit raises a ``ValueError`` naming the first
-    mismatching tensors; the model is then unchanged.
+    ``backbone.`` prefix), never by position. A classifier whose shape differs from the file's (another
+    ``num_classes``) keeps its fresh initialisation: its tensor names are returned (and logged). Anything else that
+    does not fit raises a ``ValueError`` naming the first mismatching tensors; the model is then unchanged.
 
     Example:
         >>> model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # doctest: +SKIP
@@ -183,8 +193,6 @@ def load_weights(model: nn.Module, path: PathLike) -> list[str]:
             break
         if sum(v in target for v in names.values()) > sum(v in target for v in closest.values()):
             closest = names  # the translation that explains most tensors, for the error message
-    if pairs is None and len(source) == len(target):  # needs a file that keeps the order (.pth; not safetensors)
-        pairs, how = dict(zip(target, source)), "in order"
     if pairs is None:
         closest = closest or {k: k for k in source}
         covered = set(closest.values())
@@ -192,9 +200,9 @@ def load_weights(model: nn.Module, path: PathLike) -> list[str]:
         unexpected = [k for k, v in closest.items() if v not in target and not _is_head(v, heads)]
         raise ValueError(
             f"{path}: its tensors do not fit {type(model).__name__} ({len(source)} tensors in the file, {len(target)} "
-            f"in the model). Missing from the file: {missing[:3]}; not in the model: {unexpected[:3]}. Fix: build the "
-            "model with the architecture the file was saved from (same timm model name and options), or rename the "
-            "file's tensors to the model's state_dict() names."
+            f"in the model; tensors are matched by name, never by position). Missing from the file: {missing[:3]}; not in "
+            f"the model: {unexpected[:3]}. Fix: build the model with the architecture the file was saved from (same "
+            "timm model name and options), or rename the file's tensors to the model's state_dict() names."
         )
 
     fresh, wrong = [], []

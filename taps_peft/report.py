@@ -1,0 +1,136 @@
+"""What a TAPS model has learned, read off its layers: the per-layer gate report, the summary (active layers k/L,
+task-specific parameters, adapter bytes) and its printout, as ``print_trainable_parameters`` is for PEFT.
+
+Example:
+    >>> import taps_peft
+    >>> taps_peft.print_taps_summary(model)  # doctest: +SKIP
+    TAPS adapter 'default': active layers: 9/48 (18.8%) || task-specific params: ... || adapter size: 4.21 MiB
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from .tuner.layer import TAPSLayer, _full_tensor, host_values
+from .tuner.model import taps_layers, tuner_modules
+
+
+def _adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
+    if adapter_name is not None:
+        return adapter_name
+    active = [a for _, m in taps_layers(model) for a in m.active_adapters]
+    if not active:
+        raise ValueError(f"{type(model).__name__} has no TAPS layer with an active adapter: pass a TAPS model.")
+    return active[0]
+
+
+def taps_layer_report(model: nn.Module, adapter_name: Optional[str] = None) -> list[dict[str, Any]]:
+    """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau), ``params`` (delta size) and
+    ``bytes`` (the delta's bytes in the adapter file when active). All scores are read in one transfer. ``model`` is a
+    TAPS ``PeftModel`` (or anything holding TAPS layers: a DDP wrapper, the tuner).
+
+    Example:
+        >>> [r["name"] for r in taps_layer_report(model) if r["active"]]  # doctest: +SKIP
+        ['blocks.0.attn.qkv', 'blocks.3.mlp.fc1']
+    """
+    adapter_name = _adapter(model, adapter_name)
+    layers = [(n, m) for n, m in taps_layers(model) if adapter_name in m.taps_scores]
+    scores = host_values([_full_tensor(m.taps_scores[adapter_name]) for _, m in layers])
+    rows = []
+    for (name, layer), score in zip(layers, scores):
+        delta = layer.taps_delta.get(adapter_name)
+        weight = layer.get_base_layer().weight
+        size = delta.element_size() if delta is not None else weight.element_size()
+        rows.append({
+            "name": name,
+            "score": score,
+            "active": score >= layer.taps_tau[adapter_name],
+            "params": weight.numel(),
+            "bytes": weight.numel() * size,
+        })
+    return rows
+
+
+def taps_summary(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, Any]:
+    """Active layers k/L, task-specific parameters (active deltas, scores, norms, head), adapter bytes and lam.
+
+    Example:
+        >>> taps_summary(model)["active_layers"]  # doctest: +SKIP
+        9
+    """
+    adapter_name = _adapter(model, adapter_name)
+    report = taps_layer_report(model, adapter_name)
+    active = [r for r in report if r["active"]]
+    saved = [
+        t
+        for m in tuner_modules(model)
+        if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save
+        for t in m.modules_to_save[adapter_name].state_dict().values()
+    ]
+    saved_params = sum(t.numel() for t in saved if t.is_floating_point())
+    task_params = sum(r["params"] for r in active) + len(report) + saved_params
+    base_params = base_param_count(model)
+    config = _config(model, adapter_name)
+    budget = {k: v for k, v in (("layers", config.budget_layers), ("mib", config.budget_mib)) if v is not None}
+    return {
+        "adapter": adapter_name,
+        "lam": config.lam,
+        "budget": budget,
+        "active_layers": len(active),
+        "total_layers": len(report),
+        "task_specific_params": task_params,
+        "base_params": base_params,
+        "task_specific_percent": 100.0 * task_params / max(base_params, 1),
+        "adapter_bytes": sum(r["bytes"] for r in active) + 4 * len(report) + sum(t.nbytes for t in saved),
+    }
+
+
+def print_taps_summary(model: nn.Module, adapter_name: Optional[str] = None, show_layers: bool = False) -> None:
+    """Print the summary in one line (like PEFT's ``print_trainable_parameters``), optionally the per-layer table.
+
+    Example:
+        >>> print_taps_summary(model, show_layers=True)  # doctest: +SKIP
+    """
+    from .budget import budget_usage
+
+    s = taps_summary(model, adapter_name)
+    if show_layers:
+        rows = taps_layer_report(model, s["adapter"])
+        width = max([len(r["name"]) for r in rows] + [5])
+        print(f"{'layer':<{width}}  {'score':>8}  active  {'params':>10}")
+        for r in rows:
+            print(f"{r['name']:<{width}}  {r['score']:>8.4f}  {'yes' if r['active'] else 'no':>6}  {r['params']:>10,}")
+    pct = 100.0 * s["active_layers"] / max(s["total_layers"], 1)
+    budget = ""
+    if s["budget"]:
+        used = budget_usage(model, s["adapter"])
+        parts = [f"{used[k]:.3g}/{v:.3g} {k}" for k, v in s["budget"].items()]
+        within = all(used[k] <= v for k, v in s["budget"].items())
+        budget = f" || budget {', '.join(parts)} ({'within' if within else 'over'}, lam={s['lam']:.3g})"
+    print(
+        f"TAPS adapter '{s['adapter']}': active layers: {s['active_layers']}/{s['total_layers']} ({pct:.1f}%) || "
+        f"task-specific params: {s['task_specific_params']:,} ({s['task_specific_percent']:.2f}% of base "
+        f"{s['base_params']:,}) || adapter size: {s['adapter_bytes'] / 2**20:.2f} MiB{budget}"
+    )
+
+
+def _config(model: nn.Module, adapter_name: str) -> Any:
+    for module in model.modules():
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict) and adapter_name in configs:
+            return configs[adapter_name]
+    raise ValueError(f"No TAPS adapter named {adapter_name!r} in {type(model).__name__}.")
+
+
+def base_param_count(model: nn.Module) -> int:
+    """Parameters of the base model alone (no deltas, scores or per-adapter copies)."""
+    extra = set()
+    for m in tuner_modules(model):
+        if isinstance(m, TAPSLayer):
+            extra |= {id(p) for p in [*m.taps_delta.values(), *m.taps_scores.values()]}
+        elif isinstance(m, ModulesToSaveWrapper):
+            extra |= {id(p) for p in m.modules_to_save.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in extra)

@@ -1,0 +1,273 @@
+"""Saved adapters: their files, how a save binds config and weights together, and the checks a load makes before
+anything changes (PEFT's ``_remap_adapter_state_dict_for_load`` hook and, for a config read with
+``TAPSConfig.from_pretrained``, the weights file it was saved with, checked before any module is replaced)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from .identity import check_identity
+from .layer import TAPSLayer
+from .targets import planned_targets, plain_modules, saved_modules
+
+WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+_PREFIX = "base_model.model."  # PEFT's prefix of every key in a PeftModel's state dict
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """A digest of a set of tensors (dtype, shape and bytes of each; their names and order do not matter, so the same
+    tensors give the same digest in a file and in the state dict PEFT hands to the tuner when loading)."""
+    parts = []
+    for t in tensors:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+        parts.append(h.digest())
+    total = hashlib.blake2b(digest_size=16)
+    for part in sorted(parts):
+        total.update(part)
+    return total.hexdigest()
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's safetensors file, refusing a damaged file or NaN/inf values with the file named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"The TAPS adapter file '{path}' is not a valid safetensors file ({err}): it is truncated or corrupted. "
+            "Save or download the adapter again."
+        ) from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"The TAPS adapter file '{path}' holds {bad} NaN/inf value(s) in `{key}`: the adapter is broken (it "
+                "diverged in training, or the file was damaged). Load an earlier checkpoint."
+            )
+    return tensors
+
+
+def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tensor]) -> None:
+    """Check a saved adapter's tensors against the layers ``config`` gates in ``model`` and its ``modules_to_save``,
+    before anything is loaded. Every gated layer needs its score, an active one (score >= tau) its delta; deltas, head
+    and norms need the model's shapes; the file may hold nothing else (no base weight, no layer the adapter does not
+    declare)."""
+    modules = plain_modules(model)
+    targets = planned_targets(model, config, config.target_modules)
+    saved = _as_model_names({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, modules)
+    shapes = {k: tuple(v.shape) for k, v in saved.items()}
+    problems: list[str] = []
+    allowed: set[str] = set()
+    for name in targets:
+        weight = tuple(modules[name].weight.shape)
+        allowed |= {f"{name}.taps_scores", f"{name}.taps_delta"}
+        if shapes.get(f"{name}.taps_scores") != (1,):
+            problems.append(f"the file has no score for the layer `{name}`")
+        elif f"{name}.taps_delta" not in shapes and float(saved[f"{name}.taps_scores"].float()) >= config.tau:
+            problems.append(f"the adapter is incomplete: the layer `{name}` is active (score >= tau) but has no delta")
+        delta = shapes.get(f"{name}.taps_delta")
+        if delta is not None and delta != weight:
+            problems.append(f"the delta for `{name}` has shape {delta} but the layer's weight has shape {weight}")
+    for found in saved_modules(model, config.modules_to_save).values():
+        for name in found:
+            for key, tensor in modules[name].state_dict().items():
+                allowed.add(f"{name}.{key}")
+                got = shapes.get(f"{name}.{key}")
+                if got is None:
+                    problems.append(f"the file has no `{name}.{key}`")
+                elif got != tuple(tensor.shape):
+                    problems.append(f"`{name}.{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
+    stray = sorted(set(shapes) - allowed)
+    layers = [k for k in stray if k.endswith((".taps_delta", ".taps_scores"))]
+    problems += [f"the saved layer `{k}` has no matching module" for k in dict.fromkeys(k.rpartition(".")[0] for k in layers)]
+    others = [k for k in stray if k not in layers]
+    if others:
+        problems.append(
+            f"{len(others)} tensor(s) belong to no layer or module the adapter declares (e.g. `{others[0]}`): an "
+            "adapter may hold only the deltas and scores of its target_modules and its modules_to_save"
+        )
+    if problems:
+        raise ValueError(
+            f"The TAPS adapter does not fit this base model ({type(model).__name__}): {len(problems)} problem(s): "
+            f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. Load the adapter onto the base model "
+            "it was trained from (same architecture and number of classes; its README shows how to build it)."
+        )
+
+
+def _as_model_names(shapes: dict[str, Any], modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """The file's tensor names in the model's naming: a module the model lacks is matched, as PEFT matches target
+    names, to the one module whose name ends with it (the same network under another parent, e.g. loaded with
+    PEFT's ``key_mapping``)."""
+    out = {}
+    for key, shape in shapes.items():
+        module, _, rest = key.rpartition(".")
+        if module not in modules:
+            found = [n for n in modules if n.endswith("." + module)]
+            if len(found) == 1:
+                key = f"{found[0]}.{rest}"
+        out[key] = shape
+    return out
+
+
+def check_before_loading(model: nn.Module, config: Any, adapter_name: str, now: dict) -> None:
+    """For a config read with ``TAPSConfig.from_pretrained`` (a saved adapter being loaded), before any module is
+    replaced: its weights file is valid, finite, from the same save as the config, fits ``model``; and the base is the
+    one it was trained on (``now``: its identity; a mismatch warns)."""
+    weights = source_weights(getattr(config, "_source", None), bool(config.weights_digest))
+    if weights is None:
+        return
+    tensors = read_weights(weights)
+    if config.weights_digest and tensors_digest(tensors.values()) != config.weights_digest:
+        raise ValueError(mixed_save(weights))
+    check_saved_adapter(model, config, tensors)
+    check_identity(dict(config.base_model_info or {}), now, adapter_name)
+
+
+def check_loaded_state(model: nn.Module, config: Any, adapter_name: str, remapped: dict) -> dict:
+    """Refuse, before anything is loaded, weights that are not this adapter's: holding tensors of anything but its own layers, head and norms, lacking a score, a head
+    or norm tensor or an active layer's delta, not fitting the model, or NaN/inf. Then an inactive layer's delta
+    (absent from the file) becomes real zeros for an adapter that may train, and is dropped from the layer for one
+    loaded for inference (it holds memory only for active layers); a layer that holds no delta yet (closed when
+    loaded for inference) gets one when the file has it."""
+    remapped = {k.removeprefix(_PREFIX): v for k, v in remapped.items()}
+    modules = {n.removeprefix(_PREFIX): m for n, m in model.named_modules()}
+    layers = {n: m for n, m in modules.items() if isinstance(m, TAPSLayer) and adapter_name in m.taps_scores}
+    copies = {f"{n}.modules_to_save.{adapter_name}.{k}": v for n, m in modules.items()
+              if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save
+              for k, v in m.modules_to_save[adapter_name].state_dict().items()}
+    own = {f"{n}.{p}.{adapter_name}" for n in layers for p in ("taps_delta", "taps_scores")} | set(copies)
+    stray = sorted(k for k in remapped if k not in own and not k.endswith((".taps_delta", ".taps_scores")))
+    _refuse(adapter_name, "holds tensors of modules the adapter does not declare", stray,
+            "an adapter may hold only the deltas and scores of its target_modules and its modules_to_save")
+    _refuse(adapter_name, "lacks tensors of its head or norms", sorted(set(copies) - set(remapped)),
+            "save the adapter again with save_pretrained")
+    regrown = {}
+    for key in [k for k in remapped if k.endswith(".taps_delta")]:
+        name = key[: -len(".taps_delta")]
+        if name in layers and adapter_name not in layers[name].taps_delta:
+            regrown[name] = remapped.pop(key)
+    orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_scores")))
+    orphans += [n for n, v in regrown.items() if v.shape != layers[n].get_base_layer().weight.shape]
+    _refuse(adapter_name, "does not fit this base model: saved layer(s) have no matching module", orphans,
+            "load the adapter onto the base model it was trained from")
+    shapes = [k for k, v in remapped.items() if k in copies and v.shape != copies[k].shape]
+    _refuse(adapter_name, "does not fit this base model: head or norm tensors of another shape", shapes,
+            "load the adapter onto the base model it was trained from (same number of classes)")
+    broken = [k for k, v in [*remapped.items(), *regrown.items()] if v.is_floating_point() and not v.isfinite().all()]
+    _refuse(adapter_name, "holds NaN/inf values (it diverged in training, or the file was damaged)", broken,
+            "load an earlier checkpoint")
+    absent = []
+    for name, module in layers.items():
+        score = remapped.get(f"{name}.taps_scores.{adapter_name}")
+        _refuse(adapter_name, "does not fit this base model: no score for a gated layer", [name] if score is None
+                else [], "load the adapter onto the base model it was trained from, with the weights saved with it")
+        key = f"{name}.taps_delta.{adapter_name}"
+        if key in remapped or name in regrown:
+            continue
+        if float(score.float().max()) >= module.taps_tau[adapter_name]:
+            _refuse(adapter_name, "is incomplete: an active layer (score >= tau) has no delta", [name],
+                    "save the adapter again with save_pretrained")
+        absent.append((module, key))
+    for name, value in regrown.items():  # every check passed: now the layers may change
+        module = layers[name]
+        trainable = module.taps_scores[adapter_name].requires_grad
+        module.taps_delta[adapter_name] = nn.Parameter(torch.zeros_like(value), requires_grad=trainable)
+        remapped[f"{name}.taps_delta.{adapter_name}"] = value
+    for module, key in absent:
+        if config.inference_mode:
+            if adapter_name in module.taps_delta:
+                del module.taps_delta[adapter_name]
+        elif adapter_name in module.taps_delta:
+            param = module.taps_delta[adapter_name]
+            remapped[key] = torch.zeros(param.shape, dtype=param.dtype, device=module.get_base_layer().weight.device)
+    return {_PREFIX + k: v for k, v in remapped.items()} if _prefixed(model) else remapped
+
+
+def _refuse(adapter_name: str, problem: str, names: list[str], fix: str) -> None:
+    if names:
+        raise ValueError(
+            f"TAPS adapter '{adapter_name}' {problem}: {len(names)} tensor(s) or layer(s), e.g. `{names[0]}`. Nothing "
+            f"was loaded; {fix}."
+        )
+
+
+def _prefixed(model: nn.Module) -> bool:
+    return any(n.startswith(_PREFIX) for n, _ in model.named_parameters())
+
+
+def mixed_save(where: str) -> str:
+    return (
+        f"The TAPS adapter at '{where}' mixes two saves: its adapter_config.json and its adapter_model.safetensors were "
+        "written by different save_pretrained calls (a save interrupted, a file copied from elsewhere, or the folder "
+        "rewritten while it was read). Nothing was loaded; save the adapter again (or load it once the save is done)."
+    )
+
+
+def source_weights(source: Optional[dict], saved_with_weights: bool) -> Optional[str]:
+    """The local path of the weights of an adapter read by ``TAPSConfig.from_pretrained`` (a folder, or the same Hub
+    revision, downloaded once: PEFT's own load then reads the cached file); None for a config saved on its own (no
+    ``weights_digest``) in a folder without weights. A folder with only ``adapter_model.bin`` is refused: taps_peft
+    never unpickles."""
+    if source is None:
+        return None
+    where = os.path.join(source["model_id"], source["subfolder"]) if source["subfolder"] else source["model_id"]
+    if os.path.isdir(where):
+        if os.path.isfile(os.path.join(where, WEIGHTS_NAME)):
+            return os.path.join(where, WEIGHTS_NAME)
+        if os.path.isfile(os.path.join(where, "adapter_model.bin")):
+            raise ValueError(_PICKLE_REFUSED.format(where=where))
+        if saved_with_weights:
+            raise FileNotFoundError(
+                f"No {WEIGHTS_NAME} in '{where}' (it has {sorted(os.listdir(where))}), though its adapter_config.json "
+                "was saved with one: the adapter's weights are missing. Save the adapter again, or copy the file back."
+            )
+        return None
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(source["model_id"], WEIGHTS_NAME, subfolder=source["subfolder"], **source["hub"])
+    except EntryNotFoundError:
+        hub = {k: v for k, v in source["hub"].items() if k in ("revision", "token")}
+        prefix = f"{source['subfolder']}/" if source["subfolder"] else ""
+        listed = set(list_repo_files(source["model_id"], **hub))
+        if prefix + WEIGHTS_NAME in listed:
+            raise ValueError(
+                f"The Hub repo '{where}' lists {WEIGHTS_NAME} but answered 404 when downloading it: taps_peft never "
+                "falls back to a pickled adapter_model.bin. Check the repo (and its revision), then try again."
+            ) from None
+        if prefix + "adapter_model.bin" in listed:
+            raise ValueError(_PICKLE_REFUSED.format(where=where)) from None
+        raise FileNotFoundError(
+            f"The Hub repo '{where}' has no {WEIGHTS_NAME}: the adapter's weights are missing. Check the repo (and "
+            "its revision), then try again."
+        ) from None
+
+
+_PICKLE_REFUSED = (
+    "TAPS adapters are loaded from safetensors only, and '{where}' has no adapter_model.safetensors: taps_peft never "
+    "unpickles an adapter file such as adapter_model.bin. Save the adapter with save_pretrained, or, if you trust the "
+    "pickle, convert it once with safetensors.torch.save_file."
+)
+
+
+def check_adapter_name(name: Any) -> str:
+    """An adapter name becomes a folder name (``save_pretrained`` writes ``<dir>/<name>/``): no path separators, no
+    ``..``, not absolute, not empty. Raises a ValueError naming the fix."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
+        raise ValueError(
+            f"adapter_name={name!r} is invalid: an adapter name is also a folder name in save_pretrained "
+            "(<dir>/<adapter_name>/), so it may not be empty, '.' or '..', an absolute path, or hold '/' or '\\'. "
+            "Use a plain name such as 'birds'."
+        )
+    return name
