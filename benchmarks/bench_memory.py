@@ -53,6 +53,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 1e-4 for adamw")
     p.add_argument("--lam", type=float, default=0.5, help="TAPS lam")
     p.add_argument("--lora", action="store_true", help="also measure PEFT LoRA r=16 on qkv, proj, fc1, fc2")
+    p.add_argument("--lowrank", action="store_true", help="also measure TAPS r=16 against LoRA r=16 (same layers)")
     p.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="the base's own dtype; bf16 also measures TAPS with autocast_adapter_dtype=False (bf16 deltas)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per strategy (default 5; quick 2)")
@@ -99,8 +100,8 @@ def rss_child(args: argparse.Namespace) -> int:
 
     baseline = _rss_kib()["VmRSS"]
     base = T.build_base(args)
-    make = {"full FT": T.make_full, "TAPS": T.make_taps, "LoRA r=16": T.make_lora, HALF_DELTAS: make_half}[
-        args.rss_child]
+    make = {"full FT": T.make_full, "TAPS": T.make_taps, "LoRA r=16": T.make_lora, HALF_DELTAS: make_half,
+            "TAPS r=16": T.make_taps_lowrank}[args.rss_child]
     s = make(base, args)
     del base
     x, y = T.make_batch(args)
@@ -141,8 +142,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     strategies = [T.make_full(base, args), T.make_taps(base, args)]
     if args.base_dtype != "fp32":
         strategies.append(make_half(base, args))
-    if args.lora:
+    if args.lora or args.lowrank:
         strategies.append(T.make_lora(base, args))
+    if args.lowrank:
+        strategies.append(T.make_taps_lowrank(base, args))
     del base
     x, y = T.make_batch(args)
 
@@ -177,6 +180,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "goal": GOAL,
         "goal_met": taps["measured_peak_over_full"] <= GOAL,
     }
+    by_name = {r["strategy"]: r for r in rows}
+    if "TAPS r=16" in by_name:
+        lowrank, lora = by_name["TAPS r=16"], by_name["LoRA r=16"]
+        res["lowrank_peak_over_lora"] = lowrank["measured_peak_bytes"] / lora["measured_peak_bytes"]
+        res["lowrank_static_over_lora"] = lowrank["static_bytes"] / lora["static_bytes"]
     C.emit(res, args, print_table)
     return 0
 
@@ -201,6 +209,10 @@ def print_table(res: dict[str, Any]) -> None:
     verdict = "MET" if res["goal_met"] else "NOT met"
     print(f"\nTAPS / full FT peak training memory ({res['method']}) = {res['taps_peak_over_full']:.3f}; "
           f"goal <= {res['goal']:.2f}: {verdict}")
+    if "lowrank_peak_over_lora" in res:
+        print(f"TAPS r=16 / LoRA r=16 peak training memory = {res['lowrank_peak_over_lora']:.3f} (static "
+              f"{res['lowrank_static_over_lora']:.3f}); goal <= 1.05: "
+              f"{'MET' if res['lowrank_peak_over_lora'] <= 1.05 else 'NOT met'}")
 
 
 if __name__ == "__main__":

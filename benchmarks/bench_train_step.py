@@ -7,8 +7,9 @@ precision. Steps are interleaved in rounds (one step of each strategy per round,
 machine noise hits every strategy alike; the table reports medians and the ratio of each strategy to full fine-tuning.
 
 TAPS runs as after ``get_peft_model``: every gate active (score_init > tau), head and norms trainable, optimizer from
-``taps_peft.create_taps_optimizer``. ``--lora`` adds PEFT LoRA r=16 on the blocks' qkv, proj, fc1, fc2 with the head
-in ``modules_to_save`` (the comparison of docs/performance notes). ``TAPS frozen`` (on by default, ``--no-frozen``
+``taps_peft.create_taps_optimizer``. ``--lora`` adds PEFT LoRA r=16 on the layers TAPS gates that LoRA can hold (a
+ViT's qkv, proj, fc1, fc2; not depthwise convs) with the head in ``modules_to_save``; ``--lowrank`` adds TAPS with
+rank-16 deltas on exactly those layers and reports its step against LoRA's (goal <= 1.05). ``TAPS frozen`` (on by default, ``--no-frozen``
 to skip) times the end of training after ``model.freeze_gates()`` with ``--active-frac`` (0.3) of the gated layers
 open: a seeded random 70% of the scores at 0.05 < tau, so those layers compute like their base layer, with no delta
 and no weight gradient.
@@ -51,6 +52,7 @@ if _ROOT not in sys.path:
 
 GOAL = {"cpu": 1.05, "cuda": 1.00}
 GOAL_FROZEN = 0.8  # TAPS after freeze_gates() with 30% of the layers open, / full fine-tuning (the issue's goal)
+GOAL_LOWRANK = 1.05  # TAPS with rank-16 deltas / LoRA r=16 on the same layers (issue 19)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -68,6 +70,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.01 for sgd, 1e-4 for adamw")
     p.add_argument("--lam", type=float, default=0.5, help="TAPS lam")
     p.add_argument("--lora", action="store_true", help="also time PEFT LoRA r=16 on qkv, proj, fc1, fc2")
+    p.add_argument("--lowrank", action="store_true", help="also time TAPS with rank-16 deltas against LoRA r=16 on the "
+                   "same layers (implies --lora)")
     p.add_argument("--no-frozen", dest="frozen", action="store_false",
                    help="skip 'TAPS frozen' (after freeze_gates(), --active-frac of the layers open)")
     p.add_argument("--active-frac", type=float, default=0.3, help="open layers in 'TAPS frozen' (default 0.3)")
@@ -192,16 +196,40 @@ def make_taps_frozen(base: nn.Module, args: argparse.Namespace) -> Strategy:
     return Strategy("TAPS frozen", model, opt, extra_loss=model.taps_penalty, info=info)
 
 
+def lora_targets(base: nn.Module) -> list[str]:
+    """The layers TAPS gates by default that LoRA can hold (not grouped or depthwise convs): both low-rank methods get
+    exactly these."""
+    from taps_peft.tuner.targets import default_targets, find_head
+
+    return [n for n in default_targets(base, find_head(base)) if getattr(base.get_submodule(n), "groups", 1) == 1]
+
+
 def make_lora(base: nn.Module, args: argparse.Namespace) -> Strategy:
     from peft import LoraConfig, get_peft_model
 
-    # A regex, so that timm's patch_embed.proj (a Conv2d) is not matched by "proj".
-    targets = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))$"
-    config = LoraConfig(r=16, lora_alpha=16, target_modules=targets, modules_to_save=["head"])
+    config = LoraConfig(r=16, lora_alpha=16, target_modules=lora_targets(base), modules_to_save=[_head(base)])
     model = get_peft_model(copy.deepcopy(base), config).to(args.device).train()
     cls, kw = _optimizer_cls(args)
     opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)
     return Strategy("LoRA r=16", model, opt, info=_param_info(model, opt))
+
+
+def make_taps_lowrank(base: nn.Module, args: argparse.Namespace) -> Strategy:
+    """TAPS with rank-16 deltas (scaling 1) on LoRA's layers, every gate open: the same rank, layers and head."""
+    import taps_peft
+    from peft import get_peft_model
+
+    config = taps_peft.TAPSConfig(lam=args.lam, r=16, target_modules=lora_targets(base), train_norms=False)
+    model = get_peft_model(copy.deepcopy(base), config).to(args.device).train()
+    cls, kw = _optimizer_cls(args)
+    opt = taps_peft.create_taps_optimizer(model, cls, lr=args.lr, **kw)
+    return Strategy("TAPS r=16", model, opt, extra_loss=model.taps_penalty, info=_param_info(model, opt))
+
+
+def _head(base: nn.Module) -> str:
+    from taps_peft.tuner.targets import find_head
+
+    return find_head(base)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,6 +334,10 @@ def summarize(strategies: list[Strategy], args: argparse.Namespace) -> dict[str,
         rows.append(row)
     taps = next(r for r in rows if r["strategy"] == "TAPS")
     frozen = next((r for r in rows if r["strategy"] == "TAPS frozen"), None)
+    lora = next((r for r in rows if r["strategy"] == "LoRA r=16"), None)
+    lowrank = next((r for r in rows if r["strategy"] == "TAPS r=16"), None)
+    lowrank_paired = lowrank and statistics.median(
+        [a / b for a, b in zip(lowrank["times_ms"], lora["times_ms"])])
     goal = GOAL[args.device]
     full_peak = rows[0]["peak_mem_bytes"]
     return {
@@ -323,6 +355,11 @@ def summarize(strategies: list[Strategy], args: argparse.Namespace) -> dict[str,
         "frozen_active_layers": frozen and frozen["active_layers"],
         "frozen_goal": GOAL_FROZEN,
         "frozen_goal_met": frozen and frozen["ratio_vs_full"] <= GOAL_FROZEN,
+        "lowrank_over_lora": lowrank and lowrank["median_ms"] / lora["median_ms"],
+        "lowrank_over_lora_paired": lowrank_paired,
+        "lowrank_params_over_lora": lowrank and lowrank["trainable_params"] / lora["trainable_params"],
+        "lowrank_goal": GOAL_LOWRANK,
+        "lowrank_goal_met": lowrank and lowrank["median_ms"] / lora["median_ms"] <= GOAL_LOWRANK,
     }
 
 
@@ -389,6 +426,12 @@ def print_table(res: dict[str, Any]) -> None:
             f"(paired {res['frozen_over_full_paired']:.3f}); goal <= {res['frozen_goal']:.2f}: "
             f"{'MET' if res['frozen_goal_met'] else 'NOT met'}"
         )
+    if res.get("lowrank_over_lora") is not None:
+        print(
+            f"TAPS r=16 / LoRA r=16 step = {res['lowrank_over_lora']:.3f} (paired {res['lowrank_over_lora_paired']:.3f}),"
+            f" trainable parameters {res['lowrank_params_over_lora']:.3f}x; goal <= {res['lowrank_goal']:.2f}: "
+            f"{'MET' if res['lowrank_goal_met'] else 'NOT met'}"
+        )
     if res["taps_peak_mem_over_full"] is not None:
         print(f"TAPS / full FT peak memory = {res['taps_peak_mem_over_full']:.3f}")
 
@@ -413,8 +456,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     strategies = [make_full(base, args), make_taps(base, args)]
     if args.frozen:
         strategies.append(make_taps_frozen(base, args))
-    if args.lora:
+    if args.lora or args.lowrank:
         strategies.append(make_lora(base, args))
+    if args.lowrank:
+        strategies.append(make_taps_lowrank(base, args))
     if args.compile:  # the penalty and the optimizer keep using the eager module's parameters
         for s in strategies:
             s.model = torch.compile(s.model)

@@ -28,9 +28,10 @@ def _adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
 
 
 def taps_layer_report(model: nn.Module, adapter_name: Optional[str] = None) -> list[dict[str, Any]]:
-    """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau), ``params`` (delta size) and
-    ``bytes`` (the delta's bytes in the adapter file when active). All scores are read in one transfer. ``model`` is a
-    TAPS ``PeftModel`` (or anything holding TAPS layers: a DDP wrapper, the tuner).
+    """One row per gated layer: ``name``, ``score``, ``active`` (score >= tau), ``params`` (delta size: the weight's,
+    or ``r * (in + out)`` for low-rank factors) and ``bytes`` (the delta's bytes in the adapter file when active).
+    All scores are read in one transfer. ``model`` is a TAPS ``PeftModel`` (or anything holding TAPS layers: a DDP
+    wrapper, the tuner).
 
     Example:
         >>> [r["name"] for r in taps_layer_report(model) if r["active"]]  # doctest: +SKIP
@@ -41,15 +42,15 @@ def taps_layer_report(model: nn.Module, adapter_name: Optional[str] = None) -> l
     scores = host_values([_full_tensor(m.taps_scores[adapter_name]) for _, m in layers])
     rows = []
     for (name, layer), score in zip(layers, scores):
-        delta = layer.taps_delta.get(adapter_name)
-        weight = layer.get_base_layer().weight
-        size = delta.element_size() if delta is not None else weight.element_size()
+        held = [p[adapter_name] for p in (layer.taps_delta, layer.taps_A) if adapter_name in p]
+        size = (held[0] if held else layer.get_base_layer().weight).element_size()
+        params = layer.delta_numel(adapter_name)
         rows.append({
             "name": name,
             "score": score,
             "active": score >= layer.taps_tau[adapter_name],
-            "params": weight.numel(),
-            "bytes": weight.numel() * size,
+            "params": params,
+            "bytes": params * size,
         })
     return rows
 
@@ -130,7 +131,7 @@ def base_param_count(model: nn.Module) -> int:
     extra = set()
     for m in tuner_modules(model):
         if isinstance(m, TAPSLayer):
-            extra |= {id(p) for p in [*m.taps_delta.values(), *m.taps_scores.values()]}
+            extra |= {id(p) for d in (m.taps_delta, m.taps_A, m.taps_B, m.taps_scores) for p in d.values()}
         elif isinstance(m, ModulesToSaveWrapper):
             extra |= {id(p) for p in m.modules_to_save.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in extra)

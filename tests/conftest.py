@@ -9,6 +9,7 @@ import torch  # noqa: E402
 
 import taps_peft  # noqa: E402,F401  (registers TAPS with PEFT)
 
+HANG = 3600  # subprocess timeout: a guard against a hang, never a speed bound (a busy machine must not fail)
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI machines are shared
 
 

@@ -12,14 +12,19 @@ import sys
 
 import pytest
 
+from conftest import HANG
+
+pytestmark = pytest.mark.slow  # the benchmark scripts end to end: about 2.5 minutes on 2 cores
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--quick", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {name: run["result"] for name, run in json.loads(out.read_text())["runs"].items()}
 

@@ -19,8 +19,11 @@ from peft import PeftModel
 
 import taps_peft  # noqa: F401  (registers TAPS)
 
+from conftest import HANG
+
 timm = pytest.importorskip("timm")
 REPO = Path(__file__).resolve().parents[1]
+
 
 SCRIPT = textwrap.dedent('''
     import copy, json, os, sys
@@ -93,7 +96,7 @@ def test_fsdp2_two_ranks_train_like_one_process_and_save_an_adapter(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = {r["rank"]: r for r in (json.loads(p.read_text()) for p in tmp_path.glob("result_*.json"))}
     assert sorted(results) == [0, 1]

@@ -19,6 +19,10 @@ from typing import Any
 
 import pytest
 
+from conftest import HANG
+
+
+
 HERE = Path(__file__).resolve().parent
 TOKEN = "hf_TapsTestToken_3f9c2a7e41d8"  # dummy; must never show up in a card, a repo file or a log
 KINDS = ("timm_vit", "hf_vit")
@@ -147,7 +151,7 @@ def round_trip(tmp_path_factory: pytest.TempPathFactory):
         hub.vanishing.add(("user/vanishing", "adapter_model.safetensors"))
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), str(out)], env=env, capture_output=True, text=True,
-            timeout=240,
+            timeout=HANG,
         )
         logs = proc.stdout + proc.stderr
         assert proc.returncode == 0, logs[-4000:]

@@ -23,8 +23,10 @@ from taps_peft.tuner import layer as taps_layer  # noqa: E402
 from taps_peft.training import (  # noqa: E402
     base_state_dict, load_joint, save_joint, train_joint, train_shared_then_incremental,
 )
+from conftest import HANG  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
 TASKS = ("task1", "task2")
 
 
@@ -234,6 +236,8 @@ acc.wait_for_everyone()
 acc.end_training()
 sys.stdout.flush()
 import os
+
+from conftest import HANG
 os._exit(0)  # gloo can abort at interpreter exit (design/environment.md): leave before it tears down
 """
 
@@ -256,7 +260,7 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]
-    proc = subprocess.run([*launch, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([*launch, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(p.read_text()) for p in tmp_path.glob("state_*.json")]  # a file per rank and schedule
     for schedule in ("round_robin", "mixed", "shared"):  # shared: train_shared_then_incremental

@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from taps_peft import TAPSConfig, TAPSLayer, create_taps_optimizer
-from conftest import logits, tiny_resnet, tiny_timm_vit
+from conftest import HANG, logits, tiny_resnet, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
+
 _HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "unique"}
 
 
@@ -229,7 +230,7 @@ _GLOBAL_HOOKS = textwrap.dedent("""
 def test_import_and_use_leave_no_global_hook_and_lora_untouched():
     """Importing taps_peft, building, saving and loading TAPS models install no torch global hook, not even for an
     instant, and replace no PeftModel method (on the class or an instance): PEFT's own save and load run."""
-    out = subprocess.run([sys.executable, "-c", _GLOBAL_HOOKS], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", _GLOBAL_HOOKS], capture_output=True, text=True, timeout=HANG,
                          cwd=ROOT, check=True).stdout
     seen = json.loads(out.strip().splitlines()[-1])
     assert seen["before"] == seen["after_import"] == seen["after_taps"]
@@ -279,7 +280,7 @@ def test_lora_save_and_load_are_byte_identical_with_taps_peft_imported(tmp_path)
         torch.save(loaded(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))), sys.argv[1] + ".out")
     """)
     for mode in ("plain", "taps"):
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / mode), mode], check=True, cwd=ROOT, timeout=300)
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / mode), mode], check=True, cwd=ROOT, timeout=HANG)
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "taps" / name).read_bytes(), name
     plain, taps = (torch.load(tmp_path / f"{m}.out", weights_only=True) for m in ("plain", "taps"))

@@ -28,7 +28,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from taps_peft.training.cli import STATE_PREFIX, TrainArgs, main, parse_args, train  # noqa: E402
 
+from conftest import HANG
+
 REPO = Path(__file__).resolve().parents[1]
+
 VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
 
 
@@ -157,7 +160,9 @@ def test_a_local_weights_file_for_a_timm_model(data, tmp_path):
                         cache_dir=str(data.parent / "hf_cache"), output_dir=str(tmp_path / "run"), cpu=True,
                         max_steps=2, batch_size=8, image_size=64, eval_split="none"))
     assert m["total_layers"] == 49
-    assert_card_rebuilds_the_base(tmp_path / "run", f'load_weights(base, "{weights}")', "num_classes=2")
+    assert_card_rebuilds_the_base(tmp_path / "run", "base = efficientnet_lite0(num_classes=2)")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert weights not in card and str(data) not in card and f"imagefolder:{data.name}" in card  # no local paths
 
 
 def test_cli_usage_errors_are_messages_not_tracebacks(data, tmp_path, monkeypatch, capsys):
@@ -210,7 +215,7 @@ def test_ddp_two_processes_match_single_process(data, tmp_path, freeze):
     proc = subprocess.run(
         [*launch, "-m", "taps_peft", "train", *cli, "--batch-size", "8", "--output-dir", str(tmp_path / "ddp"),
          "--print-state", "--checkpoint-every", "2", "--keep-checkpoints", "2"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=240,
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     states = {s["rank"]: s for s in (json.loads(line[len(STATE_PREFIX):]) for line in proc.stdout.splitlines()
@@ -249,5 +254,5 @@ def test_cli_help(capsys):
     assert "taps-peft=taps_peft.training.cli:main" in (REPO / "setup.py").read_text()
     script = shutil.which("taps-peft")  # from `pip install -e .`; the DDP test runs `python -m taps_peft train`
     if script:
-        proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=HANG)
         assert proc.returncode == 0 and "usage: taps-peft train" in proc.stdout, proc.stderr[-2000:]

@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 import taps_peft
 from taps_peft import BaseModelMismatchWarning, TAPSConfig, TAPSLayer
 from taps_peft.tuner.saved import tensors_digest
-from conftest import logits, tiny_hf_vit, tiny_timm_vit
+from conftest import HANG, logits, tiny_hf_vit, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
+
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -128,7 +129,8 @@ def test_a_base_with_other_weights_warns_or_is_refused_before_anything_changes(t
 
 
 def test_the_identity_of_an_llm_sized_layer_is_exact_and_fast(tmp_path):
-    """Integer index arithmetic: a 32000 x 4096 (and 4096 x 11008) gated layer saves, loads and is fingerprinted."""
+    """Integer index arithmetic: a 32000 x 4096 (and 4096 x 11008) gated layer saves, loads and is fingerprinted
+    (a float32 linspace index broke at this size; the cost is measured in docs/performance.md, not asserted here)."""
     from torch import nn
 
     from taps_peft.tuner.identity import base_tensors, fingerprint
@@ -144,9 +146,8 @@ def test_the_identity_of_an_llm_sized_layer_is_exact_and_fast(tmp_path):
 
     torch.manual_seed(0)
     block = Block()
-    started = time.process_time()
     prints = fingerprint(base_tensors(block))
-    assert time.process_time() - started < 5 and set(prints) == {"up.weight", "lm.weight"}
+    assert set(prints) == {"up.weight", "lm.weight"} and all(abs(v[1] - 0.0090) < 2e-3 for v in prints.values())
     model = get_peft_model(block, TAPSConfig(target_modules=["up", "lm"]), autocast_adapter_dtype=False)
     with torch.no_grad():
         for _, layer in model.base_model.taps_layers():
@@ -590,15 +591,20 @@ def test_export_lora_loads_without_taps_peft_and_matches(tmp_path):
             layer.taps_scores["default"].fill_(0.0)  # closed: not exported
         x = torch.randn(2, 3, 64, 64)
         expected = model(x)
+    model.save_pretrained(tmp_path / "taps")
     info = export_lora(model, tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    card = (tmp_path / "lora" / "README.md").read_text()  # provenance: the base and the very TAPS save it came from
+    digest = json.loads((tmp_path / "taps" / "adapter_config.json").read_text())["weights_digest"]
+    assert f"weights digest `{digest}`" in card and "`resnet10t`" in card and "[More Information Needed]" not in card
+    assert "Saved whole" in card and "library_name: peft" in card
     active = {n for n, m in model.base_model.taps_layers() if m.is_active("default")}
     assert config["peft_type"] == "LORA" and set(info["lora_layers"]) == active == _pattern_names(config)
     assert set(info["lora_layers"].values()) == {2} and config["rank_pattern"] == config["alpha_pattern"]
     assert "fc" in config["modules_to_save"] and "bn1" in config["modules_to_save"]
     save_file({"x": x}, tmp_path / "x.safetensors")
     subprocess.run([sys.executable, "-c", _LOAD_LORA, str(tmp_path / "lora"), str(tmp_path / "x.safetensors"),
-                    str(tmp_path / "out.safetensors")], check=True, cwd=ROOT, timeout=300)
+                    str(tmp_path / "out.safetensors")], check=True, cwd=ROOT, timeout=HANG)
     torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["out"], expected, rtol=0, atol=1e-5)
     small = export_lora(model, tmp_path / "r1", rank=1)
     assert max(small["lora_layers"].values()) == 1 and small["bytes"] < info["bytes"]

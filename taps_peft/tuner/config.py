@@ -22,14 +22,16 @@ from .saved import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 class TAPSConfig(PeftConfig):
     """Configuration for [`TAPSModel`] (Task Adaptive Parameter Sharing, Wallingford et al., CVPR 2022).
 
-    Each targeted layer gets a full-size delta ``dW`` and a scalar score ``s``; the layer computes with
-    ``W = W_base + 1[s >= tau] * dW``. Training adds ``(lam / L) * sum(|s|)`` (see ``model.taps_penalty()``), so a
-    larger ``lam`` keeps more layers shared with the base. Only layers whose score passes ``tau`` are task-specific.
+    Each targeted layer gets a full-size delta ``dW`` (with ``r``: ``dW = (alpha / r) * B @ A``) and a scalar score
+    ``s``; the layer computes with ``W = W_base + 1[s >= tau] * dW``. Training adds ``(lam / L) * sum(|s|)`` (see
+    ``model.taps_penalty()``), so a larger ``lam`` keeps more layers shared with the base. Only layers whose score
+    passes ``tau`` are task-specific.
 
     Example:
         >>> import taps_peft  # registers TAPS with PEFT
         >>> from peft import get_peft_model
         >>> model = get_peft_model(base_model, taps_peft.TAPSConfig(lam=0.5))  # doctest: +SKIP
+        >>> model = get_peft_model(base_model, taps_peft.TAPSConfig(lam=0.5, r=8))  # low-rank deltas  # doctest: +SKIP
 
     Args:
         target_modules: Modules to gate (list of names/suffixes, or a regex matched against the full name). ``None``
@@ -44,6 +46,12 @@ class TAPSConfig(PeftConfig):
             GroupNorm) and save it with the adapter.
         init_weights: ``True`` starts deltas at zero (the model equals its base). ``False`` draws small random deltas,
             as PEFT's tests expect.
+        r: Rank of the deltas: ``None`` (default) gives every gated layer a full-size delta; an int gives each layer
+            ``dW = (alpha / r) * B @ A`` (LoRA's factors and init, under the same score, gate and penalty), except
+            grouped/depthwise convs and layers where the factors would not be smaller than the weight, which keep a
+            full delta.
+        alpha: Scaling of the low-rank deltas, ``alpha / r`` as LoRA's ``lora_alpha / r``; ``None`` means ``r``
+            (scaling 1). Needs ``r``.
         budget_layers: At most this many active layers: instead of a fixed ``lam``, training adapts ``lam`` (dual
             ascent, starting from ``lam``) until the active layers fit; the adapted value is kept in ``lam``.
         budget_mib: At most this many MiB of active deltas, handled the same way (both budgets may be set).
@@ -75,6 +83,8 @@ class TAPSConfig(PeftConfig):
     warmup_steps: int = field(default=0, metadata={"help": "No penalty for the first warmup_steps steps."})
     train_norms: bool = field(default=True, metadata={"help": "Train and save task-specific norm layers."})
     init_weights: bool = field(default=True, metadata={"help": "Zero deltas (identity); False = random, for tests."})
+    r: Optional[int] = field(default=None, metadata={"help": "Rank of each delta (alpha/r * B @ A); None = full."})
+    alpha: Optional[float] = field(default=None, metadata={"help": "Low-rank scaling alpha / r; None = r (scale 1)."})
     budget_layers: Optional[int] = field(default=None, metadata={"help": "At most this many active layers."})
     budget_mib: Optional[float] = field(default=None, metadata={"help": "At most this many MiB of active deltas."})
     budget_rate: float = field(default=0.05, metadata={"help": "Dual-ascent step on lam for the budgets."})
@@ -126,12 +136,32 @@ class TAPSConfig(PeftConfig):
         if self.budget_mib is not None:
             self.budget_mib = _check_number("budget_mib", self.budget_mib, "a float > 0 or None", lambda v: v > 0)
         self.budget_rate = _check_number("budget_rate", self.budget_rate, "a float > 0, e.g. 0.05", lambda v: v > 0)
+        if self.r is not None:
+            if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r < 1:
+                raise ValueError(
+                    f"TAPSConfig.r={self.r!r} is invalid: use an int >= 1 (the rank of each gated delta, e.g. r=8), or "
+                    "None for full-size deltas."
+                )
+            self.r = int(self.r)
+        if self.alpha is not None:
+            if self.r is None:
+                raise ValueError(
+                    f"TAPSConfig.alpha={self.alpha!r} is set without r: alpha scales low-rank deltas (alpha / r). "
+                    "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
+                )
+            self.alpha = _check_number("alpha", self.alpha, "a finite float > 0 (scaling alpha / r), or None for "
+                                       "alpha = r", lambda v: v > 0)
         for name in ("train_norms", "init_weights", "save_inactive_deltas"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")
         for name in ("base_model_info", "task_info"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use a dict or None.")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` of the low-rank deltas (1.0 with ``alpha=None``, or without ``r``)."""
+        return 1.0 if self.r is None or self.alpha is None else self.alpha / self.r
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
@@ -175,6 +205,9 @@ class TAPSConfig(PeftConfig):
             )
         output = self.to_dict()
         output = {k: sorted(v) if isinstance(v, set) else v for k, v in output.items()}
+        for key in ("r", "alpha"):  # full-size deltas: the file stays as it was before low-rank deltas existed
+            if output.get(key, 0) is None:
+                del output[key]
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping

@@ -1,7 +1,9 @@
-"""TAPS layers: a frozen base layer plus, per adapter, a gated full-size delta and a score.
+"""TAPS layers: a frozen base layer plus, per adapter, a gated delta and a score. The delta is full-size (``dW``) or,
+with ``TAPSConfig(r=...)``, low-rank (``scale * B @ A``, see ``tuner.lowrank``).
 
 The layer keeps no derived state between calls: every forward forms ``W_base + 1[s >= tau] * dW`` from the parameters
-as they are and runs one matmul/conv (timm's ``StdConv2d`` and PEFT's SHiRA layer have the same shape). While the gates
+as they are and runs one matmul/conv (timm's ``StdConv2d`` and PEFT's SHiRA layer have the same shape); a low-rank
+delta may instead run through the input, ``base(x) + g * scale * B(A(x))``, when that is cheaper. While the gates
 learn, the gate is a device tensor (no host read); when they do not, ``TAPSModel`` reads every gate of the model in one
 transfer at the start of the forward and hands it to the layers for that forward only, so closed layers run the base
 layer unchanged.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from . import lowrank
 from .gated import RecomputeFormedWeight, form_weight, outer_saved_tensors_hooks
 
 if TYPE_CHECKING:
@@ -60,17 +63,23 @@ class TAPSLayer(BaseTunerLayer):
     them the base dtype (half the memory). A score is always fp32 (0.15 against tau = 0.1 must stay exact), also after
     ``model.half()``. ``layer.weight`` is the weight the layer computes with (``W_base`` plus the open deltas), so a
     parent module that reads it directly (``F.linear(x, self.qkv.weight)`` in timm's EVA, torchvision's Swin,
-    ``nn.MultiheadAttention``'s ``out_proj``) computes with the gated weight too.
+    ``nn.MultiheadAttention``'s ``out_proj``) computes with the gated weight too. With ``TAPSConfig(r=...)`` an
+    adapter's delta in a layer that fits is ``scale * B @ A`` (``taps_A``, ``taps_B``; ``tuner.lowrank``), else the
+    full ``taps_delta``.
     """
 
-    adapter_layer_names = ("taps_delta", "taps_scores")
-    other_param_names = ("taps_tau",)
+    adapter_layer_names = ("taps_delta", "taps_A", "taps_B", "taps_scores")
+    other_param_names = ("taps_tau", "taps_rank", "taps_scaling")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.taps_delta = nn.ParameterDict({})
+        self.taps_delta = nn.ParameterDict({})  # full-size deltas
+        self.taps_A = nn.ParameterDict({})  # low-rank factors (TAPSConfig(r=...)), for the adapters in taps_rank
+        self.taps_B = nn.ParameterDict({})
         self.taps_scores = nn.ParameterDict({})
         self.taps_tau: dict[str, float] = {}
+        self.taps_rank: dict[str, int] = {}  # adapters whose delta here is scale * B @ A, with their rank
+        self.taps_scaling: dict[str, float] = {}  # alpha / r of those adapters
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerged_weight: Optional[torch.Tensor] = None  # the base weight's own data while merged
@@ -83,41 +92,80 @@ class TAPSLayer(BaseTunerLayer):
             self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, config: TAPSConfig, **kwargs: Any) -> None:
-        """Add adapter ``adapter_name``: a zero delta (small random ones with ``init_weights=False``) and a score."""
-        weight = self.get_base_layer().weight
-        if weight.device.type == "meta" or config.init_weights:
-            delta = torch.zeros_like(weight)
+        """Add adapter ``adapter_name``: a score and a zero delta (small random ones with ``init_weights=False``);
+        with ``config.r`` set and a layer that fits (``lowrank.lowrank_fits``), factors A (LoRA's init) and B (zeros)
+        instead of the full delta."""
+        base = self.get_base_layer()
+        weight = base.weight
+        for params in (self.taps_delta, self.taps_A, self.taps_B):
+            if adapter_name in params:
+                del params[adapter_name]
+        self.taps_rank.pop(adapter_name, None)
+        self.taps_scaling.pop(adapter_name, None)
+        if lowrank.lowrank_fits(base, config.r):
+            scale = config.scaling
+            a, b = lowrank.init_factors(weight, config.r, scale, random_b=not config.init_weights)
+            self.taps_A[adapter_name] = nn.Parameter(a, requires_grad=False)
+            self.taps_B[adapter_name] = nn.Parameter(b, requires_grad=False)
+            self.taps_rank[adapter_name], self.taps_scaling[adapter_name] = int(config.r), scale
         else:
-            delta = torch.randn_like(weight) * 0.02 * (weight.float().std().item() or 1.0)
+            if weight.device.type == "meta" or config.init_weights:
+                delta = torch.zeros_like(weight)
+            else:
+                delta = torch.randn_like(weight) * 0.02 * (weight.float().std().item() or 1.0)
+            self.taps_delta[adapter_name] = nn.Parameter(delta, requires_grad=False)
         score = torch.full((1,), float(config.score_init), dtype=torch.float32, device=weight.device)
-        self.taps_delta[adapter_name] = nn.Parameter(delta, requires_grad=False)
         self.taps_scores[adapter_name] = nn.Parameter(score, requires_grad=False)
         self.taps_tau[adapter_name] = float(config.tau)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def adapter_params(self, adapter_name: str) -> list[nn.Parameter]:
+        """The adapter's parameters in this layer: its delta (or factors A, B) when held, and its score."""
+        return [p[adapter_name] for p in (self.taps_delta, self.taps_A, self.taps_B, self.taps_scores)
+                if adapter_name in p]
+
+    def has_delta(self, adapter_name: str) -> bool:
+        """Whether the layer holds the adapter's delta (full, or both factors); a layer of an adapter loaded for
+        inference holds none while closed."""
+        return adapter_name in self.taps_delta or (adapter_name in self.taps_A and adapter_name in self.taps_B)
+
+    def delta(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's ungated delta: ``dW``, or ``scale * B @ A`` formed in autograd (in the factors' dtype)."""
+        if adapter_name in self.taps_delta:
+            return self.taps_delta[adapter_name]
+        return lowrank.lowrank_delta(self.taps_A[adapter_name], self.taps_B[adapter_name],
+                                     self.taps_scaling[adapter_name], self.get_base_layer().weight.shape)
+
+    def delta_numel(self, adapter_name: str) -> int:
+        """Elements the adapter's delta takes here (saved when active): the weight's, or the two factors'."""
+        weight = self.get_base_layer().weight
+        if adapter_name in self.taps_rank:
+            return self.taps_rank[adapter_name] * (weight.numel() // weight.shape[0] + weight.shape[0])
+        return weight.numel()
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's ``set_adapter``, touching only the adapters active before and after (the others are frozen already):
         a switch costs the same with 2 or 50 adapters loaded, the rule PEFT's ``ModulesToSaveWrapper`` follows too."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in dict.fromkeys([*self.active_adapters, *names]):
-            for params in (self.taps_delta, self.taps_scores):
-                if name in params:
-                    params[name].requires_grad_(name in names and not inference_mode)
+            for param in self.adapter_params(name):
+                param.requires_grad_(name in names and not inference_mode)
         self._active_adapter = names
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Deltas to the base weight's device and dtype (an fp32 delta of a 16-bit base stays fp32: PEFT's
-        ``autocast_adapter_dtype`` made it so), scores to its device in fp32."""
+        """Deltas and factors to the base weight's device and dtype (fp32 ones of a 16-bit base stay fp32: PEFT's
+        ``autocast_adapter_dtype`` made them so), scores to its device in fp32."""
         weight = self.get_base_layer().weight
         device = device or weight.device
         if device.type == "meta":
             return
-        delta = self.taps_delta.get(adapter_name)
-        upcast = delta is not None and delta.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
-        for params, dtype in ((self.taps_delta, torch.float32 if upcast else weight.dtype),
-                              (self.taps_scores, torch.float32)):
+        weights = (self.taps_delta, self.taps_A, self.taps_B)
+        held = [p[adapter_name] for p in weights if adapter_name in p]
+        upcast = any(t.dtype == torch.float32 for t in held) and weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if upcast else weight.dtype
+        for params, target in [*((p, dtype) for p in weights), (self.taps_scores, torch.float32)]:
             if adapter_name in params and params[adapter_name].device.type != "meta":
-                params[adapter_name].data = params[adapter_name].data.to(device=device, dtype=dtype)
+                params[adapter_name].data = params[adapter_name].data.to(device=device, dtype=target)
 
     def gate(self, adapter_name: str) -> torch.Tensor:
         """``1[s >= tau]`` as a device tensor (no host read)."""
@@ -129,19 +177,21 @@ class TAPSLayer(BaseTunerLayer):
         return bool(score.float().item() >= self.taps_tau[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The gated delta ``1[s >= tau] * dW`` in the base weight's dtype, detached (zeros without a delta)."""
+        """The gated delta ``1[s >= tau] * dW`` (or ``1[s >= tau] * scale * B @ A``) in the base weight's dtype,
+        detached (zeros without a delta)."""
         weight = self.get_base_layer().weight
-        if adapter_name not in self.taps_delta:
+        if not self.has_delta(adapter_name):
             return torch.zeros_like(weight)
         with torch.no_grad():
-            return self.taps_delta[adapter_name].to(weight.dtype) * self.gate(adapter_name).to(weight.dtype)
+            return self.delta(adapter_name).to(weight.dtype) * self.gate(adapter_name).to(weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the open adapters' deltas to the base weight; its own data is set aside so unmerge is exact."""
         weight = self.get_base_layer().weight
         for name in check_adapters_to_merge(self, adapter_names):
-            if name in self.taps_delta and self.is_active(name):
-                merged = weight.data + self.taps_delta[name].detach().to(weight.dtype)
+            if self.has_delta(name) and self.is_active(name):
+                with torch.no_grad():
+                    merged = weight.data + self.delta(name).detach().to(weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 if self._unmerged_weight is None:
@@ -168,9 +218,10 @@ class TAPSLayer(BaseTunerLayer):
     @property
     def weight(self) -> torch.Tensor:
         """The weight this layer computes with: ``W_base + 1[s >= tau] * dW`` for the active adapters (through the
-        straight-through gate while the gates learn), the base weight when no delta is open."""
+        straight-through gate while the gates learn; a low-rank ``dW = scale * B @ A`` formed), the base weight when
+        no delta is open."""
         base = self.get_base_layer()
-        if "taps_delta" not in self._modules or self.disable_adapters or self.merged:
+        if "taps_scores" not in self._modules or self.disable_adapters or self.merged:
             return base.weight
         if self._routing:
             raise RuntimeError(
@@ -179,12 +230,13 @@ class TAPSLayer(BaseTunerLayer):
                 "weight there. Run one adapter per batch with set_adapter() for this model."
             )
         terms = self._terms(self.active_adapters)
-        return form_weight(base.weight, terms) if terms else base.weight
+        return form_weight(base.weight, self._weight_terms(terms)) if terms else base.weight
 
-    def _terms(self, adapters: list[str]) -> list:
-        """The gated deltas of ``adapters`` that this forward adds: all of them, through the device gate, while the
-        gates learn; only the open ones when ``TAPSModel`` read the gates on the host for this forward."""
-        adapters = [a for a in adapters if a in self.taps_delta]
+    def _terms(self, adapters: list[str]) -> list[tuple[str, torch.Tensor, Any]]:
+        """(adapter, score, gate) for each delta of ``adapters`` that this forward adds: all of them, through the
+        device gate, while the gates learn; only the open ones (gate ``True``) when ``TAPSModel`` read the gates on
+        the host for this forward."""
+        adapters = [a for a in adapters if self.has_delta(a)]
         scores = [self.taps_scores[a] for a in adapters]
         learning = torch.is_grad_enabled() and any(s.requires_grad for s in scores)
         # Host gates (read once by TAPSModel for this forward) let closed layers run as the base layer. Not while the
@@ -195,17 +247,55 @@ class TAPSLayer(BaseTunerLayer):
         for a, s in zip(adapters, scores):
             gate = None if host is None else host.get(a)
             if gate is None:
-                terms.append((self.taps_delta[a], s, self.gate(a)))
+                terms.append((a, s, self.gate(a)))
             elif gate:
-                terms.append((self.taps_delta[a], s, True))
+                terms.append((a, s, True))
         return terms
 
-    def _adapter_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """One matmul/conv with ``W_base`` plus the gated deltas of ``adapters``."""
+    def _weight_terms(self, terms: list[tuple[str, torch.Tensor, Any]]) -> list:
+        """``form_weight``'s (delta, score, gate) terms: a low-rank delta is formed here, in autograd, so the
+        straight-through gate gives it grad(D) = gate * grad(W) and the score <grad(W), D>."""
+        return [(self.delta(a), s, gate) for a, s, gate in terms]
+
+    def _runs_factored(self, x: torch.Tensor, adapter: str) -> bool:
+        """Whether the adapter's low-rank delta runs through the input this call (``lowrank.prefers_factored``, from
+        shapes only); a layer run as a module (a subclass, forward hooks) always forms its weight."""
         base = self.get_base_layer()
+        if adapter not in self.taps_rank or type(base) not in (nn.Linear, *_CONV):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks:
+            return False
+        # A training step counts its backward. In training mode also without grad: reentrant activation checkpointing
+        # runs the forward without grad, then again with it, and both must take the same path.
+        weight, grad = base.weight, torch.is_grad_enabled() or self.training
+        params = (self.taps_A[adapter], self.taps_B[adapter], self.taps_scores[adapter])
+        return lowrank.prefers_factored(
+            lowrank.output_rows(base, x), weight.numel() // weight.shape[0], weight.shape[0], self.taps_rank[adapter],
+            backward=grad and any(p.requires_grad for p in params), base_trains=grad and weight.requires_grad,
+        )
+
+    def _adapter_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One matmul/conv with ``W_base`` plus the gated deltas of ``adapters``; a low-rank delta runs through the
+        input instead, ``base(x) + g * scale * B(A(x))``, where that is cheaper."""
         terms = self._terms(adapters)
         if not terms:
             return self.base_layer(x, *args, **kwargs)
+        factored = [self._runs_factored(x, a) for a, _, _ in terms]
+        formed = [t for t, f in zip(terms, factored) if not f]
+        out = self._formed_forward(x, formed, *args, **kwargs) if formed else self.base_layer(x, *args, **kwargs)
+        for (a, s, gate), f in zip(terms, factored):
+            if f:
+                z = lowrank.factored_output(self.get_base_layer(), x, self.taps_A[a], self.taps_B[a],
+                                            self.taps_scaling[a])
+                if gate is not True:  # straight-through: the value 1[s >= tau], d/ds = <dL/dy, scale * B(A(x))>
+                    z = z * (gate.to(s.dtype) + (s - s.detach())).to(z.dtype)
+                out = out + z.to(out.dtype)
+        return out
+
+    def _formed_forward(self, x: torch.Tensor, terms: list, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One matmul/conv with ``W_base`` plus the gated deltas of ``terms``."""
+        base = self.get_base_layer()
+        terms = self._weight_terms(terms)
         weight = form_weight(base.weight, terms)
         if (
             not (torch.is_grad_enabled() and weight.requires_grad)

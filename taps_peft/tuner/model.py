@@ -20,7 +20,10 @@ from .layer import (
     _CONV, _HALF, Conv, Linear, TAPSLayer, _full_tensor, adapter_names_pre_forward_hook, read_gates, route_samples,
     upcast,
 )
-from .saved import check_adapter_name, check_before_loading, check_loaded_state, mixed_save, tensors_digest
+from .saved import (
+    DELTA_PARAMS, check_adapter_name, check_before_loading, check_loaded_state, mixed_save, restart_delta,
+    tensors_digest,
+)
 from .targets import find_head, resolve_targets
 
 _USER_INFO = ("name", "pretrained", "seed", "model_kwargs", "weights")  # what a script may record about the base
@@ -103,9 +106,9 @@ class TAPSModel(BaseTuner):
         if not autocast_adapter_dtype:
             return
         for _, layer in taps_layers(self.model):
-            delta = layer.taps_delta.get(adapter_name)
-            if delta is not None and delta.dtype in _HALF:
-                delta.data = delta.data.float()
+            for param in layer.adapter_params(adapter_name):  # deltas and factors (a score is always fp32)
+                if param.dtype in _HALF:
+                    param.data = param.data.float()
         for wrapper in tuner_modules(self.model):
             if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
                 upcast(wrapper.modules_to_save[adapter_name])
@@ -183,19 +186,21 @@ class TAPSModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """PEFT's selection, minus each delta whose score (read from the state dict itself) is below tau, unless
-        ``config.save_inactive_deltas`` (resumable training checkpoints)."""
+        """PEFT's selection, minus each delta (or factors A, B) whose score (read from the state dict itself) is below
+        tau, unless ``config.save_inactive_deltas`` (resumable training checkpoints)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.save_inactive_deltas:
             return selected
-        suffix, scores = f".taps_delta.{adapter_name}", f".taps_scores.{adapter_name}"
+        scores = f".taps_scores.{adapter_name}"
         for key in [k for k in selected if k.endswith(scores)]:
-            delta = key[: -len(scores)] + suffix
+            name = key[: -len(scores)]
+            keys = [f"{name}.{p}.{adapter_name}" for p in DELTA_PARAMS]
             if float(selected[key].float().max()) < config.tau:
-                selected.pop(delta, None)
-            elif delta not in selected:  # open, but loaded for inference when it was closed: its delta is zero
-                layer = model.get_submodule(key[: -len(scores)])
-                selected[delta] = torch.zeros_like(layer.get_base_layer().weight)
+                for k in keys:
+                    selected.pop(k, None)
+            elif not any(k in selected for k in keys):  # open, but loaded for inference when closed: a zero delta
+                restart = restart_delta(model.get_submodule(name), config, adapter_name)
+                selected.update({f"{name}.{p}.{adapter_name}": t for p, t in restart.items()})
         return selected
 
     @classmethod

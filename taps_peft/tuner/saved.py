@@ -14,10 +14,42 @@ from torch import nn
 
 from .identity import check_identity
 from .layer import TAPSLayer
+from .lowrank import factor_shapes, init_factors, lowrank_fits
 from .targets import planned_targets, plain_modules, saved_modules
 
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 _PREFIX = "base_model.model."  # PEFT's prefix of every key in a PeftModel's state dict
+DELTA_PARAMS = ("taps_delta", "taps_A", "taps_B")  # a layer's delta: full-size, or low-rank factors (TAPSConfig.r)
+_DELTA_SUFFIXES = tuple(f".{p}" for p in DELTA_PARAMS)
+_LAYER_SUFFIXES = (*_DELTA_SUFFIXES, ".taps_scores")
+
+
+def delta_shapes(base: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """The delta parameters an adapter with ``config`` gives the (base) layer ``base``, with their shapes: a full
+    delta, or factors A and B where ``config.r`` is set and the layer fits.
+
+    Example:
+        >>> delta_shapes(nn.Linear(32, 16), TAPSConfig(r=4))  # doctest: +SKIP
+        {'taps_A': (4, 32), 'taps_B': (16, 4)}
+    """
+    if lowrank_fits(base, getattr(config, "r", None)):
+        a, b = factor_shapes(base, config.r)
+        return {"taps_A": a, "taps_B": b}
+    return {"taps_delta": tuple(base.weight.shape)}
+
+
+def restart_delta(layer: TAPSLayer, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The values a layer's absent (unsaved) delta takes for an adapter that may train: zeros, or for factors B = 0
+    and A drawn afresh as LoRA's (reproducibly; A = B = 0 would never learn), so the delta is zero either way. In the
+    dtype of what the layer holds for the adapter (its base weight's when nothing)."""
+    weight = layer.get_base_layer().weight
+    shapes = delta_shapes(layer.get_base_layer(), config)
+    held = [getattr(layer, p)[adapter_name] for p in DELTA_PARAMS if adapter_name in getattr(layer, p)]
+    dtype = held[0].dtype if held else weight.dtype
+    if "taps_delta" in shapes:
+        return {"taps_delta": torch.zeros(shapes["taps_delta"], dtype=dtype, device=weight.device)}
+    a, b = init_factors(weight, config.r, config.scaling, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return {"taps_A": a, "taps_B": b}
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
@@ -59,9 +91,9 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tensor]) -> None:
     """Check a saved adapter's tensors against the layers ``config`` gates in ``model`` and its ``modules_to_save``,
-    before anything is loaded. Every gated layer needs its score, an active one (score >= tau) its delta; deltas, head
-    and norms need the model's shapes; the file may hold nothing else (no base weight, no layer the adapter does not
-    declare)."""
+    before anything is loaded. Every gated layer needs its score, an active one (score >= tau) its delta (or both
+    factors A, B with ``config.r``); deltas, factors, head and norms need the model's shapes; the file may hold nothing
+    else (no base weight, no layer the adapter does not declare)."""
     modules = plain_modules(model)
     targets = planned_targets(model, config, config.target_modules)
     saved = _as_model_names({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, modules)
@@ -69,15 +101,26 @@ def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tenso
     problems: list[str] = []
     allowed: set[str] = set()
     for name in targets:
-        weight = tuple(modules[name].weight.shape)
-        allowed |= {f"{name}.taps_scores", f"{name}.taps_delta"}
+        expected = delta_shapes(modules[name], config)
+        allowed |= {f"{name}.taps_scores", *(f"{name}.{p}" for p in DELTA_PARAMS)}
+        held = [p for p in expected if f"{name}.{p}" in shapes]
         if shapes.get(f"{name}.taps_scores") != (1,):
             problems.append(f"the file has no score for the layer `{name}`")
-        elif f"{name}.taps_delta" not in shapes and float(saved[f"{name}.taps_scores"].float()) >= config.tau:
+        elif len(held) < len(expected) and float(saved[f"{name}.taps_scores"].float()) >= config.tau:
             problems.append(f"the adapter is incomplete: the layer `{name}` is active (score >= tau) but has no delta")
-        delta = shapes.get(f"{name}.taps_delta")
-        if delta is not None and delta != weight:
-            problems.append(f"the delta for `{name}` has shape {delta} but the layer's weight has shape {weight}")
+        elif held and len(held) < len(expected):
+            problems.append(f"the adapter is incomplete: the layer `{name}` has only one of its factors A, B")
+        for p, shape in expected.items():
+            got = shapes.get(f"{name}.{p}")
+            if got is not None and got != shape:
+                what = "the delta" if p == "taps_delta" else f"the factor {p[-1]}"
+                needs = "the layer's weight has shape" if p == "taps_delta" else f"rank {config.r} there needs"
+                problems.append(f"{what} for `{name}` has shape {got} but {needs} {shape}")
+        other = [p for p in DELTA_PARAMS if p not in expected and f"{name}.{p}" in shapes]
+        if other:
+            form = "full-size delta" if "taps_delta" in expected else f"factors A, B of rank {config.r}"
+            problems.append(f"the file holds `{name}.{other[0]}` but the adapter's config (r={config.r}) gives that "
+                            f"layer a {form}: config and weights were saved with different r")
     for found in saved_modules(model, config.modules_to_save).values():
         for name in found:
             for key, tensor in modules[name].state_dict().items():
@@ -88,7 +131,7 @@ def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tenso
                 elif got != tuple(tensor.shape):
                     problems.append(f"`{name}.{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
     stray = sorted(set(shapes) - allowed)
-    layers = [k for k in stray if k.endswith((".taps_delta", ".taps_scores"))]
+    layers = [k for k in stray if k.endswith(_LAYER_SUFFIXES)]
     problems += [f"the saved layer `{k}` has no matching module" for k in dict.fromkeys(k.rpartition(".")[0] for k in layers)]
     others = [k for k in stray if k not in layers]
     if others:
@@ -134,31 +177,40 @@ def check_before_loading(model: nn.Module, config: Any, adapter_name: str, now: 
 
 
 def check_loaded_state(model: nn.Module, config: Any, adapter_name: str, remapped: dict) -> dict:
-    """Refuse, before anything is loaded, weights that are not this adapter's: holding tensors of anything but its own layers, head and norms, lacking a score, a head
-    or norm tensor or an active layer's delta, not fitting the model, or NaN/inf. Then an inactive layer's delta
-    (absent from the file) becomes real zeros for an adapter that may train, and is dropped from the layer for one
-    loaded for inference (it holds memory only for active layers); a layer that holds no delta yet (closed when
-    loaded for inference) gets one when the file has it."""
+    """Refuse, before anything is loaded, weights that are not this adapter's: holding tensors of anything but its
+    own layers, head and norms, lacking a score, a head or norm tensor or an active layer's delta (or one of its
+    factors A, B with ``config.r``), not fitting the model, or NaN/inf. Then an inactive layer's delta (absent from
+    the file) becomes a zero delta (``restart_delta``) for an adapter that may train, and is dropped from the layer
+    for one loaded for inference (it holds memory only for active layers); a layer that holds no delta yet (closed
+    when loaded for inference) gets one when the file has it."""
     remapped = {k.removeprefix(_PREFIX): v for k, v in remapped.items()}
     modules = {n.removeprefix(_PREFIX): m for n, m in model.named_modules()}
     layers = {n: m for n, m in modules.items() if isinstance(m, TAPSLayer) and adapter_name in m.taps_scores}
+    expected = {n: delta_shapes(m.get_base_layer(), config) for n, m in layers.items()}
     copies = {f"{n}.modules_to_save.{adapter_name}.{k}": v for n, m in modules.items()
               if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save
               for k, v in m.modules_to_save[adapter_name].state_dict().items()}
-    own = {f"{n}.{p}.{adapter_name}" for n in layers for p in ("taps_delta", "taps_scores")} | set(copies)
-    stray = sorted(k for k in remapped if k not in own and not k.endswith((".taps_delta", ".taps_scores")))
+    own = {f"{n}.{p}.{adapter_name}" for n in layers for p in (*DELTA_PARAMS, "taps_scores")} | set(copies)
+    stray = sorted(k for k in remapped if k not in own and not k.endswith(_LAYER_SUFFIXES))
     _refuse(adapter_name, "holds tensors of modules the adapter does not declare", stray,
             "an adapter may hold only the deltas and scores of its target_modules and its modules_to_save")
     _refuse(adapter_name, "lacks tensors of its head or norms", sorted(set(copies) - set(remapped)),
             "save the adapter again with save_pretrained")
-    regrown = {}
-    for key in [k for k in remapped if k.endswith(".taps_delta")]:
-        name = key[: -len(".taps_delta")]
-        if name in layers and adapter_name not in layers[name].taps_delta:
-            regrown[name] = remapped.pop(key)
-    orphans = sorted(k for k in remapped if k.endswith((".taps_delta", ".taps_scores")))
-    orphans += [n for n, v in regrown.items() if v.shape != layers[n].get_base_layer().weight.shape]
-    _refuse(adapter_name, "does not fit this base model: saved layer(s) have no matching module", orphans,
+    regrown, other_form = {}, []
+    for key in [k for k in remapped if k.endswith(_DELTA_SUFFIXES)]:  # unmapped: the layer holds no such delta
+        name, _, param = key.rpartition(".")
+        if name in layers and param in expected[name] and adapter_name not in getattr(layers[name], param):
+            regrown[(name, param)] = remapped.pop(key)
+        elif name in layers:
+            other_form.append(key)
+    held = {(n, p): remapped[f"{n}.{p}.{adapter_name}"] for n in layers for p in DELTA_PARAMS
+            if f"{n}.{p}.{adapter_name}" in remapped}
+    other_form += [f"{n}.{p}" for n, p in held if p not in expected[n]]
+    _refuse(adapter_name, f"holds deltas of another form than its config gives (r={config.r}: full-size deltas, or "
+            "factors A, B)", sorted(other_form), "load it with the adapter_config.json saved with its weights")
+    orphans = sorted(k for k in remapped if k.endswith(_LAYER_SUFFIXES))
+    orphans += [f"{n}.{p}" for (n, p), v in {**held, **regrown}.items() if tuple(v.shape) != expected[n][p]]
+    _refuse(adapter_name, "does not fit this base model: saved layer(s) have no matching module or shape", orphans,
             "load the adapter onto the base model it was trained from")
     shapes = [k for k, v in remapped.items() if k in copies and v.shape != copies[k].shape]
     _refuse(adapter_name, "does not fit this base model: head or norm tensors of another shape", shapes,
@@ -171,25 +223,28 @@ def check_loaded_state(model: nn.Module, config: Any, adapter_name: str, remappe
         score = remapped.get(f"{name}.taps_scores.{adapter_name}")
         _refuse(adapter_name, "does not fit this base model: no score for a gated layer", [name] if score is None
                 else [], "load the adapter onto the base model it was trained from, with the weights saved with it")
-        key = f"{name}.taps_delta.{adapter_name}"
-        if key in remapped or name in regrown:
+        have = [p for p in expected[name] if f"{name}.{p}.{adapter_name}" in remapped or (name, p) in regrown]
+        if len(have) == len(expected[name]):
             continue
+        _refuse(adapter_name, "is incomplete: a layer has only one of its factors A, B", [name] if have else [],
+                "save the adapter again with save_pretrained")
         if float(score.float().max()) >= module.taps_tau[adapter_name]:
             _refuse(adapter_name, "is incomplete: an active layer (score >= tau) has no delta", [name],
                     "save the adapter again with save_pretrained")
-        absent.append((module, key))
-    for name, value in regrown.items():  # every check passed: now the layers may change
+        absent.append((name, module))
+    for (name, param), value in regrown.items():  # every check passed: now the layers may change
         module = layers[name]
         trainable = module.taps_scores[adapter_name].requires_grad
-        module.taps_delta[adapter_name] = nn.Parameter(torch.zeros_like(value), requires_grad=trainable)
-        remapped[f"{name}.taps_delta.{adapter_name}"] = value
-    for module, key in absent:
+        getattr(module, param)[adapter_name] = nn.Parameter(torch.zeros_like(value), requires_grad=trainable)
+        remapped[f"{name}.{param}.{adapter_name}"] = value
+    for name, module in absent:
         if config.inference_mode:
-            if adapter_name in module.taps_delta:
-                del module.taps_delta[adapter_name]
-        elif adapter_name in module.taps_delta:
-            param = module.taps_delta[adapter_name]
-            remapped[key] = torch.zeros(param.shape, dtype=param.dtype, device=module.get_base_layer().weight.device)
+            for params in (module.taps_delta, module.taps_A, module.taps_B):
+                if adapter_name in params:
+                    del params[adapter_name]
+        elif module.has_delta(adapter_name):
+            for param, value in restart_delta(module, config, adapter_name).items():
+                remapped[f"{name}.{param}.{adapter_name}"] = value
     return {_PREFIX + k: v for k, v in remapped.items()} if _prefixed(model) else remapped
 
 

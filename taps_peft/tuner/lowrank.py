@@ -1,0 +1,127 @@
+"""Low-rank gated deltas (``TAPSConfig(r=...)``): ``W = W_base + 1[s >= tau] * scale * B @ A`` under the same score,
+gate and penalty as a full delta; ``scale = alpha / r`` (LoRA's ``lora_alpha / r``).
+
+Shapes follow PEFT's LoRA: a Linear gets A (r, in) and B (out, r); a convolution gets A of the layer's kernel into r
+channels, (r, in, *kernel), and B a 1x1 conv (out, r, 1, ...). A layer where the factors would not be smaller than
+the weight, and any grouped or depthwise conv, keeps a full delta (:func:`lowrank_fits`).
+
+Example:
+    >>> conv = torch.nn.Conv2d(64, 64, 3)
+    >>> lowrank_fits(conv, 4), factor_shapes(conv, 4)
+    (True, ((4, 64, 3, 3), (64, 4, 1, 1)))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by weight dims
+
+
+def lowrank_fits(base: nn.Module, r: Optional[int]) -> bool:
+    """Whether ``base`` gets rank-``r`` factors: ``r`` is set, the layer is not grouped (a depthwise or grouped conv
+    keeps a full delta, as PEFT's LoRA cannot factor it either), and the factors hold fewer elements than the weight:
+    ``r * (in * k / groups + out) < in * out * k / groups``.
+
+    Example:
+        >>> lowrank_fits(torch.nn.Linear(8, 8), 4)  # 4 * (8 + 8) = 64 >= 64: a full delta
+        False
+    """
+    if r is None or getattr(base, "groups", 1) != 1:
+        return False
+    weight = base.weight
+    return r * (weight.numel() // weight.shape[0] + weight.shape[0]) < weight.numel()
+
+
+def factor_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B for ``base`` (PEFT LoRA's ``lora_A`` / ``lora_B`` weight shapes)."""
+    shape = tuple(base.weight.shape)
+    return (r, *shape[1:]), (shape[0], r, *(1,) * (len(shape) - 2))
+
+
+def init_factors(weight: torch.Tensor, r: int, scale: float, random_b: bool = False,
+                 generator: Optional[torch.Generator] = None,
+                 dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A as LoRA's (kaiming uniform, a=sqrt(5); from ``generator`` if given) and B zeros, so the delta starts at zero;
+    ``random_b`` (PEFT's ``init_weights=False`` convention, for tests) draws B so the delta is about 2% of the
+    weight's spread. In ``dtype`` (default: the weight's), on the weight's device."""
+    shape, dtype = tuple(weight.shape), dtype or weight.dtype
+    a = torch.empty((r, *shape[1:]), dtype=dtype, device=weight.device)
+    b = torch.zeros((shape[0], r, *(1,) * (len(shape) - 2)), dtype=dtype, device=weight.device)
+    if weight.device.type == "meta":
+        return a, b
+    with torch.no_grad():
+        if generator is None:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:  # the same distribution, drawn reproducibly (on the CPU)
+            bound = 1.0 / math.sqrt(a[0].numel())
+            a.copy_(torch.rand(a.shape, generator=generator, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+        if random_b:
+            b.copy_(torch.randn(b.shape, dtype=torch.float32, device=weight.device).to(b.dtype))
+            delta = lowrank_delta(a.float(), b.float(), scale, shape)
+            b.mul_(0.02 * (weight.float().std().item() or 1.0) / (delta.std().item() or 1.0))
+    return a, b
+
+
+def lowrank_delta(a: torch.Tensor, b: torch.Tensor, scale: float, shape: torch.Size | tuple) -> torch.Tensor:
+    """``scale * B @ A`` in the weight's shape (in the factors' dtype, inside autograd)."""
+    r = a.shape[0]
+    return (b.reshape(b.shape[0], r) @ a.reshape(r, -1)).reshape(shape) * scale
+
+
+def prefers_factored(rows: int, fan_in: int, out: int, r: int, backward: bool = False,
+                     base_trains: bool = False) -> bool:
+    """Whether ``base(x) + g * scale * B(A(x))`` costs fewer multiply-adds than one matmul/conv with the formed
+    weight ``W_base + g * scale * B @ A``. ``rows``: output positions of this call (batch x spatial, or tokens);
+    ``fan_in``: in * kernel elements (per group).
+
+    Beyond what the base layer costs anyway:
+      - weight form: forming D = scale * B @ A, ``out * r * fan_in``. With a backward also grad(D) -> grad(A),
+        grad(B) (``2 * out * r * fan_in``) and, unless the base weight trains anyway (joint training), the weight
+        gradient of the main matmul/conv (``rows * out * fan_in``), which the factored path never computes.
+      - factored: A then B at every output position, ``rows * r * (fan_in + out)``; a backward adds twice that.
+    r cancels in a forward without gradients: factored while ``rows * (fan_in + out) < out * fan_in`` (few tokens
+    or pixels per call); in training the skipped weight gradient favours the factored path on most layers.
+
+    Example:
+        >>> prefers_factored(rows=8, fan_in=192, out=576, r=4)  # 8 tokens: B(A(x)) is cheaper than forming D
+        True
+        >>> prefers_factored(rows=32 * 56 * 56, fan_in=576, out=64, r=4)  # a big feature map: form D once
+        False
+    """
+    weight = out * r * fan_in
+    factored = rows * r * (fan_in + out)
+    if backward:
+        weight += 2 * out * r * fan_in + (0 if base_trains else rows * out * fan_in)
+        factored *= 3
+    return factored < weight
+
+
+def output_rows(base: nn.Module, x: torch.Tensor) -> int:
+    """The output positions of ``base`` on ``x`` (from shapes only: no host read): tokens for a Linear, batch x
+    output pixels for a conv."""
+    if not isinstance(base, nn.modules.conv._ConvNd):
+        return x.numel() // max(x.shape[-1], 1)
+    dims = len(base.kernel_size)
+    batch = x.shape[0] if x.dim() == dims + 2 else 1
+    rows = batch
+    for i, size in enumerate(x.shape[-dims:]):
+        if base.padding == "same":
+            rows *= size
+            continue
+        pad = 0 if base.padding == "valid" else base.padding[i]
+        rows *= max((size + 2 * pad - base.dilation[i] * (base.kernel_size[i] - 1) - 1) // base.stride[i] + 1, 0)
+    return rows
+
+
+def factored_output(base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * B(A(x))`` in the factors' dtype: A with the layer's own stride, padding and dilation, B pointwise."""
+    x = x.to(a.dtype)
+    if isinstance(base, nn.Linear):
+        return F.linear(F.linear(x, a), b) * scale
+    return _CONV_FN[b.dim()](base._conv_forward(x, a, None), b) * scale
