@@ -3,7 +3,6 @@ weights bound to one save, strict all-or-nothing loading, atomic per-file saves 
 parents, symlinks), file modes, adapter names, non-finite stops in the Trainer, LoRA export."""
 
 import copy
-import dataclasses
 import json
 import os
 import re
@@ -474,10 +473,6 @@ def test_unknown_adapter_names_are_refused_at_every_level(images):
 
 
 def test_taps_trainer_stops_on_a_nan_loss_and_saves_no_nan_checkpoint(tmp_path):
-    from transformers import TrainingArguments
-
-    from taps_peft.training import TAPSTrainer
-
     class Data(torch.utils.data.Dataset):
         def __len__(self):
             return 16
@@ -486,15 +481,28 @@ def test_taps_trainer_stops_on_a_nan_loss_and_saves_no_nan_checkpoint(tmp_path):
             return {"pixel_values": torch.full((3, 32, 32), float("nan") if i >= 8 else 0.1), "labels": i % 5}
 
     torch.manual_seed(0)
-    model = get_peft_model(tiny_hf_vit(), TAPSConfig())
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_steps=1, report_to=[],
-                             use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
-    trainer = TAPSTrainer(model=model, args=args, train_dataset=Data())
-    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(16))  # clean batches first
+    trainer = _sequential_trainer(get_peft_model(tiny_hf_vit(), TAPSConfig()), Data(), tmp_path)
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step 3 .*no checkpoint of it was saved"):
         trainer.train()
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    for ckpt in tmp_path.glob("checkpoint-*"):
+    _assert_two_finite_checkpoints(tmp_path)
+
+
+def _sequential_trainer(model, data, out):
+    """A TAPSTrainer over 16 samples in order (the clean ones first), 4 steps of 4, a checkpoint after each step."""
+    from transformers import TrainingArguments
+
+    from taps_peft.training import TAPSTrainer
+
+    args = TrainingArguments(str(out), max_steps=4, per_device_train_batch_size=4, save_steps=1, report_to=[],
+                             use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
+    trainer = TAPSTrainer(model=model, args=args, train_dataset=data)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(16))
+    return trainer
+
+
+def _assert_two_finite_checkpoints(out):
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for ckpt in out.glob("checkpoint-*"):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / WEIGHTS).values())
 
 
@@ -502,9 +510,6 @@ def test_taps_trainer_stops_on_a_nan_gradient_before_the_step(tmp_path):
     """A finite loss whose gradient is NaN: stopped before the optimizer step, so no non-finite weight and no
     checkpoint of one is ever written; the earlier checkpoints are finite."""
     import torch.nn.functional as F
-    from transformers import TrainingArguments
-
-    from taps_peft.training import TAPSTrainer
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -527,15 +532,9 @@ def test_taps_trainer_stops_on_a_nan_gradient_before_the_step(tmp_path):
 
     torch.manual_seed(0)
     model = get_peft_model(Net(), TAPSConfig(modules_to_save=["net.head"]))
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_steps=1, report_to=[],
-                             use_cpu=True, disable_tqdm=True, dataloader_drop_last=True)
-    trainer = TAPSTrainer(model=model, args=args, train_dataset=Data())
-    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(16))  # clean batches first
     with pytest.raises(FloatingPointError, match=r"a gradient is NaN/inf at step 3 though the loss is finite"):
-        trainer.train()
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    for ckpt in tmp_path.glob("checkpoint-*"):
-        assert all(torch.isfinite(t).all() for t in load_file(ckpt / WEIGHTS).values())
+        _sequential_trainer(model, Data(), tmp_path).train()
+    _assert_two_finite_checkpoints(tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .targets import saved_modules
+from .targets import plain_modules, saved_modules
 
 _SAMPLES, _TOLERANCE = 1024, 0.01
 
@@ -46,32 +46,18 @@ def base_tensors(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, torch.
     """Every floating-point parameter and buffer of ``model`` as it is without adapters (a TAPS layer stands for its
     base layer, with the weight it had before a merge; a head/norm wrapper for its original module), by its name in the
     plain model, except those under the module names in ``skip``."""
-    skip = tuple(skip)
-    out: dict[str, torch.Tensor] = {}
-    hidden: list[str] = []
-
-    def add(prefix: str, module: nn.Module, recurse: bool) -> None:
-        items = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
-        for key, t in items:
-            name = f"{prefix}.{key}" if prefix else key
-            if t is not None and t.is_floating_point() and not any(name == s or name.startswith(s + ".") for s in skip):
-                out[name] = t
-
-    for name, module in model.named_modules():
-        if any(name.startswith(h + ".") for h in hidden):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            hidden.append(name)
-            base = module.get_base_layer()
-            add(name, base, True)
-            unmerged = getattr(module, "_unmerged_weight", None)
-            if unmerged is not None and f"{name}.weight" in out:
-                out[f"{name}.weight"] = unmerged
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            hidden.append(name)
-            add(name, module.original_module, True)
-        else:
-            add(name, module, False)
+    skip, real, out = tuple(skip), dict(model.named_modules()), {}
+    for name, module in plain_modules(model).items():
+        wrapper = real[name] if isinstance(real[name], (BaseTunerLayer, AuxiliaryTrainingWrapper)) else None
+        # a wrapper's module is listed alone (its children are not): take its tensors with theirs
+        tensors = [*module.named_parameters(recurse=wrapper is not None), *module.named_buffers(recurse=wrapper is not None)]
+        for key, t in tensors:
+            full = f"{name}.{key}" if name else key
+            if t is not None and t.is_floating_point() and not any(full == s or full.startswith(s + ".") for s in skip):
+                out[full] = t
+        unmerged = getattr(wrapper, "_unmerged_weight", None)
+        if unmerged is not None and f"{name}.weight" in out:
+            out[f"{name}.weight"] = unmerged
     return out
 
 
