@@ -20,6 +20,7 @@ from .tuner.model import taps_layers, tuner_modules
 
 def _adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
     if adapter_name is not None:
+        _config(model, adapter_name)  # an unknown name is refused, naming the loaded ones
         return adapter_name
     active = [a for _, m in taps_layers(model) for a in m.active_adapters]
     if not active:
@@ -123,7 +124,9 @@ def _config(model: nn.Module, adapter_name: str) -> Any:
         configs = getattr(module, "peft_config", None)
         if isinstance(configs, dict) and adapter_name in configs:
             return configs[adapter_name]
-    raise ValueError(f"No TAPS adapter named {adapter_name!r} in {type(model).__name__}.")
+    loaded = [n for m in model.modules() if isinstance(getattr(m, "peft_config", None), dict) for n in m.peft_config]
+    raise ValueError(f"No TAPS adapter named {adapter_name!r} in {type(model).__name__}: loaded adapters are "
+                     f"{sorted(set(loaded))}.")
 
 
 def base_param_count(model: nn.Module) -> int:

@@ -309,7 +309,7 @@ def test_a_file_replaced_while_it_is_loaded_is_refused(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "two")
     read = save_and_load.load_peft_weights
     monkeypatch.setattr("peft.peft_model.load_peft_weights", lambda model_id, **kw: read(tmp_path / "two", **kw))
-    with pytest.raises(ValueError, match=r"mixes two saves"):
+    with pytest.raises(ValueError, match=r"not the ones saved with its adapter_config\.json .*two saves"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "one")
 
 
@@ -658,3 +658,109 @@ def test_peft_s_own_lora_conversion_takes_the_linear_layers_it_supports():
     assert lora_config.peft_type == "LORA" and any("lora_A" in k for k in state)
     with pytest.raises(TypeError, match="do not support LoRA conversion"):
         convert_to_lora(get_peft_model(resnet(), TAPSConfig()), rank=4)
+
+
+# ----- an adversarial review's findings, one test each -----
+
+
+def test_a_dtype_change_after_the_upcast_and_merge_and_unload_leave_no_hook(images):
+    model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # fp32 head and norm copies
+    x = images.to(torch.bfloat16)
+    assert model(x).dtype == torch.bfloat16
+    model.to(torch.bfloat16)  # even to the dtype it has
+    assert model(x).dtype == torch.bfloat16
+    model.float()
+    assert model(images).dtype == torch.float32
+    plain = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig()).merge_and_unload()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
+    assert plain.float()(images).dtype == torch.float32
+
+
+def test_a_bound_config_used_to_train_does_not_refuse_later_loads(tmp_path, images):
+    """A config read with from_pretrained and then trained from (the HF Trainer resumes with load_adapter)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "good")
+    config = TAPSConfig.from_pretrained(tmp_path / "good")
+    config.inference_mode = False
+    model = get_peft_model(tiny_timm_vit(), config)
+    model(images).sum().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.save_pretrained(tmp_path / "checkpoint")
+    model.load_adapter(tmp_path / "checkpoint", adapter_name="default", is_trainable=True)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(model))
+
+
+def test_key_mapping_with_names_that_end_several_modules(tmp_path, images):
+    from torch import nn
+
+    class Wrap(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = get_peft_model(resnet(), TAPSConfig(init_weights=False)).eval()  # bn1 ends many names
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(Wrap(resnet()), tmp_path, key_mapping={r"^(?!net\.)": "net."}).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_a_load_keeps_the_identity_of_the_base_it_was_trained_on(tmp_path):
+    get_peft_model(resnet(seed=0), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "a")
+    with pytest.warns(BaseModelMismatchWarning):
+        wrong = PeftModel.from_pretrained(resnet(seed=1), tmp_path / "a")
+    wrong.save_pretrained(tmp_path / "b")  # saved again from the wrong base: still names the true one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        PeftModel.from_pretrained(resnet(seed=0), tmp_path / "b")
+    with pytest.warns(BaseModelMismatchWarning):
+        PeftModel.from_pretrained(resnet(seed=1), tmp_path / "b")
+
+
+def test_the_fingerprint_samples_every_part_of_a_kernel(tmp_path):
+    """Every 3x3 kernel tap but the first negated: the samples must not all fall on one tap."""
+    base = resnet()
+    get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False)).save_pretrained(tmp_path)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for m in other.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                keep = m.weight[:, :, 0, 0].clone()
+                m.weight.neg_()
+                m.weight[:, :, 0, 0] = keep
+    with pytest.warns(BaseModelMismatchWarning):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_unknown_names_in_reports_unload_and_save(tmp_path):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig())
+    for call in (lambda: taps_peft.taps_layer_report(model, "nope"), lambda: taps_peft.budget_usage(model, "nope"),
+                 lambda: model.merge_and_unload(adapter_names=["nope"]),
+                 lambda: taps_peft.save_adapter(model, tmp_path / "a" / "b", selected_adapters=["nope"])):
+        with pytest.raises(ValueError, match="nope"):
+            call()
+    assert not (tmp_path / "a").exists() and any(isinstance(m, TAPSLayer) for m in model.modules())
+
+
+def test_non_floating_tensors_and_save_adapter_s_links_and_names(tmp_path):
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False))
+    model.save_pretrained(tmp_path / "good")
+    key = next(k for k in load_file(tmp_path / "good" / WEIGHTS) if k.endswith("taps_scores"))
+    bad = _edited(tmp_path / "good", tmp_path / "bool", lambda t, c: t.update({key: torch.tensor([True])}))
+    with pytest.raises(ValueError, match="not floating point"):
+        PeftModel.from_pretrained(tiny_timm_vit(), bad)
+    folder, elsewhere = tmp_path / "out", tmp_path / "card.md"
+    folder.mkdir()
+    elsewhere.write_text("# mine\n")
+    (folder / "README.md").symlink_to(elsewhere)
+    (folder / ".save.taps-tmp").mkdir()  # a folder of the user's with the staging name
+    with pytest.raises(FileExistsError, match="was not made by taps_peft"):
+        taps_peft.save_adapter(model, folder)
+    (folder / ".save.taps-tmp").rmdir()
+    taps_peft.save_adapter(model, folder)
+    assert (folder / "README.md").is_symlink() and "TAPS adapter for" in elsewhere.read_text()
+    assert "# mine" in elsewhere.read_text()

@@ -29,7 +29,8 @@ from ..files import temporary_name
 from ..tuner.saved import CONFIG_NAME, WEIGHTS_NAME
 from .card import save_model_card
 
-_ORDER = {WEIGHTS_NAME: 0, CONFIG_NAME: 1}  # within a folder: weights, then config, then anything else (the card)
+_ORDER = {WEIGHTS_NAME: 0, CONFIG_NAME: 1}
+_MARK = ".made-by-taps_peft"  # inside the staging folder: only such a folder is ever removed  # within a folder: weights, then config, then anything else (the card)
 
 
 def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **save_kwargs: Any) -> Path:
@@ -43,11 +44,18 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **sa
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise ValueError(f"Cannot save into '{target}': it is a file, not a folder. Choose another path.")
+    unknown = set(save_kwargs.get("selected_adapters") or []) - set(model.peft_config)
+    if unknown:
+        raise ValueError(f"save_adapter: no adapter named {sorted(unknown)}; loaded adapters are "
+                         f"{list(model.peft_config)}.")
     target.mkdir(parents=True, exist_ok=True)
     stage = temporary_name(target / "save")  # one fixed name: a save killed part-way leaves it for the next to reuse
     if stage.exists():
+        if not (stage / _MARK).is_file():
+            raise FileExistsError(f"'{stage}' exists and was not made by taps_peft: move it, then save again.")
         shutil.rmtree(stage)  # what a killed save of ours left
     stage.mkdir()
+    (stage / _MARK).touch()
     try:
         if (target / "README.md").is_file():  # PEFT and the TAPS card update an existing card
             shutil.copy2(target / "README.md", stage / "README.md")
@@ -55,13 +63,14 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **sa
         for adapter_dir in sorted({p.parent for p in stage.rglob(CONFIG_NAME)}):
             name = adapter_dir.relative_to(stage).as_posix()
             save_model_card(model, adapter_dir, adapter_name="default" if name == "." else name)
-        files = sorted((p for p in stage.rglob("*") if p.is_file()),
+        files = sorted((p for p in stage.rglob("*") if p.is_file() and p.name != _MARK),
                        key=lambda p: (len(p.relative_to(stage).parts) == 1, _ORDER.get(p.name, 2)))
         umask = os.umask(0)
         os.umask(umask)
         for src in files:
             src.chmod(0o666 & ~umask)  # as a plain open() would create it (safetensors writes 0o600)
             dst = target / src.relative_to(stage)
+            dst = dst.resolve() if dst.is_symlink() else dst  # a file linked from elsewhere is written where it lives
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
     finally:

@@ -8,7 +8,8 @@
   ``TAPSConfig.save_pretrained`` right after PEFT wrote the weights. Loading refuses a config and weights that come from
   two different saves.
 
-The fingerprint samples up to 1024 evenly spaced values of each tensor (integer index arithmetic: exact for any size)
+The fingerprint samples up to 1024 values of each tensor spread over all of it (a golden-ratio stride coprime with the
+tensor's size, in integer arithmetic: exact for any size, and not lined up with the layout)
 and keeps three numbers per tensor: mean, root mean square and a random-sign projection. Two different bases (another
 seed or checkpoint, weights scaled, a shifted position embedding) differ by far more than the 1% tolerance; the same base
 in bf16 or fp16 differs by about 0.2%.
@@ -71,7 +72,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, list[flo
         flat = t.detach().reshape(-1)
         n = flat.numel()
         k = min(n, _SAMPLES)
-        index = torch.arange(k, dtype=torch.int64, device=flat.device) * n // k  # exact for any n < 2**53
+        index = (torch.arange(k, dtype=torch.int64, device=flat.device) * _stride(n)) % n  # exact integer arithmetic
         samples.setdefault(flat.device, []).append(flat[index].double())
     host = {d: torch.cat(v).cpu() if v else torch.zeros(0) for d, v in samples.items()}  # one transfer per device
     offsets = {d: 0 for d in host}
@@ -86,6 +87,15 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, list[flo
         stats = (values.mean(), values.square().mean().sqrt(), (values * signs).sum() / math.sqrt(k))
         out[name] = [float(f"{float(v):.6g}") for v in stats]
     return out
+
+
+def _stride(n: int) -> int:
+    """A step through ``n`` elements that is coprime with ``n`` and near ``n`` times the golden ratio: the samples
+    land all over the tensor instead of lining up with its layout (the same kernel tap, every k-th column)."""
+    step = max(1, round(n * 0.6180339887498949)) | 1
+    while math.gcd(step, n) != 1:
+        step += 2
+    return step
 
 
 def differing_tensors(saved: dict[str, list[float]], now: dict[str, list[float]]) -> list[str]:

@@ -219,7 +219,8 @@ class TAPSLayer(BaseTunerLayer):
     def weight(self) -> torch.Tensor:
         """The weight this layer computes with: ``W_base + 1[s >= tau] * dW`` for the active adapters (through the
         straight-through gate while the gates learn; a low-rank ``dW = scale * B @ A`` formed), the base weight when
-        no delta is open."""
+        no delta is open. While a delta is open this is a new tensor, not a parameter: write to the base weight through
+        ``layer.get_base_layer().weight`` (an in-place write here would change nothing)."""
         base = self.get_base_layer()
         if "taps_scores" not in self._modules or self.disable_adapters or self.merged:
             return base.weight
@@ -377,24 +378,40 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def upcast(module: nn.Module) -> None:
-    """Make a 16-bit module compute in fp32 between its 16-bit neighbours: its tensors become fp32, its floating inputs
-    are cast to fp32 and its output back to the dtype it had."""
+    """Make a 16-bit module compute in fp32 between its 16-bit neighbours: its tensors become fp32, and while it is
+    called its floating inputs are cast to its own dtype and its output back to the input's (decided at each call, so
+    a later ``model.to(dtype)`` / ``.float()`` keeps working). ``remove_upcast`` takes the hooks off again."""
     tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype in _HALF]
     if not tensors:
         return
-    dtype = tensors[0].dtype
     for t in tensors:
         t.data = t.data.float()
-    module.register_forward_pre_hook(partial(_cast_inputs, dtype=torch.float32))
-    module.register_forward_hook(partial(_cast_output, dtype=dtype))
+    module.__dict__["_taps_upcast"] = (module.register_forward_pre_hook(_cast_inputs),
+                                       module.register_forward_hook(_cast_output))
 
 
-def _cast_inputs(module: nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+def remove_upcast(module: nn.Module) -> None:
+    """Take ``upcast``'s hooks off ``module`` and its children (``unload`` / ``merge_and_unload`` return plain
+    modules)."""
+    for m in module.modules():
+        for handle in m.__dict__.pop("_taps_upcast", ()):
+            handle.remove()
 
 
-def _cast_output(module: nn.Module, args: tuple, output: Any, dtype: torch.dtype) -> Any:
-    return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
+    own = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+    module.__dict__["_taps_output_dtype"] = None if first is None else first.dtype
+    if own is None or first is None or first.dtype == own:
+        return args
+    return tuple(a.to(own) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _cast_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    dtype = module.__dict__.pop("_taps_output_dtype", None)
+    if dtype is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        return output
+    return output.to(dtype)
 
 
 def host_values(tensors: list[torch.Tensor]) -> list[float]:

@@ -17,12 +17,12 @@ from torch import nn
 from .config import TAPSConfig
 from .identity import base_info
 from .layer import (
-    _CONV, _HALF, Conv, Linear, TAPSLayer, _full_tensor, adapter_names_pre_forward_hook, read_gates, route_samples,
-    upcast,
+    _CONV, _HALF, Conv, Linear, TAPSLayer, _full_tensor, adapter_names_pre_forward_hook, read_gates, remove_upcast,
+    route_samples, upcast,
 )
 from .saved import (
-    DELTA_PARAMS, check_adapter_name, check_before_loading, check_loaded_state, mixed_save, restart_delta,
-    tensors_digest,
+    DELTA_PARAMS, adapter_versions, check_adapter_name, check_before_loading, check_bound_weights, check_loaded_state,
+    restart_delta,
 )
 from .targets import find_head, resolve_targets
 
@@ -68,8 +68,10 @@ class TAPSModel(BaseTuner):
         head = resolve_targets(model, peft_config)
         now = base_info(model, peft_config, head)
         saved_info = dict(peft_config.base_model_info or {})
-        check_before_loading(model, peft_config, adapter_name, now)
-        peft_config.base_model_info = {**now, **{k: saved_info[k] for k in _USER_INFO if k in saved_info}}
+        loading = check_before_loading(model, peft_config, adapter_name, now)
+        # a load keeps the identity of the base the adapter was trained on (a warning above if this base differs)
+        kept = {k: saved_info[k] for k in (*_USER_INFO, *(("fingerprint",) if loading else ())) if k in saved_info}
+        peft_config.base_model_info = {**now, **kept}
         peft_config.base_model_info.setdefault("name", now.get("architecture"))
         return peft_config
 
@@ -102,9 +104,15 @@ class TAPSModel(BaseTuner):
         """PEFT's ``autocast_adapter_dtype``: with ``True``, the adapter's fp16/bf16 deltas become fp32 (as LoRA's
         weights), and so do its head and norm copies, which then compute in fp32 and hand their output back in the
         base dtype (a ``GradScaler`` refuses fp16 trainable parameters). Done in place: a frozen adapter stays frozen
-        (PEFT's own cast makes new, trainable parameters)."""
-        if not autocast_adapter_dtype:
-            return
+        (PEFT's own cast makes new, trainable parameters). PEFT calls it right after injecting an adapter: a config
+        read with ``from_pretrained`` then notes its tensors' versions, so its first load can tell it is the first."""
+        if autocast_adapter_dtype:
+            self._upcast(adapter_name)
+        config = self.peft_config.get(adapter_name)
+        if getattr(config, "_source", None) is not None:
+            config._versions = adapter_versions(self.model, adapter_name)
+
+    def _upcast(self, adapter_name: str) -> None:
         for _, layer in taps_layers(self.model):
             for param in layer.adapter_params(adapter_name):  # deltas and factors (a score is always fp32)
                 if param.dtype in _HALF:
@@ -208,11 +216,7 @@ class TAPSModel(BaseTuner):
         """PEFT's key mapping, then the TAPS checks of ``tuner.saved.check_loaded_state``: weights that are not this
         adapter's are refused before anything is loaded. Weights from another save than the config read with
         ``TAPSConfig.from_pretrained`` are refused first (``weights_digest``)."""
-
-        if getattr(config, "_source", None) is not None and config.weights_digest:
-            if tensors_digest(state_dict.values()) != config.weights_digest:
-                raise ValueError(mixed_save(config._source["model_id"]))
-            config.weights_digest, config._source = None, None  # verified: the config now describes this model
+        check_bound_weights(model, config, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         return check_loaded_state(model, config, adapter_name, remapped)
 
@@ -249,6 +253,15 @@ class TAPSModel(BaseTuner):
         for _, layer in taps_layers(self.model):
             with onload_layer(layer):
                 layer.unmerge()
+
+    def _unload_and_optionally_merge(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
+        """PEFT's ``unload`` / ``merge_and_unload`` (unknown names refused); the plain model it returns carries none
+        of the dtype hooks of ``autocast_adapter_dtype``."""
+        if adapter_names is not None:
+            self._check_known(adapter_names, "merge")
+        model = super()._unload_and_optionally_merge(*args, adapter_names=adapter_names, **kwargs)
+        remove_upcast(model)
+        return model
 
     def delete_adapter(self, adapter_name: str) -> None:
         """PEFT's ``delete_adapter``; an unknown name is refused naming the loaded ones."""

@@ -98,7 +98,8 @@ def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tenso
     targets = planned_targets(model, config, config.target_modules)
     saved = _as_model_names({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, modules)
     shapes = {k: tuple(v.shape) for k, v in saved.items()}
-    problems: list[str] = []
+    problems: list[str] = [f"`{k}` is {v.dtype}, not floating point" for k, v in saved.items()
+                           if ".taps_" in f".{k}" and not v.is_floating_point()]
     allowed: set[str] = set()
     for name in targets:
         expected = delta_shapes(modules[name], config)
@@ -148,32 +149,65 @@ def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tenso
 
 
 def _as_model_names(shapes: dict[str, Any], modules: dict[str, nn.Module]) -> dict[str, Any]:
-    """The file's tensor names in the model's naming: a module the model lacks is matched, as PEFT matches target
-    names, to the one module whose name ends with it (the same network under another parent, e.g. loaded with
-    PEFT's ``key_mapping``)."""
-    out = {}
-    for key, shape in shapes.items():
-        module, _, rest = key.rpartition(".")
-        if module not in modules:
-            found = [n for n in modules if n.endswith("." + module)]
-            if len(found) == 1:
-                key = f"{found[0]}.{rest}"
-        out[key] = shape
-    return out
+    """The file's tensor names in the model's naming: when the model holds the same network under another parent (a
+    wrapper; loaded with PEFT's ``key_mapping``), the parent's prefix is found from the modules the file names that
+    end exactly one module name of the model, and put before every name the model lacks."""
+    missing = {key.rpartition(".")[0] for key in shapes} - set(modules)
+    prefixes = set()
+    for module in missing:
+        found = [n for n in modules if n.endswith("." + module)]
+        if len(found) == 1:
+            prefixes.add(found[0][: -len(module)])
+    if len(prefixes) != 1:
+        return shapes
+    prefix = prefixes.pop()
+    return {(prefix + key if key.rpartition(".")[0] in missing else key): value for key, value in shapes.items()}
 
 
-def check_before_loading(model: nn.Module, config: Any, adapter_name: str, now: dict) -> None:
+def check_before_loading(model: nn.Module, config: Any, adapter_name: str, now: dict) -> bool:
     """For a config read with ``TAPSConfig.from_pretrained`` (a saved adapter being loaded), before any module is
     replaced: its weights file is valid, finite, from the same save as the config, fits ``model``; and the base is the
-    one it was trained on (``now``: its identity; a mismatch warns)."""
+    one it was trained on (``now``: its identity; a mismatch warns). Returns whether a saved adapter was checked."""
     weights = source_weights(getattr(config, "_source", None), bool(config.weights_digest))
     if weights is None:
-        return
+        return False
     tensors = read_weights(weights)
     if config.weights_digest and tensors_digest(tensors.values()) != config.weights_digest:
         raise ValueError(mixed_save(weights))
     check_saved_adapter(model, config, tensors)
     check_identity(dict(config.base_model_info or {}), now, adapter_name)
+    return True
+
+
+def check_bound_weights(model: nn.Module, config: Any, adapter_name: str, state_dict: dict) -> None:
+    """The first load into an adapter injected from a config read with ``TAPSConfig.from_pretrained`` must bring the
+    weights saved with that config (``weights_digest``): a file replaced while it was read, or weights of another save,
+    are refused. Once the adapter's tensors changed since injection (it trained, or loaded), the binding is spent: a
+    later load (a Trainer resuming, ``set_peft_model_state_dict``) is not compared with it."""
+    source = getattr(config, "_source", None)
+    if source is None or not config.weights_digest:
+        return
+    untouched = getattr(config, "_versions", None) in (None, adapter_versions(model, adapter_name))
+    if untouched and tensors_digest(state_dict.values()) != config.weights_digest:
+        raise ValueError(
+            f"The weights loaded into TAPS adapter '{adapter_name}' are not the ones saved with its adapter_config.json "
+            f"(read from '{source['model_id']}'): config and weights come from two saves (a file replaced while it "
+            "was read, or weights copied from elsewhere). Nothing was loaded; load the folder whole with "
+            "PeftModel.from_pretrained (or load_adapter under a new name)."
+        )
+    config.weights_digest, config._source = None, None
+
+
+def adapter_versions(model: nn.Module, adapter_name: str) -> tuple[int, ...]:
+    """The version counters of the adapter's tensors (deltas, factors, scores, head and norm copies): every in-place
+    change (an optimizer step, a load) moves them, so equal counters mean the adapter is as injection left it."""
+    params = []
+    for module in model.modules():
+        if isinstance(module, TAPSLayer):
+            params += module.adapter_params(adapter_name)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            params += list(module.modules_to_save[adapter_name].parameters())
+    return tuple(p._version for p in params)
 
 
 def check_loaded_state(model: nn.Module, config: Any, adapter_name: str, remapped: dict) -> dict:
@@ -215,6 +249,9 @@ def check_loaded_state(model: nn.Module, config: Any, adapter_name: str, remappe
     shapes = [k for k, v in remapped.items() if k in copies and v.shape != copies[k].shape]
     _refuse(adapter_name, "does not fit this base model: head or norm tensors of another shape", shapes,
             "load the adapter onto the base model it was trained from (same number of classes)")
+    _refuse(adapter_name, "holds TAPS tensors that are not floating point", sorted(
+        k for k, v in [*remapped.items(), *regrown.items()] if ".taps_" in f".{k}" and not v.is_floating_point()),
+        "save the adapter again with save_pretrained")
     broken = [k for k, v in [*remapped.items(), *regrown.items()] if v.is_floating_point() and not v.isfinite().all()]
     _refuse(adapter_name, "holds NaN/inf values (it diverged in training, or the file was damaged)", broken,
             "load an earlier checkpoint")
