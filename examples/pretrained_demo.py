@@ -43,8 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: OpenMP threads that spin-wait slow a shared
-# 2-core machine ~20x while another process computes (measured: 9 s instead of 0.5 s per step)
+# Before torch: how long an idle OpenMP thread spins before it sleeps (libgomp: GOMP_SPINCOUNT wins over
+# OMP_WAIT_POLICY, so only without the latter). Seconds per step on 2 cores, quiet / beside another busy process:
+# 100k spins (~1 ms) 0.12 / 0.57; never (OMP_WAIT_POLICY=PASSIVE: set it on a shared machine) 0.22 / 0.25; the
+# default (300k) 0.16 / 0.68.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -401,7 +405,8 @@ def run_task(base: nn.Module, name: str, splits: Splits, selection: dict[str, An
     """Every method on one task with its chosen setting: (the task's results.json entry, its details)."""
     result: dict[str, Any] = {"hard": TASKS[name].hard}
     details: dict[str, Any] = {"train_size": len(splits[0][1]), "validation_size": len(splits[1][1]),
-                               "test_size": len(splits[2][1]), "settings": {}, "validation": {}, "seconds": {}}
+                               "test_size": len(splits[2][1]), "settings": {}, "validation": {}, "seconds": {},
+                               "k/L": {}}
     steps, features, sizes, points = task_steps(name, len(splits[0][1]), args), {}, {}, {}
     for method in args.methods:
         setting, selected = chosen(selection, name, method)
@@ -411,6 +416,8 @@ def run_task(base: nn.Module, name: str, splits: Splits, selection: dict[str, An
         details["validation"][method] = trained.score(splits[1])
         details["settings"][method] = {**setting, "selected_on_validation": selected}
         details["seconds"][method] = time.perf_counter() - start
+        if trained.kl is not None:
+            details["k/L"][method] = trained.kl
         if method in ("taps", "taps_lowrank", "lora", "adalora"):
             sizes[method] = trained.own_bytes
         points[method] = trained.own_bytes if method != "head_only" else head_bytes(base, splits)

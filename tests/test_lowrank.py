@@ -40,13 +40,13 @@ def close_every_other(model, adapter="default", offset=0):
 
 
 class Net(nn.Module):
-    """One layer of each kind: factored Linear/Conv2d/Conv1d, and layers that keep a full delta."""
+    """One layer of each kind: factored Linear/Conv2d/Conv1d/depthwise conv, and a layer that keeps a full delta."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
         self.dilated = nn.Conv2d(16, 16, 3, padding=2, dilation=2, padding_mode="reflect")
-        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # grouped: full delta
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # 4 * (9 + 16) < 144: factored, weight form
         self.conv1d = nn.Conv1d(16, 12, 3)
         self.small = nn.Linear(12, 4)  # 4 * (12 + 4) = 64 >= 48: full delta
         self.fc = nn.Linear(4 * 14, 40)
@@ -58,7 +58,7 @@ class Net(nn.Module):
 
 
 NAMES = ["conv", "dilated", "depthwise", "conv1d", "small", "fc"]
-FACTORED = {"conv", "dilated", "conv1d", "fc"}
+FACTORED = {"conv", "dilated", "depthwise", "conv1d", "fc"}
 
 
 def net_model(dtype=torch.float32, **kw):
@@ -129,7 +129,9 @@ def test_which_layers_get_factors_and_their_shapes():
     assert net.fc.taps_A["default"].shape == (4, 56) and net.fc.taps_B["default"].shape == (40, 4)
     assert net.conv.taps_A["default"].shape == (4, 3, 3, 3) and net.conv.taps_B["default"].shape == (16, 4, 1, 1)
     assert net.conv1d.taps_B["default"].shape == (12, 4, 1)
-    assert net.depthwise.taps_delta["default"].shape == net.depthwise.get_base_layer().weight.shape
+    assert net.depthwise.taps_A["default"].shape == (4, 1, 3, 3)
+    assert net.depthwise.taps_B["default"].shape == (16, 4, 1, 1)
+    assert net.small.taps_delta["default"].shape == net.small.get_base_layer().weight.shape
     assert net.fc.taps_scaling["default"] == 2.0 and net.fc.taps_rank["default"] == 4
     # a rank whose factors would not be smaller than the weight keeps full deltas everywhere
     big = get_peft_model(Net(), TAPSConfig(target_modules=NAMES, r=64, modules_to_save=[]))
@@ -154,7 +156,7 @@ def test_forward_matches_explicit_computation(monkeypatch, path):
     _, model = net_model()
     calls = []
     original = lowrank.factored_output
-    monkeypatch.setattr(lowrank, "factored_output", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(lowrank, "factored_output", lambda *a: calls.append(a[0]) or original(*a))
     force(monkeypatch, path)
     close_every_other(model)
     x = torch.randn(2, 3, 12, 12)
@@ -163,6 +165,7 @@ def test_forward_matches_explicit_computation(monkeypatch, path):
         torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-6)  # gates read on the host
     torch.testing.assert_close(model.train()(x).detach(), expected, rtol=1e-5, atol=1e-6)  # device gates, STE
     assert bool(calls) == (path == "factored")
+    assert all(getattr(base, "groups", 1) == 1 for base in calls)  # a depthwise conv's factors run as a weight
     net = model.get_base_model()
     for name in FACTORED:  # the effective weight and the gated delta include the low-rank delta
         layer = net.get_submodule(name)

@@ -137,3 +137,31 @@ def test_every_default_gated_layer_changes_the_output(name):
         with torch.no_grad():
             layer.taps_scores["default"].fill_(0.0)
     assert silent == []  # no gated layer is a no-op
+
+
+@pytest.mark.parametrize("r", [None, 8])
+def test_a_channels_last_model_trains_saves_reloads_and_merges(tmp_path, r):
+    """timm's ``--channels-last`` (oneDNN's fast CPU convs): deltas take the weights' memory format, the file loads
+    bit-exactly onto a channels_last base and to float rounding onto a contiguous one; at r 8 EfficientNet's big
+    depthwise convs get factors (weight form)."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5).eval()
+    model = get_peft_model(copy.deepcopy(base).to(memory_format=torch.channels_last),
+                           TAPSConfig(r=r, init_weights=False, lam=0.1)).train()
+    depthwise = [layer for _, layer in model.base_model.taps_layers() if layer.get_base_layer().groups > 1]
+    assert depthwise and all(("default" in layer.taps_A) == (r is not None and layer.get_base_layer().out_channels
+                                                             * 9 > r * (9 + layer.get_base_layer().out_channels))
+                             for layer in depthwise if layer.get_base_layer().kernel_size == (3, 3))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    images = IMAGES.contiguous(memory_format=torch.channels_last)
+    (torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 3])) + model.taps_penalty()).backward()
+    opt.step()
+    model.eval()
+    expected = _output(model, "timm_efficientnet")
+    model.save_pretrained(tmp_path)
+    for memory_format, atol in ((torch.channels_last, 0.0), (torch.contiguous_format, 1e-4)):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base).to(memory_format=memory_format), tmp_path).eval()
+        torch.testing.assert_close(_output(loaded, "timm_efficientnet"), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(_output(model.merge_and_unload(), "timm_efficientnet"), expected, rtol=0, atol=1e-4)

@@ -260,10 +260,11 @@ class TAPSLayer(BaseTunerLayer):
 
     def _runs_factored(self, x: torch.Tensor, adapter: str) -> bool:
         """Whether the adapter's low-rank delta runs through the input this call (``lowrank.prefers_factored``, from
-        shapes only); a layer run as a module (a subclass, forward hooks) always forms its weight."""
+        shapes only); a grouped conv, or a layer run as a module (a subclass, forward hooks), always forms its
+        weight."""
         base = self.get_base_layer()
-        if adapter not in self.taps_rank or type(base) not in (nn.Linear, *_CONV):
-            return False
+        if adapter not in self.taps_rank or type(base) not in (nn.Linear, *_CONV) or getattr(base, "groups", 1) != 1:
+            return False  # a grouped conv's factors only exist as a weight
         if base._forward_hooks or base._forward_pre_hooks:
             return False
         # A training step counts its backward. In training mode also without grad: reentrant activation checkpointing

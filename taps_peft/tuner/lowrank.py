@@ -2,8 +2,9 @@
 gate and penalty as a full delta; ``scale = alpha / r`` (LoRA's ``lora_alpha / r``).
 
 Shapes follow PEFT's LoRA: a Linear gets A (r, in) and B (out, r); a convolution gets A of the layer's kernel into r
-channels, (r, in, *kernel), and B a 1x1 conv (out, r, 1, ...). A layer where the factors would not be smaller than
-the weight, and any grouped or depthwise conv, keeps a full delta (:func:`lowrank_fits`).
+channels, (r, in, *kernel), and B a 1x1 conv (out, r, 1, ...). A grouped or depthwise conv factors its weight the same
+way, (out, in / groups * kernel) = B @ A, and always runs in weight form (PEFT's LoRA cannot hold it at all). A layer
+where the factors would not be smaller than the weight keeps a full delta (:func:`lowrank_fits`).
 
 Example:
     >>> conv = torch.nn.Conv2d(64, 64, 3)
@@ -24,15 +25,16 @@ _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by weight dims
 
 
 def lowrank_fits(base: nn.Module, r: Optional[int]) -> bool:
-    """Whether ``base`` gets rank-``r`` factors: ``r`` is set, the layer is not grouped (a depthwise or grouped conv
-    keeps a full delta, as PEFT's LoRA cannot factor it either), and the factors hold fewer elements than the weight:
-    ``r * (in * k / groups + out) < in * out * k / groups``.
+    """Whether ``base`` gets rank-``r`` factors: ``r`` is set and the factors hold fewer elements than the weight,
+    ``r * (in * k / groups + out) < in * out * k / groups`` (a depthwise conv: ``r * (k + out) < out * k``).
 
     Example:
         >>> lowrank_fits(torch.nn.Linear(8, 8), 4)  # 4 * (8 + 8) = 64 >= 64: a full delta
         False
+        >>> lowrank_fits(torch.nn.Conv2d(1152, 1152, 5, groups=1152), 8)  # 8 * (25 + 1152) < 1152 * 25
+        True
     """
-    if r is None or getattr(base, "groups", 1) != 1:
+    if r is None:
         return False
     weight = base.weight
     return r * (weight.numel() // weight.shape[0] + weight.shape[0]) < weight.numel()
