@@ -82,7 +82,7 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     "lora": [{"lr": lr} for lr in (2e-3, 5e-3, 1e-2, 2e-2)],
     "adalora": [{"lr": lr} for lr in (1e-2, 2e-2, 4e-2, 8e-2)],
 }
-GATED = ("taps", "taps_lowrank")  # settings chosen on validation among those that share half the layers or more
+GATED = ("taps", "taps_lowrank")  # the two TAPS methods (scores, gates, lam)
 NAMES = {"taps": "TAPS", "taps_lowrank": "TAPS r8", "full_ft": "full FT", "head_only": "probe", "lora": "LoRA",
          "adalora": "AdaLoRA"}
 
@@ -329,6 +329,23 @@ def fit_peft(model: nn.Module, train: Data, lr: float, steps: int, args: argpars
     demo.fit(model, train, opt, steps, args.batch, on_step=step_done)
 
 
+def new_lora_model(method: str, base: nn.Module, classes: int, steps: int, args: argparse.Namespace) -> nn.Module:
+    """PEFT LoRA or AdaLoRA on the layers LoRA can hold, with the head and BatchNorm layers trained and saved, as
+    TAPS's, on a copy of the base with a fresh head."""
+    from peft import AdaLoraConfig
+
+    targets = lora_targets(base)
+    if method == "adalora":  # PEFT's AdaLoRA conv ignores a subclass's own padding (timm's Conv2dSame stem)
+        targets = [n for n in targets if type(base.get_submodule(n)) in (nn.Conv2d, nn.Linear)]
+    shared = dict(target_modules=targets, lora_alpha=2 * args.lora_r,
+                  modules_to_save=[base.pretrained_cfg["classifier"],
+                                   *[n for n, m in base.named_modules() if isinstance(m, NORMS)]])
+    config = LoraConfig(r=args.lora_r, **shared) if method == "lora" else AdaLoraConfig(
+        init_r=round(1.5 * args.lora_r), target_r=args.lora_r, total_step=steps, tinit=steps // 10,
+        tfinal=steps // 5, deltaT=max(1, steps // 20), **shared)  # the same average rank as LoRA's in the end
+    return get_peft_model(demo.new_task_model(base, classes, args.seed), config)
+
+
 def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, float], steps: int,
                args: argparse.Namespace, on_step: Callable[[int], None], features: dict) -> Trained:
     """Train ``method`` with ``setting`` on the training split."""
@@ -351,19 +368,8 @@ def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, 
         model = demo.new_task_model(base, classes, args.seed)
         demo.fit(model, train, torch.optim.AdamW(model.parameters(), lr=setting["lr"]), steps, args.batch,
                  on_step=on_step)
-    else:  # lora, adalora: on the layers LoRA can hold, head and BatchNorm layers trained and saved, as TAPS's
-        from peft import AdaLoraConfig
-
-        targets = lora_targets(base)
-        if method == "adalora":  # PEFT's AdaLoRA conv ignores a subclass's own padding (timm's Conv2dSame stem)
-            targets = [n for n in targets if type(base.get_submodule(n)) in (nn.Conv2d, nn.Linear)]
-        shared = dict(target_modules=targets, lora_alpha=2 * args.lora_r,
-                      modules_to_save=[base.pretrained_cfg["classifier"],
-                                       *[n for n, m in base.named_modules() if isinstance(m, NORMS)]])
-        config = LoraConfig(r=args.lora_r, **shared) if method == "lora" else AdaLoraConfig(
-            init_r=round(1.5 * args.lora_r), target_r=args.lora_r, total_step=steps, tinit=steps // 10,
-            tfinal=steps // 5, deltaT=max(1, steps // 20), **shared)  # the same average rank as LoRA's in the end
-        model = get_peft_model(demo.new_task_model(base, classes, args.seed), config)
+    else:
+        model = new_lora_model(method, base, classes, steps, args)
         fit_peft(model, train, setting["lr"], steps, args, on_step)
     size = own_bytes(model) if method != "full_ft" else sum(p.numel() * p.element_size() for p in model.parameters())
     if args.recalibrate_bn:  # the same end of training as TAPS: every BatchNorm layer / the PEFT task copies
@@ -376,6 +382,18 @@ def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, 
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def within_goal(method: str, row: dict[str, Any], base: nn.Module, splits: Splits, steps: int,
+                args: argparse.Namespace) -> bool:
+    """Whether a validation row meets its method's own goal, among which the best is chosen (if any does): TAPS
+    keeps at most half the layers task-specific (k/L <= 0.5); TAPS r8's adapter is no larger than LoRA's."""
+    if method == "taps":
+        return row["k/L"] <= 0.5
+    if method == "taps_lowrank":
+        lora = new_lora_model("lora", base, int(splits[0][1].max()) + 1, steps, args)
+        return row["bytes"] <= own_bytes(lora)
+    return True
+
+
 def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace, bar: Callable) -> dict[str, Any]:
     """Every method with every setting of its grid, trained on the training split, scored on the validation split."""
     out: dict[str, Any] = {}
@@ -386,9 +404,9 @@ def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace, 
             rows = []
             for setting in GRIDS[method]:
                 trained = fit_method(method, base, splits, setting, steps, args, bar(name, method), features)
-                rows.append({"setting": setting, "accuracy": trained.score(splits[1]), "k/L": trained.kl})
-            # TAPS: the best among the settings that share at least half the layers (k/L <= 0.5), if any
-            allowed = [r for r in rows if method not in GATED or r["k/L"] <= 0.5] or rows
+                rows.append({"setting": setting, "accuracy": trained.score(splits[1]), "k/L": trained.kl,
+                             "bytes": trained.own_bytes})
+            allowed = [r for r in rows if within_goal(method, r, base, splits, steps, args)] or rows
             out[name][method] = {"chosen": max(allowed, key=lambda r: r["accuracy"])["setting"], "validation": rows}
         print_line(f"{name}: " + ", ".join(f"{m} {out[name][m]['chosen']}" for m in args.methods))
     return out
@@ -492,7 +510,7 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                      f"`python examples/pretrained_demo.py --select` (seed {selection.get('seed', 'n/a')}), read from "
                      f"{selection.get('source', 'nowhere (every method ran its grid first setting)')}; for TAPS, the "
                      "best among the settings that keep at most half the layers task-specific (k/L <= 0.5) on "
-                     "validation, when any does",
+                     "validation, and for TAPS r8 among those whose adapter is no larger than LoRA's, when any does",
         "grids": GRIDS,
         "head_only": "a linear probe: L2-regularised logistic regression (scikit-learn, lbfgs, max_iter 5000: "
                      "converged) on the frozen base's pooled features, C chosen on validation",

@@ -135,3 +135,19 @@ def test_pretrained_demo_selection_touches_no_test_split(tmp_path, monkeypatch):
     (_, validation, _), = loaded
     assert len(scored) == 4 * len(module.METHODS) and all(labels is validation[1] for labels in scored)  # 4 settings each
     assert json.loads((tmp_path / "selection.json").read_text())["tasks"]["textures"] == json.loads(json.dumps(entry))
+
+
+def test_pretrained_demo_selects_taps_lowrank_within_loras_bytes():
+    """TAPS r8's setting is chosen among those whose adapter is no larger than LoRA's (its goal), as TAPS's among k/L
+    <= 0.5: the cap is the bytes of a LoRA model built for the same task."""
+    module = _pretrained_demo()
+    args = module.parse_args(["--quick", "--tasks", "textures"])
+    base, tasks = module.setup(args)
+    splits = tasks["textures"]
+    lora = module.own_bytes(module.new_lora_model("lora", base, 3, 10, args))
+    assert lora > 0
+    for size, fits in ((lora, True), (lora + 1, False)):
+        assert module.within_goal("taps_lowrank", {"bytes": size}, base, splits, 10, args) is fits
+    assert module.within_goal("taps", {"k/L": 0.5}, base, splits, 10, args)
+    assert not module.within_goal("taps", {"k/L": 0.51}, base, splits, 10, args)
+    assert module.within_goal("lora", {}, base, splits, 10, args)
