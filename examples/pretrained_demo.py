@@ -13,19 +13,24 @@ scikit-image) in about 4-5 minutes on 2 CPU cores (it prints its own wall and CP
      "inverted digits" and "faces" run with ``--tasks``.
 3. Methods, each from the same pretrained weights and head init, the same batch, AdamW and cosine schedule, and the
    same number of steps per task; each with the setting chosen on the validation split (below):
-   TAPS (gates frozen after 80% of the steps), full fine-tuning, head-only (a converged L2 logistic regression on the
-   frozen base's pooled features) and PEFT LoRA (pointwise and stem convs: PEFT refuses depthwise ones; head and
-   BatchNorm layers trained). TAPS, full fine-tuning and LoRA end with re-estimated BatchNorm statistics.
+   TAPS (full-size deltas; gates frozen after 80% of the steps), TAPS r8 (rank-8 deltas), full fine-tuning,
+   head-only (a converged L2 logistic regression on the frozen base's pooled features), PEFT LoRA r 8 and AdaLoRA
+   (average rank 8) on the convs LoRA can hold (PEFT refuses depthwise ones; head and BatchNorm layers trained). All
+   but the probe end with re-estimated BatchNorm statistics.
 4. Settings: ``--select`` trains every method with each of the same number of settings per method (a grid over the
    learning rate, and lam for TAPS; C for the probe) on the training split and scores them on the validation split;
-   it writes ``selection.json``. The job reads the chosen settings from ``--selection`` (default: the committed
-   ``pretrained_selection.json`` beside this script, made by ``--select`` with seed 0).
-5. Prints per task each method's test accuracy, TAPS's active layers k/L and adapter size, and the means over the
-   hard tasks and over the controls; writes ``results.json`` (with the ``protocol`` and the goals on the hard tasks),
-   ``details.json``, ``layer_map.png`` and each TAPS adapter (``taps_peft.save_adapter``, with its model card).
+   it writes ``selection.json``. The best is chosen, for TAPS among the settings with k/L <= 0.5 and for TAPS r8
+   among those whose adapter is no larger than LoRA's (each one's goal), when any is. The job reads the chosen
+   settings from ``--selection`` (default: the committed ``pretrained_selection.json`` beside this script, made by
+   ``--select`` with seed 0).
+5. Prints per task each method's test accuracy, TAPS's active layers k/L and adapter size, the means over the hard
+   tasks and over the controls, and each method's adapter bytes; writes ``results.json`` (with the ``protocol``, the
+   goals and the sizes), ``details.json``, ``layer_map.png``, ``accuracy_vs_size.png`` and each TAPS adapter
+   (``taps_peft.save_adapter``, with its model card). ``--sweep`` adds LoRA, TAPS and TAPS r at other ranks and lams
+   to the picture.
 
     python examples/pretrained_demo.py [--out runs/pretrained] [--seed 0] [--quick]
-    python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (~30 min)
+    python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (4x the job)
     python examples/pretrained_demo.py --tasks "cluttered digits" digits
     python examples/pretrained_demo.py --lam-sweep 0.05 0.1 0.2 0.5 1 --tasks "digit rotation"   # TAPS only
     python examples/pretrained_demo.py --model resnet18 --weights resnet18.safetensors   # any local weights file

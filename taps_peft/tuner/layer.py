@@ -287,10 +287,10 @@ class TAPSLayer(BaseTunerLayer):
         out = self._formed_forward(x, formed, *args, **kwargs) if formed else self.base_layer(x, *args, **kwargs)
         for (a, s, gate), f in zip(terms, factored):
             if f:
+                # straight-through: the value 1[s >= tau], d/ds = <dL/dy, scale * B(A(x))>
+                st = None if gate is True else gate.to(s.dtype) + (s - s.detach())
                 z = lowrank.factored_output(self.get_base_layer(), x, self.taps_A[a], self.taps_B[a],
-                                            self.taps_scaling[a])
-                if gate is not True:  # straight-through: the value 1[s >= tau], d/ds = <dL/dy, scale * B(A(x))>
-                    z = z * (gate.to(s.dtype) + (s - s.detach())).to(z.dtype)
+                                            self.taps_scaling[a], st)
                 out = out + z.to(out.dtype)
         return out
 

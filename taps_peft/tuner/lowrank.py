@@ -121,9 +121,11 @@ def output_rows(base: nn.Module, x: torch.Tensor) -> int:
     return rows
 
 
-def factored_output(base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * B(A(x))`` in the factors' dtype: A with the layer's own stride, padding and dilation, B pointwise."""
-    x = x.to(a.dtype)
-    if isinstance(base, nn.Linear):
-        return F.linear(F.linear(x, a), b) * scale
-    return _CONV_FN[b.dim()](base._conv_forward(x, a, None), b) * scale
+def factored_output(base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                    gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``scale * gate * B(A(x))`` in the factors' dtype: A with the layer's own stride, padding and dilation, B
+    pointwise. The gate (a 0-dim straight-through tensor, or None for an open gate) multiplies the r-channel middle,
+    so a training step keeps ``rows * r`` numbers for the score's gradient, not a full output (LoRA's memory)."""
+    mid = F.linear(x.to(a.dtype), a) if isinstance(base, nn.Linear) else base._conv_forward(x.to(a.dtype), a, None)
+    mid = mid * (scale if gate is None else gate.to(mid.dtype) * scale)
+    return F.linear(mid, b) if isinstance(base, nn.Linear) else _CONV_FN[b.dim()](mid, b)
