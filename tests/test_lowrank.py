@@ -39,6 +39,15 @@ def close_every_other(model, adapter="default", offset=0):
                 layer.taps_scores[adapter].fill_(0.5 if (i + offset) % 2 else 0.0)
 
 
+def half_open(make, images, alpha):
+    """(base, a rank-4 TAPS model on a copy with every other gate closed, its outputs on ``images``)."""
+    base = make().eval()
+    model = get_peft_model(copy.deepcopy(base), TAPSConfig(r=4, alpha=alpha, init_weights=False)).eval()
+    close_every_other(model)
+    with torch.no_grad():
+        return base, model, model(images)
+
+
 class Net(nn.Module):
     """One layer of each kind: factored Linear/Conv2d/Conv1d/depthwise conv, and a layer that keeps a full delta."""
 
@@ -279,11 +288,7 @@ def test_a_factored_gated_layer_saves_no_more_for_backward_than_lora(kind):
 
 @pytest.mark.parametrize("make", [tiny_timm_vit, tiny_resnet], ids=["vit", "resnet"])
 def test_save_load_is_bit_exact_with_only_active_factors(make, tmp_path, images):
-    base = make().eval()
-    model = get_peft_model(copy.deepcopy(base), TAPSConfig(r=4, alpha=2.0, init_weights=False)).eval()
-    close_every_other(model)
-    with torch.no_grad():
-        expected = model(images)
+    base, model, expected = half_open(make, images, alpha=2.0)
     model.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / WEIGHTS))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
@@ -428,11 +433,7 @@ def test_budget_bytes_are_the_bytes_saved(tmp_path):
 
 @pytest.mark.parametrize("make", [tiny_resnet, tiny_timm_vit], ids=["resnet", "vit"])
 def test_export_lora_is_exact_at_rank_r(make, tmp_path, images):
-    base = make().eval()
-    model = get_peft_model(copy.deepcopy(base), TAPSConfig(r=4, alpha=8.0, init_weights=False)).eval()
-    close_every_other(model)
-    with torch.no_grad():
-        expected = model(images)
+    base, model, expected = half_open(make, images, alpha=8.0)
     info = taps_peft.export_lora(model, tmp_path)
     active = {n for n, m in model.base_model.taps_layers() if m.is_active("default")}
     assert info["lora_layers"] == {n: 4 for n in active} and info["saved_whole"] == []

@@ -274,15 +274,21 @@ def test_an_adapter_file_may_touch_only_what_it_declares(tmp_path, images, fault
         assert unchanged(before, model)
 
 
-def test_config_and_weights_of_two_saves_are_refused(tmp_path, images):
-    """A folder whose config comes from one save and weights from another (an interrupted copy, a reader racing a
-    writer) is refused, from the folder and from a Hub-like copy, with an error that says so: never a silent load."""
+def two_saves(tmp_path):
+    """(base, model): the model saved to ``one``, then with its first delta changed to ``two``."""
     base = tiny_timm_vit()
     model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False))
     model.save_pretrained(tmp_path / "one")
     with torch.no_grad():
         model.base_model.taps_layers()[0][1].taps_delta["default"].add_(1.0)
     model.save_pretrained(tmp_path / "two")
+    return base, model
+
+
+def test_config_and_weights_of_two_saves_are_refused(tmp_path, images):
+    """A folder whose config comes from one save and weights from another (an interrupted copy, a reader racing a
+    writer) is refused, from the folder and from a Hub-like copy, with an error that says so: never a silent load."""
+    base, model = two_saves(tmp_path)
     mixed = _edited(tmp_path / "one", tmp_path / "mixed", lambda t, c: t.update(load_file(tmp_path / "two" / WEIGHTS)),
                     rebind=False)
     fresh = copy.deepcopy(base)
@@ -301,12 +307,7 @@ def test_a_file_replaced_while_it_is_loaded_is_refused(tmp_path, monkeypatch):
     """The load hook checks the tensors PEFT really read against the config (a writer racing the reader)."""
     import peft.utils.save_and_load as save_and_load
 
-    base = tiny_timm_vit()
-    model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False))
-    model.save_pretrained(tmp_path / "one")
-    with torch.no_grad():
-        model.base_model.taps_layers()[0][1].taps_delta["default"].add_(1.0)
-    model.save_pretrained(tmp_path / "two")
+    base, model = two_saves(tmp_path)
     read = save_and_load.load_peft_weights
     monkeypatch.setattr("peft.peft_model.load_peft_weights", lambda model_id, **kw: read(tmp_path / "two", **kw))
     with pytest.raises(ValueError, match=r"not the ones saved with its adapter_config\.json .*two saves"):
