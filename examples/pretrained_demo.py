@@ -523,7 +523,7 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                   f"(hard tasks {TASKS['digit rotation'].steps}, controls {TASKS['digits'].steps}, at most "
                   f"{args.epochs:g} epochs), batch {args.batch}, AdamW, cosine schedule; TAPS score lr "
                   f"{args.score_lr:g}, gates frozen after {args.freeze_at} of the steps; LoRA r {args.lora_r}, "
-                  "alpha 2r; BatchNorm statistics re-estimated at the end (TAPS, full FT, LoRA)",
+                  "alpha 2r; BatchNorm statistics re-estimated at the end (every method but the probe)",
         "image_size": args.size, "seed": args.seed,
     }
 
