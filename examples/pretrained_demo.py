@@ -387,16 +387,20 @@ def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def within_goal(method: str, row: dict[str, Any], base: nn.Module, splits: Splits, steps: int,
-                args: argparse.Namespace) -> bool:
+def within_goal(method: str, row: dict[str, Any], lora_bytes: int) -> bool:
     """Whether a validation row meets its method's own goal, among which the best is chosen (if any does): TAPS
-    keeps at most half the layers task-specific (k/L <= 0.5); TAPS r8's adapter is no larger than LoRA's."""
+    keeps at most half the layers task-specific (k/L <= 0.5); TAPS r8's adapter is no larger than LoRA's
+    (``lora_bytes``: :func:`lora_bytes` on the task)."""
     if method == "taps":
         return row["k/L"] <= 0.5
     if method == "taps_lowrank":
-        lora = new_lora_model("lora", base, int(splits[0][1].max()) + 1, steps, args)
-        return row["bytes"] <= own_bytes(lora)
+        return row["bytes"] <= lora_bytes
     return True
+
+
+def lora_bytes(base: nn.Module, splits: Splits, steps: int, args: argparse.Namespace) -> int:
+    """The bytes of LoRA's own tensors on a task (they do not depend on training)."""
+    return own_bytes(new_lora_model("lora", base, int(splits[0][1].max()) + 1, steps, args))
 
 
 def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace, bar: Callable) -> dict[str, Any]:
@@ -404,6 +408,7 @@ def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace, 
     out: dict[str, Any] = {}
     for name, splits in tasks.items():
         steps, features = task_steps(name, len(splits[0][1]), args), {}
+        cap = lora_bytes(base, splits, steps, args) if "taps_lowrank" in args.methods else 0
         out[name] = {}
         for method in args.methods:
             rows = []
@@ -411,7 +416,7 @@ def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace, 
                 trained = fit_method(method, base, splits, setting, steps, args, bar(name, method), features)
                 rows.append({"setting": setting, "accuracy": trained.score(splits[1]), "k/L": trained.kl,
                              "bytes": trained.own_bytes})
-            allowed = [r for r in rows if within_goal(method, r, base, splits, steps, args)] or rows
+            allowed = [r for r in rows if within_goal(method, r, cap)] or rows
             out[name][method] = {"chosen": max(allowed, key=lambda r: r["accuracy"])["setting"], "validation": rows}
         print_line(f"{name}: " + ", ".join(f"{m} {out[name][m]['chosen']}" for m in args.methods))
     return out

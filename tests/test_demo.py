@@ -145,9 +145,9 @@ def test_pretrained_demo_selects_taps_lowrank_within_loras_bytes():
     base, tasks = module.setup(args)
     splits = tasks["textures"]
     lora = module.own_bytes(module.new_lora_model("lora", base, 3, 10, args))
-    assert lora > 0
+    assert lora > 0 and module.lora_bytes(base, splits, 10, args) == lora
     for size, fits in ((lora, True), (lora + 1, False)):
-        assert module.within_goal("taps_lowrank", {"bytes": size}, base, splits, 10, args) is fits
-    assert module.within_goal("taps", {"k/L": 0.5}, base, splits, 10, args)
-    assert not module.within_goal("taps", {"k/L": 0.51}, base, splits, 10, args)
-    assert module.within_goal("lora", {}, base, splits, 10, args)
+        assert module.within_goal("taps_lowrank", {"bytes": size}, lora) is fits
+    assert module.within_goal("taps", {"k/L": 0.5}, lora)
+    assert not module.within_goal("taps", {"k/L": 0.51}, lora)
+    assert module.within_goal("lora", {}, lora)

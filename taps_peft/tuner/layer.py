@@ -140,7 +140,7 @@ class TAPSLayer(BaseTunerLayer):
         """Elements the adapter's delta takes here (saved when active): the weight's, or the two factors'."""
         weight = self.get_base_layer().weight
         if adapter_name in self.taps_rank:
-            return self.taps_rank[adapter_name] * (weight.numel() // weight.shape[0] + weight.shape[0])
+            return lowrank.factors_numel(weight, self.taps_rank[adapter_name])
         return weight.numel()
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:

@@ -8,7 +8,7 @@ where the factors would not be smaller than the weight keeps a full delta (:func
 
 Example:
     >>> conv = torch.nn.Conv2d(64, 64, 3)
-    >>> lowrank_fits(conv, 4), factor_shapes(conv, 4)
+    >>> lowrank_fits(conv, 4), factor_shapes(conv.weight.shape, 4)
     (True, ((4, 64, 3, 3), (64, 4, 1, 1)))
 """
 
@@ -34,15 +34,22 @@ def lowrank_fits(base: nn.Module, r: Optional[int]) -> bool:
         >>> lowrank_fits(torch.nn.Conv2d(1152, 1152, 5, groups=1152), 8)  # 8 * (25 + 1152) < 1152 * 25
         True
     """
-    if r is None:
-        return False
-    weight = base.weight
-    return r * (weight.numel() // weight.shape[0] + weight.shape[0]) < weight.numel()
+    return r is not None and factors_numel(base.weight, r) < base.weight.numel()
 
 
-def factor_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The shapes of A and B for ``base`` (PEFT LoRA's ``lora_A`` / ``lora_B`` weight shapes)."""
-    shape = tuple(base.weight.shape)
+def factors_numel(weight: torch.Tensor, r: int) -> int:
+    """Elements of the rank-``r`` factors A and B of ``weight``: ``r * (fan_in + out)``.
+
+    Example:
+        >>> factors_numel(torch.empty(16, 32), 4)
+        192
+    """
+    return r * (weight.numel() // weight.shape[0] + weight.shape[0])
+
+
+def factor_shapes(shape: torch.Size | tuple, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B for a weight of ``shape`` (PEFT LoRA's ``lora_A`` / ``lora_B`` weight shapes)."""
+    shape = tuple(shape)
     return (r, *shape[1:]), (shape[0], r, *(1,) * (len(shape) - 2))
 
 
@@ -53,8 +60,9 @@ def init_factors(weight: torch.Tensor, r: int, scale: float, random_b: bool = Fa
     ``random_b`` (PEFT's ``init_weights=False`` convention, for tests) draws B so the delta is about 2% of the
     weight's spread. In ``dtype`` (default: the weight's), on the weight's device."""
     shape, dtype = tuple(weight.shape), dtype or weight.dtype
-    a = torch.empty((r, *shape[1:]), dtype=dtype, device=weight.device)
-    b = torch.zeros((shape[0], r, *(1,) * (len(shape) - 2)), dtype=dtype, device=weight.device)
+    a_shape, b_shape = factor_shapes(shape, r)
+    a = torch.empty(a_shape, dtype=dtype, device=weight.device)
+    b = torch.zeros(b_shape, dtype=dtype, device=weight.device)
     if weight.device.type == "meta":
         return a, b
     with torch.no_grad():
@@ -124,7 +132,7 @@ def output_rows(base: nn.Module, x: torch.Tensor) -> int:
 def factored_output(base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                     gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``scale * gate * B(A(x))`` in the factors' dtype: A with the layer's own stride, padding and dilation, B
-    pointwise. The gate (a 0-dim straight-through tensor, or None for an open gate) multiplies the r-channel middle,
+    pointwise. The gate (a one-element straight-through tensor, or None when open) multiplies the r-channel middle,
     so a training step keeps ``rows * r`` numbers for the score's gradient, not a full output (LoRA's memory)."""
     mid = F.linear(x.to(a.dtype), a) if isinstance(base, nn.Linear) else base._conv_forward(x.to(a.dtype), a, None)
     mid = mid * (scale if gate is None else gate.to(mid.dtype) * scale)

@@ -33,7 +33,7 @@ def delta_shapes(base: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
         {'taps_A': (4, 32), 'taps_B': (16, 4)}
     """
     if lowrank_fits(base, getattr(config, "r", None)):
-        a, b = factor_shapes(base, config.r)
+        a, b = factor_shapes(base.weight.shape, config.r)
         return {"taps_A": a, "taps_B": b}
     return {"taps_delta": tuple(base.weight.shape)}
 
