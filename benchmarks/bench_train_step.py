@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Time one training step of TAPS against full fine-tuning of the same model, in the same run.
 
-A training step is ``zero_grad -> forward -> loss (+ taps_penalty() for TAPS) -> backward -> optimizer.step()``.
+A training step is ``zero_grad -> forward -> loss -> backward -> optimizer.step()`` (for TAPS the step includes the
+penalty and the scores' Adam step, which TAPS applies itself before the optimizer's step).
 Every strategy starts from the same random-init timm model (deep copies), sees the same batch and runs in the same
 precision. Steps are interleaved in rounds (one step of each strategy per round, the order rotated every round), so
 machine noise hits every strategy alike; the table reports medians and the ratio of each strategy to full fine-tuning.
 
-TAPS runs as after ``get_peft_model``: every gate active (score_init > tau), head and norms trainable, optimizer from
-``taps_peft.create_taps_optimizer``. ``--lora`` adds PEFT LoRA r=16 on the layers TAPS gates that LoRA can hold (a
+TAPS runs as after ``get_peft_model``: every gate active (score_init > tau), head and norms trainable, the optimizer
+over every trainable parameter. ``--lora`` adds PEFT LoRA r=16 on the layers TAPS gates that LoRA can hold (a
 ViT's qkv, proj, fc1, fc2; not depthwise convs) with the head in ``modules_to_save``; ``--lowrank`` adds TAPS with
 rank-16 deltas on exactly those layers and reports its step against LoRA's (goal <= 1.05). ``TAPS frozen`` (on by default, ``--no-frozen``
 to skip) times the end of training after ``model.freeze_gates()`` with ``--active-frac`` (0.3) of the gated layers
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import taps_peft  # noqa: E402
@@ -105,7 +106,6 @@ class Strategy:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    extra_loss: Optional[Callable[[], torch.Tensor]] = None
     times_ms: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
@@ -166,11 +166,11 @@ def make_taps(base: nn.Module, args: argparse.Namespace, autocast_adapter_dtype:
     model = get_peft_model(copy.deepcopy(base), taps_peft.TAPSConfig(lam=args.lam),
                            autocast_adapter_dtype=autocast_adapter_dtype).to(args.device).train()
     cls, kw = _optimizer_cls(args)
-    opt = taps_peft.create_taps_optimizer(model, cls, lr=args.lr, **kw)
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)  # TAPS steps the scores itself
     summary = taps_peft.taps_summary(model)
     info = _param_info(model, opt)
     info["active_layers"] = f"{summary['active_layers']}/{summary['total_layers']}"
-    return Strategy(name, model, opt, extra_loss=model.taps_penalty, info=info)
+    return Strategy(name, model, opt, info=info)
 
 
 def make_taps_frozen(base: nn.Module, args: argparse.Namespace) -> Strategy:
@@ -183,7 +183,7 @@ def make_taps_frozen(base: nn.Module, args: argparse.Namespace) -> Strategy:
 
     model = get_peft_model(copy.deepcopy(base), taps_peft.TAPSConfig(lam=args.lam)).to(args.device).train()
     cls, kw = _optimizer_cls(args)
-    opt = taps_peft.create_taps_optimizer(model, cls, lr=args.lr, **kw)
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)  # TAPS steps the scores itself
     layers = [layer for _, layer in model.base_model.taps_layers()]
     open_layers = set(random.Random(args.seed).sample(range(len(layers)), round(args.active_frac * len(layers))))
     with torch.no_grad():
@@ -193,7 +193,7 @@ def make_taps_frozen(base: nn.Module, args: argparse.Namespace) -> Strategy:
     summary = taps_peft.taps_summary(model)
     info = _param_info(model, opt)
     info["active_layers"] = f"{summary['active_layers']}/{summary['total_layers']}"
-    return Strategy("TAPS frozen", model, opt, extra_loss=model.taps_penalty, info=info)
+    return Strategy("TAPS frozen", model, opt, info=info)
 
 
 def lora_targets(base: nn.Module) -> list[str]:
@@ -222,8 +222,8 @@ def make_taps_lowrank(base: nn.Module, args: argparse.Namespace) -> Strategy:
     config = taps_peft.TAPSConfig(lam=args.lam, r=16, target_modules=lora_targets(base), train_norms=False)
     model = get_peft_model(copy.deepcopy(base), config).to(args.device).train()
     cls, kw = _optimizer_cls(args)
-    opt = taps_peft.create_taps_optimizer(model, cls, lr=args.lr, **kw)
-    return Strategy("TAPS r=16", model, opt, extra_loss=model.taps_penalty, info=_param_info(model, opt))
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)  # TAPS steps the scores itself
+    return Strategy("TAPS r=16", model, opt, info=_param_info(model, opt))
 
 
 def _head(base: nn.Module) -> str:
@@ -247,8 +247,6 @@ def train_step(s: Strategy, x: torch.Tensor, y: torch.Tensor, args: argparse.Nam
     s.optimizer.zero_grad(set_to_none=True)
     with _autocast(args):
         loss = F.cross_entropy(s.model(x), y)
-        if s.extra_loss is not None:
-            loss = loss + s.extra_loss()
     loss.backward()
     s.optimizer.step()
 

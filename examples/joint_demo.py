@@ -40,9 +40,9 @@ def incremental(base: nn.Module, tasks: dict, args: argparse.Namespace) -> dict[
     """(a) One TAPS adapter per task on a copy of the frozen base: multitask_demo.py's TAPS arm."""
     out = {}
     for name, ((train, test), n) in tasks.items():
-        model = get_peft_model(demo.new_task_model(base, n, args.seed), taps_peft.TAPSConfig(lam=args.lam))
-        opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=args.lr, score_lr=args.score_lr)
-        demo.fit(model, train, opt, args.steps, args.batch, penalty=model.taps_penalty)
+        config = taps_peft.TAPSConfig(lam=args.lam, score_lr=args.score_lr)
+        model = get_peft_model(demo.new_task_model(base, n, args.seed), config)
+        demo.fit(model, train, demo.optimizer(model, args.lr), args.steps, args.batch)
         out[name] = row(model, "default", test)
     return out
 
@@ -74,8 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     tasks = {name.replace(" ", "_"): (split, int(split[0][1].max()) + 1) for name, split in data.items()}
     train = {t: split[0] for t, (split, _) in tasks.items()}
     heads = {t: demo.new_task_model(base, n, args.seed).get_classifier() for t, (_, n) in tasks.items()}  # as in (a)
-    opts = dict(heads=heads, lr=args.lr, score_lr=args.score_lr, batch_size=args.batch, seed=args.seed)
-    config = taps_peft.TAPSConfig(lam=args.lam)
+    opts = dict(heads=heads, lr=args.lr, batch_size=args.batch, seed=args.seed)
+    config = taps_peft.TAPSConfig(lam=args.lam, score_lr=args.score_lr)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
 

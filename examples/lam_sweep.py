@@ -40,9 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     rows = []
     print(f"{'lam':>6} {'acc':>6} {'k/L':>6}   (task {sweep.task!r})")
     for lam in sweep.lams:
-        model = get_peft_model(demo.new_task_model(base, classes, args.seed), taps_peft.TAPSConfig(lam=lam))
-        opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=args.lr, score_lr=args.score_lr)
-        demo.fit(model, train, opt, args.steps, args.batch, penalty=model.taps_penalty)
+        config = taps_peft.TAPSConfig(lam=lam, score_lr=args.score_lr)
+        model = get_peft_model(demo.new_task_model(base, classes, args.seed), config)
+        demo.fit(model, train, demo.optimizer(model, args.lr), args.steps, args.batch)
         s = taps_peft.taps_summary(model)
         rows.append({"lam": lam, "accuracy": demo.accuracy(model, test), "active_layers": s["active_layers"],
                      "total_layers": s["total_layers"], "adapter_bytes": s["adapter_bytes"]})

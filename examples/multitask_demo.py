@@ -6,7 +6,7 @@ Runs offline (all data ships with scikit-learn and scikit-image) in a few minute
 2. Adapt it to four tasks that need different amounts of change: digits 5-9 (new classes), inverted digits 0-4 (new
    low-level statistics), digits 0-9 rotated by 90 degrees (new spatial layout) and faces vs non-faces
    (scikit-image's LFW subset, resized to 8x8: a new domain with 160 training images).
-3. Train three strategies per task with the same number of steps: TAPS (``get_peft_model`` + ``taps_penalty``), full
+3. Train three strategies per task with the same number of steps: TAPS (``get_peft_model``, a plain AdamW loop), full
    fine-tuning (every parameter of a copy of the base) and feature extraction (only a new head on the frozen base).
 4. Print accuracy, TAPS active layers k/L and adapter size per task; save each TAPS adapter, ``results.json`` and
    ``layer_map.png`` (rows = tasks, columns = gated layers, filled = task-specific; the paper's Fig. 3 style).
@@ -74,10 +74,10 @@ def load_tasks(seed: int) -> tuple[Split, dict[str, Split]]:
 
 
 def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, steps: int, batch: int,
-        penalty: Optional[Callable[[int], torch.Tensor]] = None,
         on_step: Optional[Callable[[int], None]] = None) -> None:
-    """``steps`` optimizer steps of cross-entropy (+ TAPS penalty) over shuffled mini-batches, cosine lr;
-    ``on_step(steps_done)`` runs after each step (progress bars, freezing the gates)."""
+    """``steps`` optimizer steps of cross-entropy over shuffled mini-batches, cosine lr (for a TAPS model, TAPS adds
+    its penalty and moves the scores at each step itself); ``on_step(steps_done)`` runs after each step (progress
+    bars, freezing the gates)."""
     x, y = data
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -85,8 +85,6 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, steps: int, ba
     while step < steps:
         for idx in torch.randperm(len(y)).split(batch):
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            if penalty is not None:
-                loss = loss + penalty(step)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -103,6 +101,11 @@ def accuracy(model: nn.Module, data: Data) -> float:
     model.eval()
     x, y = data
     return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, without weight decay (TAPS scores included: TAPS steps them itself)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
 def safetensors_bytes(model: nn.Module) -> int:
@@ -129,9 +132,9 @@ def run_task(base: nn.Module, data: Split, out: Path, args: argparse.Namespace) 
     (train, test), n = data, int(data[0][1].max()) + 1
     result: dict[str, Any] = {"classes": n, "train_size": len(train[1]), "test_size": len(test[1])}
 
-    taps = get_peft_model(new_task_model(base, n, args.seed), taps_peft.TAPSConfig(lam=args.lam))
-    opt = taps_peft.create_taps_optimizer(taps, torch.optim.AdamW, lr=args.lr, score_lr=args.score_lr)
-    fit(taps, train, opt, args.steps, args.batch, penalty=taps.taps_penalty)
+    config = taps_peft.TAPSConfig(lam=args.lam, score_lr=args.score_lr)
+    taps = get_peft_model(new_task_model(base, n, args.seed), config)
+    fit(taps, train, optimizer(taps, args.lr), args.steps, args.batch)
     result["taps"] = accuracy(taps, test)
     taps.save_pretrained(str(out))
     summary = taps_peft.taps_summary(taps)

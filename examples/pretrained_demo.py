@@ -278,7 +278,8 @@ def train_taps(model: nn.Module, train: Data, steps: int, lr: float, args: argpa
                freeze_at: Optional[float], recalibrate: bool, on_step: Callable[[int], None]) -> nn.Module:
     """Train a TAPS model; ``freeze_at`` (a fraction of the steps) fixes the gates from then on, and ``recalibrate``
     re-estimates the task's BatchNorm statistics after training (the stable end of training)."""
-    opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=lr, score_lr=args.score_lr)
+    model.peft_config["default"].score_lr = args.score_lr
+    opt = demo.optimizer(model, lr)
     freeze_step = None if freeze_at is None else round(freeze_at * steps)
 
     def step_done(step: int) -> None:
@@ -286,7 +287,7 @@ def train_taps(model: nn.Module, train: Data, steps: int, lr: float, args: argpa
             model.freeze_gates()
         on_step(step)
 
-    demo.fit(model, train, opt, steps, args.batch, penalty=model.taps_penalty, on_step=step_done)
+    demo.fit(model, train, opt, steps, args.batch, on_step=step_done)
     if recalibrate:
         recalibrate_batchnorm(model, recalibration_batches(train[0], args.seed))
     return model

@@ -11,13 +11,13 @@ Example:
 """
 
 from .batchnorm import recalibrate_batchnorm
-from .budget import adapt_lam, budget_usage
+from .budget import budget_usage
 from .hub.card import save_model_card
 from .hub.export import export_lora
 from .hub.save import push_to_hub, save_adapter
 from .report import print_taps_summary, taps_layer_report, taps_summary
-from .training.optim import create_taps_optimizer
 from .tuner import Conv, Linear, TAPSConfig, TAPSLayer, TAPSModel
+from .tuner.scores import step_scores
 from .tuner.identity import BaseModelMismatchWarning
 from .tuner.registration import register as _register
 
@@ -25,8 +25,7 @@ _register()
 
 __version__ = "0.2.0"
 __all__ = [
-    "BaseModelMismatchWarning", "Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "adapt_lam",
-    "budget_usage", "create_taps_optimizer", "export_lora", "print_taps_summary", "push_to_hub", "recalibrate_batchnorm",
-    "save_adapter",
-    "save_model_card", "taps_layer_report", "taps_summary",
+    "BaseModelMismatchWarning", "Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "budget_usage",
+    "export_lora", "print_taps_summary", "push_to_hub", "recalibrate_batchnorm", "save_adapter", "save_model_card",
+    "step_scores", "taps_layer_report", "taps_summary",
 ]

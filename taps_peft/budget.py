@@ -1,13 +1,11 @@
 """Budgets: instead of a fixed ``lam``, at most ``budget_layers`` active layers or ``budget_mib`` MiB of active deltas
-(``TAPSConfig``); :func:`adapt_lam` moves ``lam`` by dual ascent towards the budget, once per training step.
-
-``taps-peft train``, ``TAPSTrainer`` and ``train_joint`` call it for you; a loop of your own calls it before the
-penalty:
+(``TAPSConfig``); :func:`adapt_lam` moves ``lam`` by dual ascent towards the budget. TAPS calls it itself once per
+optimizer step, just before it applies the penalty (``tuner.scores``), in every training loop.
 
 Example:
-    >>> for step, (x, y) in enumerate(loader):  # doctest: +SKIP
-    ...     taps_peft.adapt_lam(model)
-    ...     loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)
+    >>> model = get_peft_model(vit, TAPSConfig(budget_layers=8))  # doctest: +SKIP
+    >>> budget_usage(model)  # doctest: +SKIP
+    {'layers': 8, 'mib': 3.4}
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ def budget_usage(model: nn.Module, adapter_name: Optional[str] = None) -> dict[s
 def adapt_lam(model: nn.Module, adapter_name: Optional[str] = None) -> Optional[float]:
     """One dual-ascent step on the adapter's ``lam`` for each budget it has (one host read of the gates): up while the
     active layers exceed the budget, down (to 0 at least) while they are within it. Returns the new ``lam`` (None
-    without a budget: nothing is read or changed).
+    without a budget: nothing is read or changed). TAPS calls it at every optimizer step (``tuner.scores``).
 
     Example:
         >>> adapt_lam(model)  # doctest: +SKIP

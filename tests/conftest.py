@@ -40,6 +40,16 @@ def logits(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
+def optimizer_for(model, cls=torch.optim.AdamW, score_lr=None, **kwargs):
+    """The user's optimizer: ``cls`` over every trainable parameter (TAPS steps the scores itself, at
+    ``TAPSConfig.score_lr``, which ``score_lr`` sets on every adapter when given)."""
+    if score_lr is not None:
+        for config in model.peft_config.values():
+            config.score_lr = score_lr
+    kwargs.setdefault("weight_decay", 0.0)
+    return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+
+
 MODELS = {"timm_vit": tiny_timm_vit, "hf_vit": tiny_hf_vit, "timm_resnet": tiny_resnet}
 
 

@@ -7,18 +7,17 @@ import torch.nn.functional as F
 import taps_peft
 from peft import get_peft_model
 
-from taps_peft import TAPSConfig, create_taps_optimizer
-from conftest import tiny_timm_vit
+from taps_peft import TAPSConfig
+from conftest import optimizer_for, tiny_timm_vit
 
 
 def train(config, steps=60):
     torch.manual_seed(0)
     model = get_peft_model(tiny_timm_vit(), config)
-    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-3, score_lr=2e-2)
+    opt = optimizer_for(model, torch.optim.AdamW, lr=1e-3, score_lr=2e-2)
     x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 5
-    for step in range(steps):
-        taps_peft.adapt_lam(model)  # a budget moves lam once per step
-        loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)
+    for step in range(steps):  # TAPS moves lam once per optimizer step itself
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -43,11 +42,13 @@ def test_a_loose_budget_brings_lam_down():
 
 def test_without_a_budget_lam_is_fixed():
     model = train(TAPSConfig(lam=0.3), steps=3)
-    assert taps_peft.adapt_lam(model) is None
+    from taps_peft.budget import adapt_lam
+
+    assert adapt_lam(model) is None
     assert taps_peft.taps_summary(model)["lam"] == 0.3 and taps_peft.taps_summary(model)["budget"] == {}
 
 
-@pytest.mark.parametrize("kwargs", [{"budget_layers": -1}, {"budget_layers": 2.5}, {"budget_mib": 0.0},
+@pytest.mark.parametrize("kwargs", [{"budget_layers": -1}, {"budget_layers": 0}, {"budget_layers": 2.5}, {"budget_mib": 0.0},
                                     {"budget_rate": 0.0}])
 def test_bad_budgets_name_the_field(kwargs):
     with pytest.raises(ValueError, match=rf"TAPSConfig\.{next(iter(kwargs))}=.*invalid: use"):

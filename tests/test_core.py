@@ -11,8 +11,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from torch import nn
 
 import taps_peft
-from taps_peft import TAPSConfig, TAPSLayer, TAPSModel, create_taps_optimizer
-from conftest import MODELS, logits, tiny_hf_vit, tiny_resnet, tiny_timm_vit
+from taps_peft import TAPSConfig, TAPSLayer, TAPSModel
+from conftest import MODELS, logits, optimizer_for, tiny_hf_vit, tiny_resnet, tiny_timm_vit
 
 
 def taps_layers(model):
@@ -36,11 +36,13 @@ def test_registered_with_peft():
 
 
 def test_config_round_trips(tmp_path):
-    config = TAPSConfig(lam=0.25, tau=0.05, score_init=0.2, warmup_steps=3, target_modules=["qkv"])
+    config = TAPSConfig(lam=0.25, tau=0.05, score_init=0.2, lam_warmup=0.3, total_step=7, score_lr=0.02,
+                        target_modules=["qkv"])
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, TAPSConfig) and loaded.peft_type == PeftType.TAPS
-    assert (loaded.lam, loaded.tau, loaded.score_init, loaded.warmup_steps) == (0.25, 0.05, 0.2, 3)
+    assert (loaded.lam, loaded.tau, loaded.score_init, loaded.lam_warmup, loaded.total_step, loaded.score_lr) == (
+        0.25, 0.05, 0.2, 0.3, 7, 0.02)
     assert loaded.target_modules == {"qkv"}
     assert pickle.loads(pickle.dumps(config)) == config and copy.deepcopy(config) == config
 
@@ -48,7 +50,8 @@ def test_config_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"lam": -1.0}, "lam"), ({"tau": 0.0}, "tau"), ({"score_init": 0.05}, "score_init"),
-     ({"lam": float("nan")}, "lam"), ({"warmup_steps": -2}, "warmup_steps")],
+     ({"lam": float("nan")}, "lam"), ({"lam_warmup": -0.1}, "lam_warmup"), ({"score_lr": -1.0}, "score_lr"),
+     ({"total_step": -2}, "total_step")],
 )
 def test_bad_config_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"TAPSConfig\.{field}=.*invalid: use"):
@@ -143,7 +146,7 @@ def test_three_sgd_steps_change_adapter_not_base(name, images):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     target = torch.randint(0, 5, (images.shape[0],))
     for step in range(3):
-        loss = F.cross_entropy(logits(model, images), target) + model.taps_penalty(step)
+        loss = F.cross_entropy(logits(model, images), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -269,7 +272,7 @@ def test_transformers_activation_checkpointing_gives_the_same_gradients(reentran
     grads, calls = [], []
     for m in (model, checkpointed):
         taps_layers(m)[0].register_forward_hook(lambda *_: calls.append(1))
-        (m(pixel_values=x).logits.square().sum() + m.taps_penalty()).backward()
+        (m(pixel_values=x).logits.square().sum()).backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert len(calls) == 3  # once plain, twice checkpointed (the forward, and its re-run in the backward)
     assert grads[0].keys() == grads[1].keys() and any("taps_delta" in n for n in grads[0])
@@ -377,32 +380,6 @@ def test_train_norms_false_keeps_norms_frozen():
 # ----- penalty, optimizer, report, dtype -----
 
 
-def test_penalty_is_lam_over_L_sum_abs_scores_with_warmup():
-    model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.6, warmup_steps=5))
-    layers = taps_layers(model)
-    for i, layer in enumerate(layers):
-        layer.taps_scores["default"].data.fill_(0.1 * i - 0.2)
-    expected = 0.6 / len(layers) * sum(abs(0.1 * i - 0.2) for i in range(len(layers)))
-    assert model.taps_penalty(step=4).item() == 0.0
-    assert model.taps_penalty(step=5).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match=r"taps_penalty\(\) needs the step: adapter 'default' has warmup_steps=5"):
-        model.taps_penalty()  # a warm-up without a step would be silently ignored
-    model.taps_penalty(step=5).backward()
-    assert layers[0].taps_scores["default"].grad.item() == pytest.approx(-0.6 / len(layers))
-
-
-def test_create_taps_optimizer_gives_scores_their_own_lr():
-    model = get_peft_model(tiny_timm_vit(), TAPSConfig())
-    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-4, score_lr=1e-2, weight_decay=0.05)
-    n_scores = len(taps_layers(model))
-    others, scores = opt.param_groups
-    assert len(scores["params"]) == n_scores
-    assert scores["lr"] == 1e-2 and scores["weight_decay"] == 0.0
-    assert others["lr"] == 1e-4 and others["weight_decay"] == 0.05  # deltas decay towards the base
-    n_trainable = sum(p.requires_grad for p in model.parameters())
-    assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
-
-
 def test_report_and_summary(capsys):
     model = get_peft_model(tiny_timm_vit(depth=2), TAPSConfig())
     layers = taps_layers(model)
@@ -425,7 +402,7 @@ def test_bf16_base_trains(images):
     model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig(init_weights=False))
     out = model(images.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    (out.float().sum() + model.taps_penalty()).backward()
+    (out.float().sum()).backward()
     layer = taps_layers(model)[0]
     assert layer.taps_scores["default"].dtype == torch.float32
     assert layer.taps_delta["default"].grad is not None and layer.taps_scores["default"].grad is not None
@@ -491,16 +468,17 @@ def test_torch_compile_trains_like_eager():
         with torch.no_grad():
             taps_layers(model)[1].taps_scores["default"].fill_(0.05)  # a closed gate
             taps_layers(model)[2].taps_scores["default"].fill_(0.1001)  # one that closes during training
-        opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.05, score_lr=0.5)
+        opt = optimizer_for(model, torch.optim.SGD, lr=0.05, score_lr=0.02)
         forward = torch.compile(model) if compiled else model
         out = []
         for step in range(3):
-            loss = F.cross_entropy(forward(x), y) + model.taps_penalty(step)
+            loss = F.cross_entropy(forward(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             out.append(loss.item())
-        assert [m.is_active("default") for m in taps_layers(model)][1:3] == [False, False]
+            if step == 0:  # the closed gate stays closed, the other one closed at this step
+                assert [m.is_active("default") for m in taps_layers(model)][1:3] == [False, False]
         return out
 
     torch.testing.assert_close(losses(True), losses(False), rtol=1e-5, atol=1e-6)
@@ -509,10 +487,10 @@ def test_torch_compile_trains_like_eager():
 def test_gates_follow_fused_optimizer_steps(images):
     # fused optimizers update parameters in place without bumping version counters
     model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=1.0))
-    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-3, score_lr=0.1, fused=True)
+    opt = optimizer_for(model, torch.optim.AdamW, lr=1e-3, score_lr=0.1, fused=True)
     assert all(layer.is_active("default") for layer in taps_layers(model))
     for step in range(2):
-        (model(images).square().mean() + model.taps_penalty()).backward()
+        (model(images).square().mean()).backward()
         opt.step()
         opt.zero_grad()
     scores = [layer.taps_scores["default"].item() for layer in taps_layers(model)]

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 
-from taps_peft import TAPSConfig, TAPSLayer, create_taps_optimizer
+from taps_peft import TAPSConfig, TAPSLayer
 from taps_peft import recalibrate_batchnorm
-from conftest import logits, tiny_resnet
+from conftest import logits, optimizer_for, tiny_resnet
 
 
 def taps_layers(model):
@@ -24,13 +24,13 @@ def test_frozen_gates_do_not_flip_and_closed_layers_get_no_gradient(images):
     layers = taps_layers(model)
     with torch.no_grad():
         layers[0].taps_scores["default"].fill_(0.05)  # closed
-    opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.1, score_lr=0.1)
+    opt = optimizer_for(model, torch.optim.SGD, lr=0.1, score_lr=0.1)
     model.freeze_gates()
     before = [m.taps_scores["default"].clone() for m in layers]
     model.train()
     for step in range(3):
         opt.zero_grad()
-        (F.cross_entropy(logits(model, images), torch.arange(4) % 5) + model.taps_penalty(step)).backward()
+        (F.cross_entropy(logits(model, images), torch.arange(4) % 5)).backward()
         if step == 0:
             assert layers[0].taps_delta["default"].grad is None  # the closed layer ran as its base layer
             assert all(m.taps_delta["default"].grad is not None for m in layers[1:])
@@ -100,7 +100,7 @@ def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path, monkeypatch):
             return {"loss": F.cross_entropy(out, labels), "logits": out} if labels is not None else {"logits": out}
 
     torch.manual_seed(0)
-    model = get_peft_model(Net(), TAPSConfig(lam=3.0, target_modules=None))
+    model = get_peft_model(Net(), TAPSConfig(lam=3.0, target_modules=None, score_lr=0.05))
     args = TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3,
                              report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
     seen = []
@@ -109,7 +109,7 @@ def test_trainer_and_cli_fix_the_gates_and_recalibrate(tmp_path, monkeypatch):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             seen.append([r["active"] for r in taps_peft.taps_layer_report(model)])
 
-    trainer = TAPSTrainer(model=model, args=args, train_dataset=Data(), score_learning_rate=0.05, freeze_gates_at=0.5,
+    trainer = TAPSTrainer(model=model, args=args, train_dataset=Data(), freeze_gates_at=0.5,
                           recalibrate_bn=True, callbacks=[Record()])
     weights = {}
 

@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent('''
         torch.manual_seed(0)
         vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                                 embed_dim=32, num_heads=2, num_classes=5)
-        return get_peft_model(vit, taps_peft.TAPSConfig(budget_layers=4))  # lam adapts: gates read outside forward
+        return get_peft_model(vit, taps_peft.TAPSConfig(budget_layers=4, lam=0.0))  # lam adapts: gates read (gathered) per step
 
     model = build()
     single = copy.deepcopy(model)
@@ -52,12 +52,13 @@ SCRIPT = textwrap.dedent('''
     fully_shard(model, mesh=mesh)
 
     def train(m, rows):
-        opt = taps_peft.create_taps_optimizer(m, torch.optim.SGD, lr=0.05, momentum=0.9, score_lr=0.2)
+        m.peft_config["default"].score_lr = 0.02  # TAPS steps the (sharded) scores itself
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
         g = torch.Generator().manual_seed(1)
         losses = []
         for step in range(6):
             x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
-            loss = F.cross_entropy(m(x[rows]), y[rows]) + m.taps_penalty(step)
+            loss = F.cross_entropy(m(x[rows]), y[rows])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -101,7 +102,7 @@ def test_fsdp2_two_ranks_train_like_one_process_and_save_an_adapter(tmp_path):
     results = {r["rank"]: r for r in (json.loads(p.read_text()) for p in tmp_path.glob("result_*.json"))}
     assert sorted(results) == [0, 1]
     single = results[0]["single"]
-    assert 0 < results[0]["active"] < 24  # the penalty closed some gates during the run
+    assert 0 < results[0]["active"] < 8  # the penalty closed some gates during the run (gates read when sharded)
     assert results[0]["active"] == results[1]["active"] == results[0]["single_active"]
     # FSDP averages the ranks' gradients of their half-batch mean losses: the full-batch gradient, as one process.
     mean = [(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"])]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from taps_peft import TAPSConfig, TAPSLayer, create_taps_optimizer
-from conftest import MODELS, logits, tiny_timm_vit
+from taps_peft import TAPSConfig, TAPSLayer
+from conftest import MODELS, logits, optimizer_for, tiny_timm_vit
 
 
 def taps_layers(model):
@@ -21,10 +21,10 @@ def trained(base, images, adapter="default", closed=(0, 2), steps=3, seed=0):
     """A TAPS model after a few real optimizer steps (deltas, norms, BN stats and head all move); some gates closed."""
     torch.manual_seed(seed)
     model = get_peft_model(base, TAPSConfig(lam=0.1), adapter_name=adapter)
-    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-3)
+    opt = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-3)
     target = torch.randint(0, 5, (len(images),))
     for step in range(steps):
-        loss = F.cross_entropy(logits(model, images), target) + model.taps_penalty(step)
+        loss = F.cross_entropy(logits(model, images), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -299,7 +299,7 @@ def test_adapters_loaded_for_inference_hold_memory_only_for_active_layers(tmp_pa
     model.base_model.set_adapter("a")  # unfrozen (inference_mode=False): trainable, and an optimizer step works
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(2):
-        (logits(model.train(), images).square().mean() + model.taps_penalty(step)).backward()
+        (logits(model.train(), images).square().mean()).backward()
         opt.step()
         opt.zero_grad()
     assert not torch.equal(logits(model.eval(), images), outs["a"])

@@ -78,8 +78,8 @@ def joint():
     accelerator.backward = lambda loss: (calls.__setitem__("backward", calls["backward"] + 1), backward(loss))[1]
     before = make_base().state_dict()
     recorder = Recorder()
-    model = train_joint(make_base(), make_tasks(), taps_peft.TAPSConfig(lam=0.5), 6, heads=make_heads(),
-                        batch_size=8, lr=1e-2, score_lr=5e-2, loss_fn=recorder, accelerator=accelerator)
+    model = train_joint(make_base(), make_tasks(), taps_peft.TAPSConfig(lam=0.5, score_lr=5e-2), 6,
+                        heads=make_heads(), batch_size=8, lr=1e-2, loss_fn=recorder, accelerator=accelerator)
     return model, before, recorder.calls, calls
 
 

@@ -4,7 +4,7 @@ Setup. The base is a deep tanh MLP, ``x -> W_7 tanh(W_6 ... tanh(W_0 x))``, with
 (gain 1.5, so every tanh works in its non-linear range). The teacher is the same net with a random perturbation P_j
 (Frobenius size 0.5 * ||W_j||) added to k = 2 layers chosen by the seed. The student is the base wrapped by
 ``get_peft_model(base, TAPSConfig(...))``, with all 8 linears gated, trained on the teacher's outputs for 512 fixed
-Gaussian inputs (full batch, relative MSE + ``taps_penalty``).
+Gaussian inputs (full batch, relative MSE; TAPS adds its penalty at each optimizer step).
 
 Why the planted layers are identifiable (and why TAPS should find them):
   * The exact fit that uses the planted layers alone exists (dW_j = P_j, zero elsewhere) and is the sparsest one.
@@ -38,6 +38,7 @@ from peft import get_peft_model
 from torch import nn
 
 import taps_peft
+from conftest import optimizer_for
 
 DIM, DEPTH, N_PLANTED, N_SAMPLES = 16, 8, 2, 512
 GAIN, PLANT_SIZE = 1.5, 0.5
@@ -86,14 +87,14 @@ def plant_and_fit(seed: int) -> dict:
         modules_to_save=[], train_norms=False,
     )
     model = get_peft_model(base, config)
-    opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=LR, score_lr=SCORE_LR)
+    opt = optimizer_for(model, torch.optim.AdamW, lr=LR, score_lr=SCORE_LR)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
     on_count = torch.zeros(DEPTH)
     window_losses = []
     started = time.perf_counter()
     for step in range(STEPS):
         loss = F.mse_loss(model(x), y) / scale
-        (loss + model.taps_penalty(step)).backward()
+        (loss).backward()
         opt.step()
         opt.zero_grad()
         sched.step()

@@ -26,8 +26,8 @@ from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 
 import taps_peft
-from taps_peft import TAPSConfig, TAPSLayer, TAPSModel, create_taps_optimizer
-from conftest import MODELS, logits, tiny_timm_vit
+from taps_peft import TAPSConfig, TAPSLayer, TAPSModel
+from conftest import MODELS, logits, optimizer_for, tiny_timm_vit
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -47,10 +47,10 @@ def taps_layers(model):
 def trained(base, images, adapter="default", steps=2, closed=(0,)):
     """A TAPS model after a few AdamW steps (deltas, scores, norms, head all move), some gates closed, in eval."""
     model = get_peft_model(base, TAPSConfig(lam=0.1), adapter_name=adapter)
-    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-3)
+    opt = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-3)
     target = torch.arange(len(images)) % 5
     for step in range(steps):
-        loss = F.cross_entropy(logits(model, images).float(), target) + model.taps_penalty(step)
+        loss = F.cross_entropy(logits(model, images).float(), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,7 +92,8 @@ BAD_MESSAGE = re.compile(r"TAPSConfig\.(\w+)=.* is invalid.*: use ", re.S)
         ({"lam": float("inf")}, "lam"), ({"lam": True}, "lam"), ({"lam": "0.5"}, "lam"), ({"lam": 10**400}, "lam"),
         ({"tau": -0.1}, "tau"), ({"tau": float("nan")}, "tau"), ({"tau": None}, "tau"),
         ({"score_init": float("-inf")}, "score_init"), ({"tau": 0.5, "score_init": 0.15}, "score_init"),
-        ({"warmup_steps": 1.5}, "warmup_steps"), ({"warmup_steps": True}, "warmup_steps"),
+        ({"lam_warmup": 1.0}, "lam_warmup"), ({"lam_warmup": True}, "lam_warmup"), ({"score_lr": 0}, "score_lr"),
+        ({"total_step": 1.5}, "total_step"), ({"total_step": 0}, "total_step"),
         ({"target_modules": []}, "target_modules"), ({"target_modules": ""}, "target_modules"),
         ({"target_modules": "(qkv"}, "target_modules"), ({"target_modules": [3]}, "target_modules"),
         ({"target_modules": 5}, "target_modules"), ({"exclude_modules": [None]}, "exclude_modules"),
@@ -110,12 +111,12 @@ def test_bad_config_values_name_field_value_and_fix(kwargs, field):
 
 def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
     np = pytest.importorskip("numpy")
-    config = TAPSConfig(lam=np.float32(0.25), tau=np.float64(0.05), score_init=1, warmup_steps=np.int64(3),
+    config = TAPSConfig(lam=np.float32(0.25), tau=np.float64(0.05), score_init=1, total_step=np.int64(3),
                         target_modules=("qkv", "fc1"))
-    assert type(config.lam) is float and type(config.score_init) is float and type(config.warmup_steps) is int
+    assert type(config.lam) is float and type(config.score_init) is float and type(config.total_step) is int
     assert config.target_modules == {"qkv", "fc1"}
     config.save_pretrained(tmp_path)  # JSON-serialisable
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["warmup_steps"] == 3
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["total_step"] == 3
 
 
 if given is not None:
@@ -129,7 +130,7 @@ if given is not None:
         st.sets(st.sampled_from(["qkv", "fc1", "head", "("]), max_size=3), st.dictionaries(st.text(max_size=2),
                                                                                            st.integers(), max_size=1),
     )
-    FIELDS = ("lam", "tau", "score_init", "warmup_steps")
+    FIELDS = ("lam", "tau", "score_init", "total_step", "lam_warmup")
 
     def _names_a_drawn_field(err, kwargs):
         """The error names a field that was drawn (score_init is also wrong when only tau was drawn: it must be >=
@@ -150,7 +151,8 @@ if given is not None:
         for name in ("lam", "tau", "score_init"):
             assert type(getattr(config, name)) is float and math.isfinite(getattr(config, name))
         assert config.lam >= 0 and config.tau > 0 and config.score_init >= config.tau
-        assert type(config.warmup_steps) is int and config.warmup_steps >= 0
+        assert config.total_step is None or (type(config.total_step) is int and config.total_step >= 1)
+        assert type(config.lam_warmup) is float and 0 <= config.lam_warmup < 1
 
     @settings(max_examples=200, deadline=None, database=None)
     @given(st.fixed_dictionaries({}, optional={f: NAMES for f in ("target_modules", "exclude_modules",
@@ -485,13 +487,14 @@ def test_nan_loss_stops_naming_the_step(data, tmp_path, monkeypatch):
     from test_train import vit_args
     from taps_peft.training import train
 
-    penalty = TAPSModel.taps_penalty
+    calls, cross_entropy = {"n": 0}, F.cross_entropy
 
-    def poisoned(self, step=None):  # the loss of the 3rd optimizer step (step index 2) is NaN
-        value = penalty(self, step)
-        return value + float("nan") if step == 2 else value
+    def poisoned(*args, **kwargs):  # the loss of the 3rd optimizer step (micro-batch index 2) is NaN
+        calls["n"] += 1
+        value = cross_entropy(*args, **kwargs)
+        return value + float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(TAPSModel, "taps_penalty", poisoned)
+    monkeypatch.setattr("torch.nn.functional.cross_entropy", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 \(epoch 0, micro-batch 2.*stopped before"):
         train(vit_args(data, out, **TRAIN_KW))

@@ -16,8 +16,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from taps_peft import TAPSConfig, TAPSLayer, create_taps_optimizer
-from conftest import HANG, logits, tiny_resnet, tiny_timm_vit
+import taps_peft
+from taps_peft import TAPSConfig, TAPSLayer
+from conftest import HANG, logits, optimizer_for, tiny_resnet, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,16 +105,23 @@ def current_logits(model, x):
 
 @pytest.mark.parametrize("make", [tiny_timm_vit, tiny_resnet], ids=["vit", "resnet"])
 def test_a_training_step_reads_nothing_on_the_host(make, images):
-    """Forward + penalty + backward in training: every gate stays on the device (on a GPU: no sync)."""
-    model = get_peft_model(make(), TAPSConfig(lam=0.5))
+    """Forward, backward and TAPS's part of two optimizer steps (penalty, budget-free lam schedule, the scores' Adam
+    step: what the optimizer-step hook runs) in training: every gate and score stays on the device (on a GPU: no
+    sync). torch's own CPU AdamW reads its step counters, so its step runs outside the count."""
+    model = get_peft_model(make(), TAPSConfig(lam=0.5, lam_warmup=0.5, total_step=4))
     with torch.no_grad():
         taps_layers(model)[0].taps_scores["default"].fill_(0.05)  # a closed gate too
     model.train()
-    with HostReads() as counter:
-        loss = F.cross_entropy(model(images), torch.arange(4) % 5) + model.taps_penalty(step=3)
-        loss.backward()
-    assert counter.reads == []
-    assert all(layer.taps_delta["default"].grad is not None for layer in taps_layers(model))  # DDP-safe
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i in range(2):
+        with HostReads() as counter:
+            F.cross_entropy(model(images), torch.arange(4) % 5).backward()
+            assert taps_peft.step_scores(model, optimizer) == len(taps_layers(model))
+        assert counter.reads == []
+        if i == 0:
+            assert all(layer.taps_delta["default"].grad is not None for layer in taps_layers(model))  # DDP-safe
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def test_an_inference_forward_reads_the_gates_once_whatever_the_depth(images):
@@ -168,10 +176,10 @@ def test_load_state_dict_and_set_peft_model_state_dict_take_effect_at_once(image
 def test_eval_outputs_follow_optimizer_steps(fused, images):
     """Fused optimizers update parameters in place without bumping version counters: nothing keyed on them."""
     model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=2.0))
-    opt = create_taps_optimizer(model, torch.optim.AdamW, lr=1e-2, score_lr=0.05, fused=fused)
+    opt = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=0.05, fused=fused)
     for step in range(4):
         model.train()
-        (logits(model, images).square().mean() + model.taps_penalty(step)).backward()
+        (logits(model, images).square().mean()).backward()
         opt.step()
         opt.zero_grad()
         torch.testing.assert_close(current_logits(model, images), reference_logits(model, images), rtol=0,
@@ -196,7 +204,8 @@ _GLOBAL_HOOKS = textwrap.dedent("""
     import json, torch, torch.nn.modules.module as m, torch.optim.optimizer as o
     registrations = []  # every call that installs a global hook, even one removed right after
     for mod in (m, o):
-        for name in [n for n in dir(mod) if n.startswith("register_") and "global" in n or n.startswith("register_module_")]:
+        for name in [n for n in dir(mod) if n.startswith("register_") and "global" in n or
+                     n.startswith(("register_module_", "register_optimizer_step_"))]:
             original = getattr(mod, name)
             setattr(mod, name, lambda *a, _o=original, _n=name, **k: (registrations.append(_n), _o(*a, **k))[1])
     def hooks():
@@ -227,27 +236,33 @@ _GLOBAL_HOOKS = textwrap.dedent("""
 """)
 
 
-def test_import_and_use_leave_no_global_hook_and_lora_untouched():
-    """Importing taps_peft, building, saving and loading TAPS models install no torch global hook, not even for an
-    instant, and replace no PeftModel method (on the class or an instance): PEFT's own save and load run."""
+def test_import_and_use_leave_no_global_hook_but_the_score_step_and_lora_untouched():
+    """Importing taps_peft installs no torch global hook; building, saving and loading TAPS models install exactly
+    one, torch's optimizer-step pre-hook through which TAPS steps its scores (tuner.scores; it lives while a TAPS
+    model does: tests/test_scores.py), and replace no PeftModel method (on the class or an instance): PEFT's own save
+    and load run."""
     out = subprocess.run([sys.executable, "-c", _GLOBAL_HOOKS], capture_output=True, text=True, timeout=HANG,
                          cwd=ROOT, check=True).stdout
     seen = json.loads(out.strip().splitlines()[-1])
-    assert seen["before"] == seen["after_import"] == seen["after_taps"]
-    assert seen["registrations"] == [] and seen["class_unchanged"]
+    assert seen["before"] == seen["after_import"]
+    assert seen["after_taps"] == {**seen["before"], "_global_optimizer_pre_hooks": 1}
+    assert seen["registrations"] == ["register_optimizer_step_pre_hook"] and seen["class_unchanged"]
     assert seen["lora_own"] == [] and seen["taps_own"] == []
 
 
 def test_the_package_patches_nothing_of_peft_or_torch():
-    """No source of taps_peft inspects stack frames, registers global hooks or assigns PeftModel methods."""
+    """No source of taps_peft inspects stack frames, registers global hooks or assigns PeftModel methods; the one
+    global hook is torch's public optimizer-step pre-hook, in tuner/scores.py only."""
     import re as _re
 
-    forbidden = _re.compile(r"_getframe|register_module_(module_)?registration_hook|register_optimizer_step_(pre|post)"
+    forbidden = _re.compile(r"_getframe|register_module_(module_)?registration_hook|register_optimizer_step_post"
                             r"_hook|setattr\(\w+, *[\"'](save_pretrained|load_adapter|push_to_hub)|renameat2|os\.kill|"
                             r"os\.chown|ctypes")
     for path in sorted((ROOT / "taps_peft").rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not forbidden.search(line), f"{path.name}:{number}: {line.strip()}"
+            if "register_optimizer_step_pre_hook(" in line:
+                assert path.name == "scores.py", f"{path.name}:{number}: {line.strip()}"
 
 
 def test_deleting_a_model_frees_it_without_the_cyclic_collector(images):
@@ -324,11 +339,11 @@ def test_frozen_norms_keep_the_base_batchnorm_statistics(images, call_train):
     model = get_peft_model(tiny_resnet(), TAPSConfig(train_norms=False))  # timm models start in train mode
     stats = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "running" in k}
     assert stats
-    opt = create_taps_optimizer(model, torch.optim.SGD, lr=0.1)
+    opt = optimizer_for(model, torch.optim.SGD, lr=0.1)
     if call_train:
         model.train()
     for step in range(2):
-        (logits(model, images).square().mean() + model.taps_penalty(step)).backward()
+        (logits(model, images).square().mean()).backward()
         opt.step()
         opt.zero_grad()
     after = model.get_base_model().state_dict()

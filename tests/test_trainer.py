@@ -1,4 +1,5 @@
-"""The 🤗 Trainer integration (taps_peft.training.trainer): penalty in the loss, score learning rate, TAPS logs, checkpoints.
+"""TAPS in the 🤗 Trainer: the stock Trainer with only the config swapped (penalty, score steps, gradient accumulation),
+TAPSTrainer and TAPSCallback (training length, TAPS logs, checkpoints, resume).
 
 Model: conftest's tiny random-init transformers ViT (image 32, 2 blocks, 12 gated layers); data: 64 in-memory 32x32
 images, one fixed random pattern per class plus noise, so the task is learnable in a few steps. Nothing is downloaded.
@@ -7,6 +8,7 @@ Torch runs with one thread (a shared 2-core machine).
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -17,9 +19,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import taps_peft
 from conftest import tiny_hf_vit
-from taps_peft.training import TAPSCallback, TAPSTrainer, taps_param_groups, unwrap_taps_model
+from taps_peft.training import TAPSCallback, TAPSTrainer, unwrap_taps_model
 
-STEPS, SAVE_EVERY, LR, SCORE_LR = 20, 10, 1e-2, 1e-2
+STEPS, SAVE_EVERY, LR = 20, 10, 1e-2
 
 
 class PatternImages(torch.utils.data.Dataset):
@@ -83,8 +85,7 @@ def runs(tmp_path_factory):
             model = taps_vit(lam=lam)
             record = RecordAt(SAVE_EVERY)
             args = training_args(path, save_strategy="steps" if lam else "no")
-            trainer = TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), callbacks=[record],
-                                  score_learning_rate=SCORE_LR)
+            trainer = TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), callbacks=[record])
             trainer.train()
             out[lam] = {"model": model, "trainer": trainer, "dir": path, "at_save": record.params}
         yield out
@@ -159,45 +160,56 @@ def test_checkpoint_reloads_the_trained_model_exactly(runs):
         assert not torch.equal(early(pixel_values=images).logits, want)
 
 
-def test_compute_loss_adds_the_penalty_in_training_only(tmp_path):
-    model = taps_vit(lam=0.5, warmup_steps=3)
-    trainer = TAPSTrainer(model=model, args=training_args(tmp_path), train_dataset=PatternImages())
-    batch = {"pixel_values": PatternImages().images[:8], "labels": PatternImages().labels[:8]}
-    penalty = model.taps_penalty(step=3).item()
-    assert penalty > 0
-    model.train()
-    plain = model(**batch).loss
-    trainer.state.global_step = 3
-    assert torch.allclose(trainer.compute_loss(model, dict(batch)), plain + penalty)
-    trainer.state.global_step = 2  # warm-up: no penalty yet
-    assert torch.allclose(trainer.compute_loss(model, dict(batch)), plain)
-    # a loss normalised over an accumulated batch of 2 micro-batches: the penalty counts once per optimizer step
-    trainer.state.global_step, trainer.current_gradient_accumulation_steps = 3, 2
-    n = torch.tensor(16)
-    accumulated = Trainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=n)
-    assert torch.allclose(trainer.compute_loss(model, dict(batch), num_items_in_batch=n), accumulated + penalty / 2)
-    # eval_loss is the task loss alone
-    model.eval()
-    loss, _ = trainer.compute_loss(model, dict(batch), return_outputs=True)
-    assert torch.allclose(loss, model(**batch).loss)
+def stock_run(out, lam=0.5, config=None, **kwargs) -> tuple[list[float], Trainer]:
+    """The stock Trainer with its defaults (AdamW fused, lr 5e-5, linear schedule, 3 epochs), only the config swapped."""
+    model = taps_vit(lam=lam, **(config or {}))
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+                             **kwargs)
+    trainer = Trainer(model=model, args=args, train_dataset=PatternImages())
+    trainer.train()
+    return scores(model), trainer
+
+
+def test_the_stock_trainer_does_taps_with_only_the_config_swapped(tmp_path):
+    """PEFT's recipe with LoraConfig swapped for TAPSConfig: the penalty acts and gates close, as in TAPSTrainer (the
+    same mechanism: the same scores), with the Trainer's default optimizer and learning rate."""
+    stock, trainer = stock_run(tmp_path / "stock")
+    assert trainer.args.optim == "adamw_torch_fused" and trainer.args.learning_rate == 5e-5
+    assert sum(s < 0.1 for s in stock) >= 6, stock  # the penalty closed gates (0 of 12 without it, before the fix)
+    model = taps_vit(lam=0.5)
+    args = TrainingArguments(output_dir=str(tmp_path / "taps"), use_cpu=True, report_to=[], disable_tqdm=True,
+                             save_strategy="no")
+    TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), freeze_gates_at=None,
+                recalibrate_bn=False).train()
+    assert scores(model) == stock
+    free, _ = stock_run(tmp_path / "free", lam=0.0)
+    assert sum(free) > sum(stock) + 0.5  # without lam the scores stay up
+
+
+def test_gradient_accumulation_gives_the_scores_of_one_big_batch(tmp_path):
+    """4 micro-batches of 2 and one batch of 8 give the same scores: the penalty acts once per optimizer step."""
+    big, _ = stock_run(tmp_path / "big", learning_rate=LR, max_steps=6, per_device_train_batch_size=8)
+    small, _ = stock_run(tmp_path / "small", learning_rate=LR, max_steps=6, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=4)
+    torch.testing.assert_close(small, big, rtol=1e-4, atol=1e-6)
+    assert len({round(s, 4) for s in big}) > 3  # the task gradient differs per layer: a real comparison
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "sgd"])
-def test_optimizer_follows_args_with_a_score_group(tmp_path, optim):
-    model = taps_vit()
-    args = training_args(tmp_path, optim=optim, weight_decay=0.05)
-    trainer = TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), score_learning_rate=0.1)
-    optimizer = trainer.create_optimizer()
-    assert isinstance(optimizer, torch.optim.SGD if optim == "sgd" else torch.optim.AdamW)
-    names = {id(p): n for n, p in model.named_parameters()}
-    score_groups = [g for g in optimizer.param_groups if any(".taps_scores." in names[id(p)] for p in g["params"])]
-    assert len(score_groups) == 1 and len(score_groups[0]["params"]) == 12
-    assert score_groups[0]["lr"] == 0.1 and score_groups[0]["weight_decay"] == 0.0
-    others = [g for g in optimizer.param_groups if g is not score_groups[0]]
-    assert {g["lr"] for g in others} == {LR} and {g["weight_decay"] for g in others} == {0.05, 0.0}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
-    assert len(taps_param_groups(model)) == 2  # weights, scores (lr of the optimizer)
+def test_the_scores_step_at_score_lr_whatever_the_optimizer(tmp_path, optim):
+    """The first step (zero deltas: only the penalty's gradient) moves every score by exactly score_lr, for a fused
+    AdamW at lr 1e-5 and for SGD at lr 1: the optimizer the loop built does not set the scores' step."""
+    lr = 1e-5 if optim.startswith("adamw") else 1.0
+    moved, _ = stock_run(tmp_path, optim=optim, learning_rate=lr, max_steps=1, config={"score_lr": 0.03})
+    assert moved == pytest.approx([0.15 - 0.03] * 12, rel=1e-5)
+    with pytest.raises(TypeError, match=r"TAPSConfig\(score_lr="):
+        TAPSTrainer(model=taps_vit(), args=training_args(tmp_path), score_learning_rate=0.1)
+
+
+def test_lam_warmup_without_the_training_length_warns_once(tmp_path):
+    with pytest.warns(UserWarning, match=r"lam_warmup=0.5 .*training length is unknown.*TAPSCallback") as seen:
+        stock_run(tmp_path, config={"lam_warmup": 0.5}, max_steps=3)
+    assert sum("lam_warmup" in str(w.message) for w in seen) == 1
 
 
 def test_resume_from_a_checkpoint_is_exact_with_inactive_deltas(tmp_path):
@@ -207,8 +219,7 @@ def test_resume_from_a_checkpoint_is_exact_with_inactive_deltas(tmp_path):
         trained = {}
         for name, resume in (("full", None), ("resumed", tmp_path / "full" / f"checkpoint-{SAVE_EVERY}")):
             model = taps_vit(lam=0.5, save_inactive_deltas=True)
-            trainer = TAPSTrainer(model=model, args=training_args(tmp_path / name), train_dataset=PatternImages(),
-                                  score_learning_rate=SCORE_LR)
+            trainer = TAPSTrainer(model=model, args=training_args(tmp_path / name), train_dataset=PatternImages())
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             trained[name] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     finally:
@@ -224,7 +235,7 @@ def test_activation_checkpointing_trains_like_without(tmp_path):
     for flag in (False, True):
         model = taps_vit(lam=0.5)
         args = training_args(tmp_path / str(flag), max_steps=4, save_strategy="no", activation_checkpointing=flag)
-        TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), score_learning_rate=SCORE_LR).train()
+        TAPSTrainer(model=model, args=args, train_dataset=PatternImages()).train()
         assert model.base_model.model.is_activation_checkpointing == flag
         trained[flag] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     for name, value in trained[False].items():
@@ -238,11 +249,15 @@ def test_a_model_without_taps_is_refused(tmp_path):
 
 
 def test_callback_logs_with_a_plain_trainer(tmp_path):
-    """Any Trainer can log the TAPS values with callbacks=[TAPSCallback()] (the penalty is TAPSTrainer's part)."""
-    model = taps_vit(lam=0.5)
+    """Any Trainer logs the TAPS values with callbacks=[TAPSCallback()], which also gives the model its training
+    length (total_step) for lam_warmup."""
+    model = taps_vit(lam=0.5, lam_warmup=0.4)
     args = training_args(tmp_path, max_steps=5, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=PatternImages(), callbacks=[TAPSCallback()])
-    trainer.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training length is known: no warning
+        trainer.train()
+    assert model.peft_config["default"].total_step == 5
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 1 and logged[0]["taps_total_layers"] == 12
     assert logged[0]["taps_penalty"] == pytest.approx(model.taps_penalty().item(), abs=1e-6)

@@ -1,5 +1,5 @@
-"""Training TAPS adapters: the Accelerate CLI (``train``), the 🤗 Trainer (``TAPSTrainer``), joint multi-task training
-(``train_joint``) and optimizer groups (``create_taps_optimizer``).
+"""Training TAPS adapters: the Accelerate CLI (``train``), the 🤗 Trainer (``TAPSTrainer``), and joint multi-task training
+(``train_joint``).
 
 Names are imported on first use, so ``import taps_peft`` does not import the Trainer.
 
@@ -14,8 +14,7 @@ _EXPORTS = {
     "args": ("TrainArgs",),
     "cli": ("train", "taps_state"),
     "multitask": ("train_joint", "train_shared_then_incremental", "save_joint", "load_joint", "base_state_dict"),
-    "optim": ("create_taps_optimizer",),
-    "trainer": ("TAPSTrainer", "TAPSCallback", "taps_param_groups", "unwrap_taps_model"),
+    "trainer": ("TAPSTrainer", "TAPSCallback", "unwrap_taps_model"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -38,7 +38,8 @@ class TrainArgs:
     lam: float = field(default=0.5, metadata={"help": "TAPS sparsity weight; larger shares more layers."})
     tau: float = field(default=0.1, metadata={"help": "Gate threshold on the scores."})
     score_init: float = field(default=0.15, metadata={"help": "Initial score (>= tau: every layer starts on)."})
-    taps_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps without the TAPS penalty."})
+    lam_warmup: Optional[float] = field(default=None, metadata={
+        "help": "Fraction of the steps over which lam ramps from 0 (TAPSConfig.lam_warmup when unset)."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Layers to gate (every Linear/Conv but head and patch embedding when unset)."})
     r: Optional[int] = field(default=None, metadata={
         "help": "Rank of each gated delta (alpha/r * B @ A, LoRA's factors under the TAPS gate; full-size deltas when "
@@ -46,7 +47,7 @@ class TrainArgs:
     alpha: Optional[float] = field(default=None, metadata={"help": "Low-rank scaling alpha / r (needs --r; r when "
                                                                    "unset, i.e. scaling 1)."})
     score_lr: Optional[float] = field(default=None, metadata={
-        "help": "Learning rate of the scores (--lr when unset; use e.g. 1e-2 with AdamW)."})
+        "help": "Adam learning rate of the scores, whatever --optimizer (TAPSConfig.score_lr when unset)."})
     freeze_gates_at: float = field(default=0.8, metadata={
         "help": "Fix the gates after this fraction of the steps: no late flips, and closed layers skip their weight "
                 "gradient (1: never)."})

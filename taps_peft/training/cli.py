@@ -144,12 +144,10 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     from ..tuner import TAPSConfig
     from .build import EpochOrder, load_data, load_model, pair, with_transform
     from ..batchnorm import RECALIBRATION_IMAGES, recalibrate_batchnorm
-    from ..budget import adapt_lam
     from ..files import atomic_write
     from ..hub.card import dataset_name
     from ..hub.save import push_to_hub, save_adapter
     from ..report import taps_layer_report, taps_summary
-    from .optim import create_taps_optimizer
 
     out = Path(args.output_dir)
     ckpt_root = out / "checkpoints"
@@ -161,9 +159,10 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     if args.image_size:
         size = pair(args.image_size)
     pretrained = args.pretrained and not args.weights
+    defaults = {k: v for k, v in (("score_lr", args.score_lr), ("lam_warmup", args.lam_warmup)) if v is not None}
     config = TAPSConfig(
-        lam=args.lam, tau=args.tau, score_init=args.score_init, warmup_steps=args.taps_warmup_steps,
-        target_modules=args.target_modules, r=args.r, alpha=args.alpha,
+        lam=args.lam, tau=args.tau, score_init=args.score_init, target_modules=args.target_modules, r=args.r,
+        alpha=args.alpha, **defaults,
         base_model_info={"name": args.model.partition(":")[2] or args.model, "pretrained": pretrained,
                          "seed": None if pretrained else args.seed, "model_kwargs": args.model_kwargs or None,
                          "weights": weights_name(args.weights)},
@@ -173,8 +172,8 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     optimizer_cls, extra = (torch.optim.SGD, {"momentum": args.momentum}) if args.optimizer == "sgd" else (
         torch.optim.AdamW, {})
-    optimizer = create_taps_optimizer(model, optimizer_cls, lr=args.lr, score_lr=args.score_lr,
-                                      weight_decay=args.weight_decay, **extra)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the scores too: TAPS steps them itself
+    optimizer = optimizer_cls(trainable, lr=args.lr, weight_decay=args.weight_decay, **extra)
     raw_optimizer = optimizer
 
     order = EpochOrder(len(train_ds), args.seed, args.shuffle)
@@ -191,6 +190,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
 
     steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
+    peft_model.peft_config["default"].total_step = total_steps  # lam_warmup's length
     epochs = math.ceil(total_steps / steps_per_epoch)
     schedule = get_cosine_schedule_with_warmup if args.lr_scheduler == "cosine" else (
         lambda opt, warm, total: get_constant_schedule_with_warmup(opt, warm))
@@ -213,10 +213,12 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
         accelerator.print(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
 
     summary = taps_summary(peft_model)
+    config = peft_model.peft_config["default"]
     accelerator.print(
-        f"TAPS: {summary['total_layers']} gated layers, {len(train_ds)} training images in {len(labels)} classes, "
-        f"{accelerator.num_processes} process(es) x batch {args.batch_size} x accumulation "
-        f"{args.gradient_accumulation_steps}, {total_steps} steps")
+        f"TAPS: {summary['total_layers']} gated layers ({_delta_kind(peft_model)}), lam {config.lam} "
+        f"(warm-up {config.lam_warmup:g} of training), score lr {config.score_lr:g}; {len(train_ds)} training images "
+        f"in {len(labels)} classes, {accelerator.num_processes} process(es) x batch {args.batch_size} x accumulation "
+        f"{args.gradient_accumulation_steps}, {total_steps} steps, {args.optimizer} lr {args.lr:g}")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         output = model(pixel_values=x) if is_hf else model(x)
@@ -241,17 +243,14 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
                 peft_model.freeze_gates()  # idempotent: also right after a resume past the freeze step
             with accelerator.accumulate(model):
                 logits = forward(batch["pixel_values"])
-                task_loss = F.cross_entropy(logits.float(), batch["labels"])
-                if accelerator.sync_gradients:
-                    adapt_lam(peft_model)  # a budget moves lam once per step (nothing without one)
-                loss = task_loss + peft_model.taps_penalty(pos.step)
-                if not torch.isfinite(loss.detach()):  # stop before a NaN/inf gradient reaches any weight
+                task_loss = F.cross_entropy(logits.float(), batch["labels"])  # TAPS adds its penalty at the step
+                if not torch.isfinite(task_loss.detach()):  # stop before a NaN/inf gradient reaches any weight
                     raise FloatingPointError(
-                        f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, micro-batch {pos.batch}; task "
-                        f"loss {task_loss.item()}): training stopped before this step's update. Lower --lr or "
-                        "--score-lr, set --max-grad-norm, or prefer --mixed-precision bf16 to fp16; --resume-from "
-                        "latest restarts from the last checkpoint.")
-                accelerator.backward(loss)
+                        f"loss is {task_loss.item()} at step {pos.step + 1} (epoch {epoch}, micro-batch {pos.batch}): "
+                        "training stopped before this step's update. Lower --lr or --score-lr, set --max-grad-norm, "
+                        "or prefer --mixed-precision bf16 to fp16; --resume-from latest restarts from the last "
+                        "checkpoint.")
+                accelerator.backward(task_loss)
                 if args.max_grad_norm and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -338,6 +337,18 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _delta_kind(model) -> str:
+    """What the run trains per gated layer, for its log: full-size deltas, or low-rank factors (and which layers keep
+    a full delta)."""
+    config = model.peft_config["default"]
+    if config.r is None:
+        return "full-size deltas"
+    layers = [m for _, m in model.base_model.taps_layers()]
+    factored = sum("default" in m.taps_rank for m in layers)
+    return (f"low-rank deltas r={config.r}, alpha={config.alpha if config.alpha is not None else config.r:g}: "
+            f"{factored} factored, {len(layers) - factored} full-size where factors would not be smaller")
 
 
 def weights_name(path: Optional[str]) -> Optional[str]:

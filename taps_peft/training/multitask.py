@@ -1,7 +1,8 @@
 """Joint multi-task TAPS (the paper's Eq. 4) and the memory-efficient shared-then-incremental variant.
 
 ``train_joint`` learns in one run a shared base plus, per task, a TAPS adapter (deltas, scores, norms, head) on one
-PeftModel. A task's batch runs with its adapter (``set_adapter``) and adds its own penalty: summed over tasks, Eq. 4.
+PeftModel. A task's batch runs with its adapter (``set_adapter``), and TAPS applies each task's own penalty at the
+optimizer steps that train it: summed over tasks, Eq. 4.
 ``schedule="round_robin"``: one optimizer step per task batch; ``"mixed"``: one step per round of K task batches.
 
 Example:
@@ -22,7 +23,6 @@ import copy
 import json
 import os
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -34,12 +34,10 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..budget import adapt_lam
 from ..files import atomic_write
 from ..hub.save import save_adapter
 from ..tuner import TAPSConfig, TAPSLayer
 from ..tuner.targets import find_head
-from .optim import create_taps_optimizer
 
 TaskData = Union[DataLoader, tuple[torch.Tensor, torch.Tensor]]  # a loader, or (inputs, labels) tensors
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> task loss
@@ -72,20 +70,19 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
 
 
 def _run(accelerator: Any, model: nn.Module, opt: torch.optim.Optimizer, loaders: list[DataLoader], names: list[str],
-         steps: int, select: Callable[[str], None], loss_fn: LossFn, penalty: Callable[[int], torch.Tensor],
-         schedule: str) -> None:
+         steps: int, select: Callable[[str], None], loss_fn: LossFn, schedule: str) -> None:
     """``steps`` batches per task, round-robin (one optimizer step each) or mixed (one step per round), cosine lr."""
     per_round = len(names) if schedule == "round_robin" else 1
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps * per_round)  # stepped by hand: once per step
     model, opt, *loaders = accelerator.prepare(model, opt, *loaders)
     batches = [_cycle(dl) for dl in loaders]
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         for i, name in enumerate(names):
             select(name)
             last = schedule == "round_robin" or i == len(names) - 1
             with nullcontext() if last else accelerator.no_sync(model):  # mixed: one all-reduce, of the sum
-                accelerator.backward(loss_fn(model, next(batches[i])) + penalty(step))
+                accelerator.backward(loss_fn(model, next(batches[i])))
             if last:
                 opt.step()
                 sched.step()
@@ -95,7 +92,7 @@ def _run(accelerator: Any, model: nn.Module, opt: torch.optim.Optimizer, loaders
 def train_joint(
     base_model: nn.Module, tasks: Mapping[str, TaskData], config: Union[TAPSConfig, Mapping[str, TAPSConfig]],
     steps: int, *, heads: Optional[Mapping[str, nn.Module]] = None, train_base: str = "gated",
-    schedule: str = "round_robin", lr: float = 1e-3, score_lr: float = 1e-2, base_lr: Optional[float] = None,
+    schedule: str = "round_robin", lr: float = 1e-3, base_lr: Optional[float] = None,
     weight_decay: float = 0.0, batch_size: int = 64, loss_fn: LossFn = _cross_entropy,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, accelerator: Any = None, seed: int = 0,
 ) -> PeftModel:
@@ -117,6 +114,8 @@ def train_joint(
     if not names or "base" in names:
         raise ValueError(f"tasks={names}: give at least one task, none named 'base' (save_joint's base folder).")
     configs = {t: copy.deepcopy(config[t] if isinstance(config, Mapping) else config) for t in names}
+    for c in configs.values():
+        c.total_step = c.total_step or steps  # each task's steps (lam_warmup's length)
     head = find_head(base_model)
     model = get_peft_model(base_model, configs[names[0]], adapter_name=names[0])
     for t in names[1:]:
@@ -132,7 +131,8 @@ def train_joint(
     layers = [m for m in model.modules() if isinstance(m, TAPSLayer)]
     adapters = [p.requires_grad_(True) for m in layers for t in names for p in m.adapter_params(t)]
     adapters += [p.requires_grad_(True) for w in wrappers for t in names for p in w.modules_to_save[t].parameters()]
-    opt = create_taps_optimizer(model, optimizer_cls, lr=lr, score_lr=score_lr, weight_decay=weight_decay)  # all tasks
+    # all tasks (their scores too: TAPS steps those itself, at TAPSConfig.score_lr, with each task's own penalty)
+    opt = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     skip = {id(p) for p in adapters} | {id(p) for w in wrappers for p in w.original_module.parameters()}
     if train_base == "gated":
         shared = [p for m in layers for p in m.get_base_layer().parameters()]
@@ -140,9 +140,8 @@ def train_joint(
         shared = [p for p in model.parameters() if id(p) not in skip] if train_base == "all" else []
     if [p.requires_grad_(True) for p in shared]:
         opt.add_param_group({"params": shared, "lr": lr if base_lr is None else base_lr, "weight_decay": weight_decay})
-    # the penalty: the active task's own; its warm-up counts that task's batches
     _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
-         model.set_adapter, loss_fn, partial(_penalty, model), schedule)
+         model.set_adapter, loss_fn, schedule)
     model.set_adapter(names[0])
     if shared:  # the base changed: the adapters now belong to the trained base
         for t in names:
@@ -158,7 +157,7 @@ def train_shared_then_incremental(
     """The memory-efficient variant: fully fine-tune one shared network with a head per task (round-robin,
     ``shared_steps`` batches per task, default ``steps``), then train one TAPS adapter per task on that frozen
     network (``steps`` batches per task; the tasks do not interact, so this is incremental TAPS). ``kwargs`` go to
-    ``train_joint`` (``lr``, ``score_lr``, ``batch_size``, ``loss_fn``, ``optimizer_cls``, ``seed``, ...).
+    ``train_joint`` (``lr``, ``batch_size``, ``loss_fn``, ``optimizer_cls``, ``seed``, ...).
 
     Example:
         >>> model = train_shared_then_incremental(vit, tasks, TAPSConfig(lam=0.2), 150, heads=heads)  # doctest: +SKIP
@@ -175,21 +174,14 @@ def train_shared_then_incremental(
     opt_kwargs = {k: kwargs[k] for k in ("weight_decay",) if k in kwargs}
     opt = kwargs.get("optimizer_cls", torch.optim.AdamW)(params, lr=shared_lr or kwargs.get("lr", 1e-3), **opt_kwargs)
     accelerator = _accelerator(accelerator)
-    zero = lambda step: torch.zeros((), device=accelerator.device)  # noqa: E731  (no penalty in full fine-tuning)
     try:
         _run(accelerator, base_model, opt, _loaders(tasks, kwargs.get("batch_size", 64), kwargs.get("seed", 0)),
              list(tasks), shared_steps or steps, lambda t: setattr(multi, "task", t),
-             kwargs.get("loss_fn", _cross_entropy), zero, "round_robin")
+             kwargs.get("loss_fn", _cross_entropy), "round_robin")
     finally:
         setattr(owner, leaf, original)
     return train_joint(base_model, tasks, config, steps, heads=dict(task_heads), train_base="none",
                        accelerator=accelerator, **kwargs)
-
-
-def _penalty(model: PeftModel, step: int) -> torch.Tensor:
-    """The active task's penalty, its budget (if any) first moving its lam."""
-    adapt_lam(model)
-    return model.taps_penalty(step)
 
 
 class _TaskHeads(nn.Module):

@@ -23,9 +23,10 @@ class TAPSConfig(PeftConfig):
     """Configuration for [`TAPSModel`] (Task Adaptive Parameter Sharing, Wallingford et al., CVPR 2022).
 
     Each targeted layer gets a full-size delta ``dW`` (with ``r``: ``dW = (alpha / r) * B @ A``) and a scalar score
-    ``s``; the layer computes with ``W = W_base + 1[s >= tau] * dW``. Training adds ``(lam / L) * sum(|s|)`` (see
-    ``model.taps_penalty()``), so a larger ``lam`` keeps more layers shared with the base. Only layers whose score
-    passes ``tau`` are task-specific.
+    ``s``; the layer computes with ``W = W_base + 1[s >= tau] * dW``. Training penalises ``(lam / L) * sum(|s|)``,
+    so a larger ``lam`` keeps more layers shared with the base; TAPS applies the penalty and moves the scores itself
+    at every step of any torch optimizer that holds them (``tuner.scores``), so a training loop needs no TAPS code.
+    Only layers whose score passes ``tau`` are task-specific.
 
     Example:
         >>> import taps_peft  # registers TAPS with PEFT
@@ -38,10 +39,18 @@ class TAPSConfig(PeftConfig):
             picks the paper's layers: every Linear/Conv except the classifier head and a ViT patch embedding.
         exclude_modules: Modules never to gate (same forms as ``target_modules``).
         modules_to_save: Extra modules trained and saved in full. ``None`` adds the detected classifier head.
-        lam: Sparsity weight of the score penalty; larger shares more layers. Must be >= 0.
+        lam: Sparsity weight of the score penalty; larger shares more layers. Must be >= 0. TAPS applies the
+            penalty's gradient itself at every optimizer step (no loss term to add; ``model.taps_penalty()`` is its
+            value).
         tau: Gate threshold: a layer is task-specific while its score is >= tau.
         score_init: Initial score of every layer; above ``tau`` so every layer starts active (paper: 0.15).
-        warmup_steps: ``taps_penalty(step)`` returns zero while ``step < warmup_steps``.
+        score_lr: Step size of the scores: TAPS moves them itself with Adam at this learning rate at every step of
+            the optimizer that holds them (times that optimizer's schedule, as a ratio), whatever the optimizer and
+            its learning rate (``tuner.scores``).
+        lam_warmup: Fraction of training over which ``lam`` ramps linearly from 0, so gates are judged on deltas
+            that have settled. Needs ``total_step`` (``TAPSTrainer``, ``TAPSCallback`` and ``taps-peft train`` set it);
+            without it ``lam`` applies in full, with a warning.
+        total_step: Length of training in optimizer steps (as AdaLoRA's ``total_step``), for ``lam_warmup``.
         train_norms: Train a task-specific copy of every norm layer (BatchNorm incl. running stats, LayerNorm,
             GroupNorm) and save it with the adapter.
         init_weights: ``True`` starts deltas at zero (the model equals its base). ``False`` draws small random deltas,
@@ -55,7 +64,7 @@ class TAPSConfig(PeftConfig):
         budget_layers: At most this many active layers: instead of a fixed ``lam``, training adapts ``lam`` (dual
             ascent, starting from ``lam``) until the active layers fit; the adapted value is kept in ``lam``.
         budget_mib: At most this many MiB of active deltas, handled the same way (both budgets may be set).
-        budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per penalty call.
+        budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per optimizer step.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
         base_model_info: What the adapter knows of its base (recorded when the adapter is injected: library,
@@ -80,7 +89,9 @@ class TAPSConfig(PeftConfig):
     lam: float = field(default=0.5, metadata={"help": "Weight of (lam / L) * sum |s|; larger shares more layers."})
     tau: float = field(default=0.1, metadata={"help": "A layer is task-specific while its score is >= tau."})
     score_init: float = field(default=0.15, metadata={"help": "Initial score; above tau so every layer starts on."})
-    warmup_steps: int = field(default=0, metadata={"help": "No penalty for the first warmup_steps steps."})
+    score_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the scores (any optimizer)."})
+    lam_warmup: float = field(default=0.0, metadata={"help": "Fraction of training over which lam ramps from 0."})
+    total_step: Optional[int] = field(default=None, metadata={"help": "Training length in optimizer steps."})
     train_norms: bool = field(default=True, metadata={"help": "Train and save task-specific norm layers."})
     init_weights: bool = field(default=True, metadata={"help": "Zero deltas (identity); False = random, for tests."})
     r: Optional[int] = field(default=None, metadata={"help": "Rank of each delta (alpha/r * B @ A); None = full."})
@@ -124,15 +135,12 @@ class TAPSConfig(PeftConfig):
             "score_init", self.score_init, f"a finite float >= tau ({self.tau}) so layers start active, e.g. 0.15 "
             "with tau=0.1", lambda v: v >= self.tau,
         )
-        steps = self.warmup_steps
-        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"TAPSConfig.warmup_steps={steps!r} is invalid: use an int >= 0.")
-        self.warmup_steps = int(steps)
-        if self.budget_layers is not None and (
-            not isinstance(self.budget_layers, numbers.Integral) or isinstance(self.budget_layers, bool)
-            or self.budget_layers < 0
-        ):
-            raise ValueError(f"TAPSConfig.budget_layers={self.budget_layers!r} is invalid: use an int >= 0 or None.")
+        self.score_lr = _check_number("score_lr", self.score_lr, "a finite float > 0, e.g. score_lr=1e-2",
+                                      lambda v: v > 0)
+        self.lam_warmup = _check_number("lam_warmup", self.lam_warmup, "a fraction of training in [0, 1), e.g. "
+                                        "lam_warmup=0.5", lambda v: 0 <= v < 1)
+        self.total_step = _check_int("total_step", self.total_step, 1, "an int >= 1 (optimizer steps) or None")
+        self.budget_layers = _check_int("budget_layers", self.budget_layers, 1, "an int >= 1 (layers) or None")
         if self.budget_mib is not None:
             self.budget_mib = _check_number("budget_mib", self.budget_mib, "a float > 0 or None", lambda v: v > 0)
         self.budget_rate = _check_number("budget_rate", self.budget_rate, "a float > 0, e.g. 0.05", lambda v: v > 0)
@@ -236,6 +244,14 @@ def _check_names(name: str, value: object, fix: str, allow_empty: bool) -> Optio
         if value or allow_empty:
             return set(value)
     raise ValueError(f"TAPSConfig.{name}={value!r} is invalid: use {fix}.")
+
+
+def _check_int(name: str, value: object, least: int, fix: str) -> Optional[int]:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+        raise ValueError(f"TAPSConfig.{name}={value!r} is invalid: use {fix}.")
+    return int(value)
 
 
 def _check_number(name: str, value: object, fix: str, ok) -> float:

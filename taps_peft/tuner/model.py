@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional
@@ -14,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTuner, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
+from . import scores
 from .config import TAPSConfig
 from .identity import base_info
 from .layer import (
@@ -37,13 +39,30 @@ class TAPSModel(BaseTuner):
         >>> from peft import get_peft_model
         >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
         >>> model = get_peft_model(vit, taps_peft.TAPSConfig(lam=0.5))
-        >>> loss = task_loss + model.taps_penalty(step)  # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the scores learn in any optimizer
         >>> taps_peft.print_taps_summary(model)  # doctest: +SKIP
     """
 
     prefix: str = "taps_"
     tuner_layer_cls = TAPSLayer
     target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._init_scores()
+        super().__init__(*args, **kwargs)
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle
+        super().__setstate__(state)
+        self._init_scores()
+
+    def _init_scores(self) -> None:
+        """How the scores learn (``tuner.scores``): the optimizer-step hook sees this model; the Adam state of an
+        optimizer of another kind (``step_scores(model)``) and the steps done per adapter live here."""
+        self.__dict__.setdefault("score_state", defaultdict(dict))
+        self.__dict__.setdefault("_score_steps", {})
+        self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_watch", None)
+        scores.track(self)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's ``inject_adapter`` on a copy of the config (the caller's object is never rewritten); then, as PEFT
@@ -154,8 +173,11 @@ class TAPSModel(BaseTuner):
                     handles.append(m.register_forward_hook(partial(route_samples, adapter_names=adapter_names)))
         names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
         gates: dict[TAPSLayer, dict[str, bool]] = {}
+        compiling = torch.compiler.is_compiling()
+        if self.training and torch.is_grad_enabled() and not compiling:
+            self._check_scores_step(layers)
         try:
-            gates = {} if torch.compiler.is_compiling() else read_gates(layers, names)
+            gates = {} if compiling else read_gates(layers, names)
             for layer, layer_gates in gates.items():
                 layer._gates = layer_gates
             for layer in layers:
@@ -289,34 +311,74 @@ class TAPSModel(BaseTuner):
                 if name in layer.taps_scores:
                     layer.taps_scores[name].requires_grad_(False)
 
-    def taps_penalty(self, step: Optional[int] = None) -> torch.Tensor:
-        """``(lam / L) * sum_i |s_i|`` over the gated layers of each active adapter; add it to the task loss.
+    def scores_by_adapter(self) -> dict[str, list[nn.Parameter]]:
+        """Every adapter's scores, one per gated layer (``L`` = their number)."""
+        found: dict[str, list[nn.Parameter]] = {}
+        for _, layer in taps_layers(self.model):
+            for name, score in layer.taps_scores.items():
+                found.setdefault(name, []).append(score)
+        return found
 
-        ``step`` (optimizer steps so far) enables the warm-up: no penalty while ``step < warmup_steps`` (so a config
-        with ``warmup_steps`` needs ``step``). With a budget (``budget_layers`` / ``budget_mib``), call
-        ``taps_peft.adapt_lam(model)`` once per step before it.
+    def note_score_step(self, adapter_name: str, step: int) -> None:
+        """``tuner.scores`` tells the model the optimizer steps its adapter's scores have taken (for the reports and the
+        warm-up's warning)."""
+        self._score_steps[adapter_name] = step
+        config = self.peft_config[adapter_name]
+        if config.lam_warmup and not config.total_step and adapter_name not in self._warned:
+            self._warned.add(adapter_name)
+            warnings.warn(
+                f"TAPS adapter '{adapter_name}': lam_warmup={config.lam_warmup} ramps lam over that fraction of "
+                "training, but the training length is unknown, so lam applies in full. Set "
+                "TAPSConfig(total_step=N) (your number of optimizer steps), or with the 🤗 Trainer pass "
+                "callbacks=[taps_peft.training.TAPSCallback()] (TAPSTrainer does).",
+                stacklevel=2,
+            )
+
+    def taps_penalty(self) -> torch.Tensor:
+        """The value of the paper's penalty ``(lam_t / L) * sum_i |s_i|`` over the active adapters now (detached, for
+        logs; ``lam_t`` is ``lam`` on its warm-up ramp). TAPS applies its gradient itself at every optimizer step
+        (``tuner.scores``): never add it to the loss for its gradient (adding this value changes only the number).
 
         Example:
-            >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty(step)  # doctest: +SKIP
+            >>> float(model.taps_penalty())  # doctest: +SKIP
+            0.0712
         """
         total: Optional[torch.Tensor] = None
-        layers = [m for _, m in taps_layers(self.model)]
-        for name in self.active_adapters:
-            config = self.peft_config[name]
-            if config.warmup_steps and step is None:
-                raise ValueError(
-                    f"taps_penalty() needs the step: adapter '{name}' has warmup_steps={config.warmup_steps}. Call "
-                    "model.taps_penalty(step) with the number of optimizer steps done so far."
-                )
-            scores = [_full_tensor(m.taps_scores[name]) for m in layers if name in m.taps_scores]
-            if not scores or (step is not None and step < config.warmup_steps):
-                continue
-            term = torch.cat(scores).abs().sum() * (config.lam / len(scores))
-            total = term if total is None else total + term
+        by_adapter = self.scores_by_adapter()
+        with torch.no_grad():
+            for name in self.active_adapters:
+                found = by_adapter.get(name)
+                if not found:
+                    continue
+                lam = scores.lam_at(self.peft_config[name], self._score_steps.get(name, 0))
+                term = torch.cat([_full_tensor(s).reshape(1) for s in found]).abs().sum() * (lam / len(found))
+                total = term if total is None else total + term
         if total is None:
             device = next(iter(self.model.parameters())).device
             return torch.zeros((), device=device)
         return total
+
+    def _check_scores_step(self, layers: list[TAPSLayer]) -> None:
+        """Warn once when an optimizer step moved this model's weights but not its trainable scores: the optimizer
+        does not hold them, or is not a ``torch.optim.Optimizer`` (its step runs no hook). Host-side counters only."""
+        watched = next((p for m in layers for a in m.active_adapters if a in m.taps_scores and
+                        m.taps_scores[a].requires_grad for p in m.adapter_params(a)[:-1] if p.requires_grad), None)
+        if watched is None:
+            self._watch = None
+            return
+        now = (id(watched), watched._version, sum(self._score_steps.values()))
+        before, self._watch = self._watch, now
+        if before is None or before[0] != now[0] or before[1] == now[1] or before[2] != now[2]:
+            return
+        if "unseen-step" not in self._warned:
+            self._warned.add("unseen-step")
+            warnings.warn(
+                "TAPS: an optimizer step updated the adapter's weights but not its scores, so the gates did not learn "
+                "and the penalty did not act. Build the optimizer over all trainable parameters, scores included "
+                "(e.g. torch.optim.AdamW(model.parameters(), lr=...)); with an optimizer that is not a "
+                "torch.optim.Optimizer, call taps_peft.step_scores(model) just before its step.",
+                stacklevel=3,
+            )
 
 
 def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
