@@ -120,7 +120,11 @@ def test_merge_unmerge_unload_and_disable(family, images):
         torch.testing.assert_close(logits(merged.eval(), images), unmerged, atol=1e-5, rtol=1e-4)
         saved_modules = {n for n, m in model.named_modules() if hasattr(m, "modules_to_save")}
         assert model.base_model.taps_layers()
+        for layer in taps_layers(model):
+            layer.taps_scores["default"].fill_(0.0)
+        closed = logits(model, images)  # what unload keeps: the trained head and norms, no delta
         unloaded = model.unload()  # as in PEFT: gated deltas dropped, trained head/norms (modules_to_save) kept
+        torch.testing.assert_close(logits(unloaded.eval(), images), closed, atol=0, rtol=0)
     assert not any(isinstance(m, TAPSLayer) for m in unloaded.modules())
     assert model.base_model.taps_layers() == []  # the tuner's cached layer list follows
     kept = {n.removeprefix("base_model.model.") for n in saved_modules}
