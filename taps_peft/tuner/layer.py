@@ -186,6 +186,15 @@ class TAPSLayer(BaseTunerLayer):
         with torch.no_grad():
             return self.delta(adapter_name).to(weight.dtype) * self.gate(adapter_name).to(weight.dtype)
 
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's ``enable_adapters``; disabling a merged layer also unmerges it, as LoRA's layers do (on their next
+        forward; here at once, so that a parent that reads ``layer.weight`` instead of calling the layer, such as
+        ``nn.MultiheadAttention`` with its ``out_proj``, computes with the base weight too). As with LoRA, the layer
+        stays unmerged when enabled again."""
+        if not enabled and self.merged:
+            self.unmerge()
+        super().enable_adapters(enabled)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the open adapters' deltas to the base weight; its own data is set aside so unmerge is exact."""
         weight = self.get_base_layer().weight
