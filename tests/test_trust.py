@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import taps_peft
 from taps_peft import BaseModelMismatchWarning, TAPSConfig, TAPSLayer
 from taps_peft.tuner.saved import tensors_digest
-from conftest import HANG, logits, tiny_hf_vit, tiny_timm_vit
+from conftest import HANG, MODELS, logits, tiny_hf_vit, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,14 +304,18 @@ def test_config_and_weights_of_two_saves_are_refused(tmp_path, images):
 
 
 def test_a_file_replaced_while_it_is_loaded_is_refused(tmp_path, monkeypatch):
-    """The load hook checks the tensors PEFT really read against the config (a writer racing the reader)."""
+    """The load hook checks the tensors PEFT really read against the config (a writer racing the reader), and undoes
+    PEFT's injection: the base is left as it was."""
     import peft.utils.save_and_load as save_and_load
 
     base, model = two_saves(tmp_path)
     read = save_and_load.load_peft_weights
     monkeypatch.setattr("peft.peft_model.load_peft_weights", lambda model_id, **kw: read(tmp_path / "two", **kw))
-    with pytest.raises(ValueError, match=r"not the ones saved with its adapter_config\.json .*two saves"):
-        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "one")
+    fresh = copy.deepcopy(base)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"mixes two saves: its adapter_config\.json and its adapter_model"):
+        PeftModel.from_pretrained(fresh, tmp_path / "one")
+    assert unchanged(before, fresh) and not hasattr(fresh, "peft_config")
 
 
 def test_delete_the_only_adapter_then_load_it_again(tmp_path, images):
@@ -334,6 +338,72 @@ def test_a_failed_from_pretrained_keeps_the_user_s_modes(tmp_path):
     with pytest.raises(ValueError, match="no score for the layer"):
         PeftModel.from_pretrained(user, bad)
     assert unchanged(before, user) and all(m.training for m in user.modules())
+
+
+def _hooks(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def _no_adapter_left(model):
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return not any(isinstance(m, (TAPSLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_a_config_read_from_a_saved_adapter_trains_a_new_adapter_on_another_base(tmp_path, images, family):
+    """``get_peft_model(new_base, TAPSConfig.from_pretrained(saved))``, the usual way to train a new adapter with a
+    saved recipe, works on a base with another head size: the saved weights are checked when they are loaded, not
+    when their config is reused. The new adapter records its own base and loads onto it."""
+    get_peft_model(MODELS[family](num_classes=5), TAPSConfig(lam=0.3, init_weights=False)).save_pretrained(
+        tmp_path / "saved")
+    config = TAPSConfig.from_pretrained(tmp_path / "saved")
+    config.inference_mode = False
+    base = MODELS[family](num_classes=7)
+    pristine = copy.deepcopy(base)
+    model = get_peft_model(base, config)
+    assert model.peft_config["default"].lam == 0.3
+    logits(model.train(), images).square().mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.save_pretrained(tmp_path / "new")
+    info = json.loads((tmp_path / "new" / "adapter_config.json").read_text())["base_model_info"]
+    assert info["num_classes"] == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)  # the identity recorded is the new base's
+        loaded = PeftModel.from_pretrained(pristine, tmp_path / "new").eval()
+    with torch.no_grad():
+        assert logits(loaded, images).shape[-1] == 7
+        assert torch.equal(logits(loaded, images), logits(model.eval(), images))
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_a_load_refused_after_injection_is_undone(tmp_path, images, family):
+    """An adapter of another head size passes every check PEFT's reader needs, so PEFT injects it; the tuner's load
+    hook refuses it and undoes the injection: ``from_pretrained`` leaves the user's base exactly as it was (tensors,
+    outputs, module objects, flags, modes, hooks, no ``peft_config``, no TAPS layer or wrapper), ``load_adapter``
+    leaves the model with its adapters only (the layers only the refused adapter targets are plain again)."""
+    get_peft_model(MODELS[family](num_classes=7), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "seven")
+    base = MODELS[family](num_classes=5)  # in train mode, as built
+    with torch.no_grad():
+        expected = logits(copy.deepcopy(base).eval(), images)
+    before, hooks = snapshot(base), _hooks(base)
+    with pytest.raises(ValueError, match=r"does not fit this base model.* has shape \(7"):
+        PeftModel.from_pretrained(base, tmp_path / "seven")
+    assert unchanged(before, base) and _hooks(base) == hooks and _no_adapter_left(base)
+    assert "peft_config" not in vars(base)
+    with torch.no_grad():
+        assert torch.equal(logits(copy.deepcopy(base).eval(), images), expected)
+    first = get_peft_model(copy.deepcopy(base), TAPSConfig()).base_model.taps_layers()[0][0]
+    model = get_peft_model(base, TAPSConfig(target_modules=[first], init_weights=False), adapter_name="one").eval()
+    with torch.no_grad():
+        served = logits(model, images)
+    before, hooks = snapshot(model), _hooks(model)
+    with pytest.raises(ValueError, match=r"does not fit this base model"):
+        model.load_adapter(tmp_path / "seven", adapter_name="new")
+    assert unchanged(before, model) and _hooks(model) == hooks and list(model.peft_config) == ["one"]
+    assert [n for n, _ in model.base_model.taps_layers()] == [first]
+    with torch.no_grad():
+        assert torch.equal(logits(model, images), served)
 
 
 # ----- saving -----

@@ -167,8 +167,9 @@ class TAPSConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
         adapter with its name and a damaged file with its path. The config remembers where it was read from, so that
-        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base
-        before any module is replaced."""
+        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base, and
+        a refused load leaves the model as it was; reused for a new adapter (``get_peft_model``), only its folder's
+        weights must be readable."""
         where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
             pretrained_model_name_or_path)
         try:
