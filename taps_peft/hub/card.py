@@ -2,8 +2,8 @@
 
 The card (README.md) says which base model the adapter belongs to, lam/tau, the active layers k/L, the adapter size,
 a layer map (score and gate per layer) and that ``import taps_peft`` is needed to load it. Its TAPS part sits between
-two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``taps_peft.save_adapter`` and
-``taps_peft.push_to_hub`` write it (``model.save_pretrained`` writes PEFT's generic card).
+two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``model.save_pretrained``
+(PEFT's, through ``TAPSConfig.save_pretrained``), ``taps_peft.save_adapter`` and ``taps_peft.push_to_hub`` write it.
 
 Example:
     >>> from taps_peft.hub.card import build_model_card

@@ -236,6 +236,7 @@ class TAPSModel(BaseTuner):
         """PEFT's selection, minus each delta (or factors A, B) whose score (read from the state dict itself) is below
         tau, unless ``config.save_inactive_deltas`` (resumable training checkpoints)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        config._saved_from(model, adapter_name)  # PEFT's save_pretrained saves this config next: it writes the card
         if config.save_inactive_deltas:
             return selected
         scores = f".taps_scores.{adapter_name}"
