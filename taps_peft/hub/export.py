@@ -86,6 +86,7 @@ def export_lora(
     args, kwargs, described = example_batch(work.get_base_model(), example_inputs, dtype)
     with torch.no_grad():
         expected = _output(work(*args, **kwargs))
+    source = tensors_digest(get_peft_model_state_dict(work, adapter_name=adapter_name).values())  # the TAPS save's
     fresh = copy.deepcopy(work).unload()  # the base, for the plain-PEFT load that measures the export
     config = work.peft_config[adapter_name]
     layers = _plan(work, adapter_name, rank, config)
@@ -138,7 +139,6 @@ def export_lora(
                 f"export_lora: the exported LoRA adapter differs from the TAPS adapter '{adapter_name}': {measured}, "
                 f"over tolerance={tolerance:g}. {_fix(layers)} Nothing was written to '{target}'."
             )
-        source = tensors_digest(get_peft_model_state_dict(model, adapter_name=adapter_name).values())
         save_export_card(model, adapter_name, stage, ranks, whole, source, measured)
         size = os.path.getsize(stage / WEIGHTS_NAME)
         for src in sorted(stage.iterdir(), key=lambda p: _ORDER.get(p.name, 2)):
