@@ -70,9 +70,45 @@ def test_merge_unmerge_unload_and_disable(family, dtype):
     with model.disable_adapter():
         assert torch.equal(_out(model, x), plain)
     assert torch.equal(_out(model, x), expected)
+    with torch.no_grad():
+        for _, layer in model.base_model.taps_layers():
+            layer.taps_scores["a"].fill_(0.0)
+    closed = _out(model, x)  # what unload keeps: the head and norm copies, no delta
     unloaded = model.unload()  # the gated layers go back to the base's own, bit for bit
     for name, weight in weights.items():
         assert torch.equal(unloaded.get_submodule(name).weight, weight)
+    torch.testing.assert_close(_out(unloaded, x), closed, rtol=0, atol=tolerance)
+
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+@pytest.mark.parametrize("dtype", sorted(HALF))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_16_bit_merge_and_unload_and_unload_return_a_model_that_runs(family, dtype, how):
+    """PEFT's default ``autocast_adapter_dtype=True`` makes the head and norm copies of a 16-bit base compute in fp32;
+    the plain model ``merge_and_unload`` / ``unload`` returns has the base dtype everywhere and gives the adapter's
+    outputs (``unload``: those with every gate closed, as it drops the deltas and keeps the head and norm copies)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    torch.manual_seed(0)
+    half = HALF[dtype]
+    model = get_peft_model(FAMILIES[family]().to(half), TAPSConfig(init_weights=False)).eval()
+    with torch.no_grad():
+        for wrapper in [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+            for p in wrapper.modules_to_save["default"].parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # the task's head and norms differ from the base's
+        if how == "unload":
+            for _, layer in model.base_model.taps_layers():
+                layer.taps_scores["default"].fill_(0.0)
+    x = _images("fp32").to(half)
+    expected = _out(model, x)
+    plain = getattr(model, how)()
+    assert {p.dtype for p in plain.parameters() if p.is_floating_point()} == {half}
+    out = _out(plain.eval(), x)
+    assert out.dtype == half
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2e-2 if dtype == "bf16" else 4e-3)
 
 
 @pytest.mark.parametrize("family, dtype", CASES)

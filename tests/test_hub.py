@@ -243,5 +243,46 @@ def test_card_refresh_keeps_user_text_and_metadata(tmp_path, front_matter):
     assert 'PeftModel.from_pretrained(base, "me/task")' in text
 
 
+
+def test_save_pretrained_writes_the_taps_card_and_keeps_the_user_s_readme(tmp_path):
+    """``model.save_pretrained`` (PEFT's own, unpatched) writes the TAPS card: through ``TAPSConfig.save_pretrained``,
+    which PEFT calls after the weights. A README of the user's keeps its text and metadata around the TAPS section, a
+    second save refreshes the section, a second adapter gets its card in its folder, and a state dict taken without
+    saving leaves the config copyable and picklable."""
+    import copy
+    import pickle
+
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    import taps_peft
+    from taps_peft.hub.card import BEGIN, END
+    from conftest import tiny_timm_vit
+
+    model = get_peft_model(tiny_timm_vit(), taps_peft.TAPSConfig(lam=0.5))
+    model.add_adapter("b", taps_peft.TAPSConfig(lam=0.2))
+    with torch.no_grad():
+        model.base_model.taps_layers()[0][1].taps_scores["default"].fill_(0.0)
+    fresh, mine = tmp_path / "fresh", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("---\nlicense: mit\n---\n# My task\n\nNotes by me.\n")
+    model.save_pretrained(fresh)
+    model.save_pretrained(mine)
+    model.save_pretrained(mine)
+    layer = model.base_model.taps_layers()[0][0]
+    for folder in (fresh, mine):
+        text = (folder / "README.md").read_text()
+        assert text.count(BEGIN) == 1 and text.count(END) == 1 and "[More Information Needed]" not in text
+        assert "# TAPS adapter for `vit_tiny_patch16_224`" in text and "| Active layers (k/L) | 7/8 (87.5%) |" in text
+        assert f"| `{layer}` | 0.0000 | no |" in text and "import taps_peft  # registers TAPS with PEFT" in text
+        assert "library_name: peft" in text
+    text = (mine / "README.md").read_text()
+    assert text.count("# My task\n\nNotes by me.") == 1 and "license: mit" in text
+    card_b = (fresh / "b" / "README.md").read_text()
+    assert "| Adapter | `b` |" in card_b and "| lam (sparsity weight) | 0.2 |" in card_b and 'subfolder="b"' in card_b
+    get_peft_model_state_dict(model)  # the tuner's save hook runs, no save of the config follows
+    config = model.peft_config["default"]
+    assert pickle.loads(pickle.dumps(config)) == config and copy.deepcopy(config) == config
+
 if __name__ == "__main__":
     _client(Path(sys.argv[1]))

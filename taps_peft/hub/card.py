@@ -2,8 +2,8 @@
 
 The card (README.md) says which base model the adapter belongs to, lam/tau, the active layers k/L, the adapter size,
 a layer map (score and gate per layer) and that ``import taps_peft`` is needed to load it. Its TAPS part sits between
-two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``taps_peft.save_adapter`` and
-``taps_peft.push_to_hub`` write it (``model.save_pretrained`` writes PEFT's generic card).
+two HTML comments, so later saves refresh it and keep anything a user wrote around it. ``model.save_pretrained``
+(PEFT's, through ``TAPSConfig.save_pretrained``), ``taps_peft.save_adapter`` and ``taps_peft.push_to_hub`` write it.
 
 Example:
     >>> from taps_peft.hub.card import build_model_card
@@ -280,10 +280,11 @@ def _versions() -> dict[str, str]:
 
 
 def save_export_card(model: nn.Module, adapter_name: str, directory: Union[str, os.PathLike], ranks: dict[str, int],
-                     whole: list[str], source_digest: str) -> Path:
+                     whole: list[str], source_digest: str, measured: str = "") -> Path:
     """The README of a LoRA adapter written by ``export_lora``: its provenance (the base, the TAPS adapter it came
     from, identified by the digest its own ``adapter_config.json`` records as ``weights_digest``), which layers are
-    LoRA layers and at which ranks, which were saved whole, and how to load it without taps_peft."""
+    LoRA layers and at which ranks, which were saved whole, the output error measured against the TAPS adapter, and
+    how to load it without taps_peft."""
     from huggingface_hub import ModelCard, ModelCardData
 
     info = describe_base_model(model, adapter_name)
@@ -303,7 +304,7 @@ TAPS adapter made task-specific are LoRA layers, each with its own rank (scaling
 | LoRA layers | {len(ranks)}, rank {low}{f"-{high}" if high != low else ""} |
 | Saved whole (`W_base + dW`, layers LoRA cannot hold exactly or whose factors would be larger) | {saved_whole} |
 | Head and norms | trained copies, in `modules_to_save` |
-
+{f"| Measured against the TAPS adapter | {measured} |" + chr(10) if measured else ""}
 ## How to load
 
 ```python

@@ -1,11 +1,11 @@
 """Saving and pushing a TAPS adapter with its model card: explicit functions around PEFT's own ``save_pretrained``.
 
 ``model.save_pretrained(dir)`` is PEFT's: it writes the weights, then the config (which binds itself to those weights
-through ``weights_digest``, so a folder mixing two saves is refused when loading), and PEFT's generic card.
+through ``weights_digest``, so a folder mixing two saves is refused when loading, and then writes the TAPS model card).
 
 - :func:`save_adapter` is what ``taps-peft train`` and ``TAPSTrainer`` use: the same files, each written to a
   temporary folder inside the target and put in place with ``os.replace`` (weights, then config, then card), so no
-  reader ever sees a half-written file; plus the TAPS model card.
+  reader ever sees a half-written file.
 - :func:`push_to_hub` uploads that folder in one commit, keeping a README already in the repo around the TAPS section
   (``PeftModel.push_to_hub`` works too, but transformers replaces the card with its template).
 
@@ -59,10 +59,7 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **sa
     try:
         if (target / "README.md").is_file():  # PEFT and the TAPS card update an existing card
             shutil.copy2(target / "README.md", stage / "README.md")
-        model.save_pretrained(str(stage), **save_kwargs)
-        for adapter_dir in sorted({p.parent for p in stage.rglob(CONFIG_NAME)}):
-            name = adapter_dir.relative_to(stage).as_posix()
-            save_model_card(model, adapter_dir, adapter_name="default" if name == "." else name)
+        model.save_pretrained(str(stage), **save_kwargs)  # with the TAPS card of each adapter (TAPSConfig's save)
         files = sorted((p for p in stage.rglob("*") if p.is_file() and p.name != _MARK),
                        key=lambda p: (len(p.relative_to(stage).parts) == 1, _ORDER.get(p.name, 2)))
         umask = os.umask(0)

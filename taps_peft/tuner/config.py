@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -175,8 +176,9 @@ class TAPSConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
         adapter with its name and a damaged file with its path. The config remembers where it was read from, so that
-        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base
-        before any module is replaced."""
+        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base, and
+        a refused load leaves the model as it was; reused for a new adapter (``get_peft_model``), only its folder's
+        weights must be readable."""
         where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
             pretrained_model_name_or_path)
         try:
@@ -197,10 +199,22 @@ class TAPSConfig(PeftConfig):
         config._source = {"model_id": str(pretrained_model_name_or_path), "subfolder": subfolder, "hub": hub}
         return config
 
+    def _saved_from(self, model: Any, adapter_name: str) -> None:
+        """Note that ``model`` is saving this config's adapter (called by ``TAPSModel._get_adapter_state_dict``, which
+        PEFT's ``save_pretrained`` calls just before it saves the config): the next ``save_pretrained`` of this config
+        then writes the TAPS model card beside it. Kept as a weak reference, and never copied or pickled."""
+        self.__dict__["_card_source"] = (weakref.ref(model), adapter_name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_card_source", None)  # a weak reference to a model: not the config's to copy or pickle
+        return state
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's ``PeftConfig.save_pretrained``, written atomically, with ``weights_digest`` set to the digest of the
         ``adapter_model.safetensors`` beside it (PEFT's ``save_pretrained`` writes the weights, then calls this), so a
-        later load can tell that config and weights belong to one save."""
+        later load can tell that config and weights belong to one save. Within ``PeftModel.save_pretrained`` it then
+        writes the TAPS model card (``README.md``; a README you wrote keeps its text around the TAPS section)."""
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"Cannot save into '{folder}': it is a file, not a folder. Choose another path.")
@@ -221,6 +235,23 @@ class TAPSConfig(PeftConfig):
             output["auto_mapping"] = auto_mapping
         output["weights_digest"] = _file_digest(weights) if weights.exists() else None
         atomic_write(folder / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
+        model, adapter_name = self.__dict__.pop("_card_source", (lambda: None, None))
+        model = model()
+        if model is not None and weights.exists() and _card_readable(model):
+            from ..hub.card import save_model_card
+
+            save_model_card(model, folder, adapter_name=adapter_name)
+
+
+def _card_readable(model: Any) -> bool:
+    """Whether the card can be built from ``model`` here: a PeftModel whose scores are whole (under FSDP2 reading a
+    sharded score is a collective, which the saving process alone must not start: PEFT's card stays)."""
+    from peft import PeftModel
+
+    from .layer import TAPSLayer, _is_sharded
+
+    return isinstance(model, PeftModel) and not any(
+        _is_sharded(p) for m in model.modules() if isinstance(m, TAPSLayer) for p in m.taps_scores.values())
 
 
 def _file_digest(path: Path) -> str:

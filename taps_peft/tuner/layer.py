@@ -12,6 +12,7 @@ layer unchanged.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
@@ -184,6 +185,15 @@ class TAPSLayer(BaseTunerLayer):
             return torch.zeros_like(weight)
         with torch.no_grad():
             return self.delta(adapter_name).to(weight.dtype) * self.gate(adapter_name).to(weight.dtype)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's ``enable_adapters``; disabling a merged layer also unmerges it, as LoRA's layers do (on their next
+        forward; here at once, so that a parent that reads ``layer.weight`` instead of calling the layer, such as
+        ``nn.MultiheadAttention`` with its ``out_proj``, computes with the base weight too). As with LoRA, the layer
+        stays unmerged when enabled again."""
+        if not enabled and self.merged:
+            self.unmerge()
+        super().enable_adapters(enabled)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the open adapters' deltas to the base weight; its own data is set aside so unmerge is exact."""
@@ -393,10 +403,17 @@ def upcast(module: nn.Module) -> None:
 
 def remove_upcast(module: nn.Module) -> None:
     """Take ``upcast``'s hooks off ``module`` and its children (``unload`` / ``merge_and_unload`` return plain
-    modules)."""
-    for m in module.modules():
-        for handle in m.__dict__.pop("_taps_upcast", ()):
+    modules), and give each upcast module the dtype of the rest of the model again when that is 16-bit: without its
+    hooks an fp32 head between bf16 layers would fail on its first input (a ``.float()`` model stays fp32)."""
+    upcast_modules = [m for m in module.modules() if "_taps_upcast" in m.__dict__]
+    inside = {id(t) for m in upcast_modules for t in m.parameters()}
+    dtypes = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in inside)
+    dtype = dtypes.most_common(1)[0][0] if dtypes else None
+    for m in upcast_modules:
+        for handle in m.__dict__.pop("_taps_upcast"):
             handle.remove()
+        if dtype in _HALF:
+            m.to(dtype)
 
 
 def _cast_inputs(module: nn.Module, args: tuple) -> tuple:

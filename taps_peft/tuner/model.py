@@ -23,8 +23,8 @@ from .layer import (
     route_samples, upcast,
 )
 from .saved import (
-    DELTA_PARAMS, adapter_versions, check_adapter_name, check_before_loading, check_bound_weights, check_loaded_state,
-    restart_delta,
+    DELTA_PARAMS, adapter_versions, check_adapter_name, check_first_load, check_loaded_state, check_readable,
+    restart_delta, spend_binding,
 )
 from .targets import find_head, resolve_targets
 
@@ -71,7 +71,14 @@ class TAPSModel(BaseTuner):
         mode (no forward may move the base's statistics)."""
         check_adapter_name(adapter_name)
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        injections = self.__dict__.setdefault("_taps_injections", {})
+        if getattr(self.peft_config[adapter_name], "_source", None) is not None:  # a saved adapter may be loading
+            injections[adapter_name] = self._before_injection(model)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            injections.pop(adapter_name, None)
+            raise
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
                 parent, _, child = name.rpartition(".")
@@ -79,20 +86,52 @@ class TAPSModel(BaseTuner):
         self._keep_base_norms_frozen()
 
     def _prepare_adapter_config(self, peft_config: TAPSConfig, model_config: dict) -> TAPSConfig:
-        """Resolve the targets, head and norms and record the base's identity; for a saved adapter being loaded, check
-        its weights file (valid, finite, from the same save as the config, fitting this model) and the base. Every
-        check comes before PEFT replaces a module: a failure leaves the model (and its other adapters) as it was."""
+        """Resolve the targets, head and norms and record the base's identity, all checked before PEFT replaces a
+        module. For a config read with ``TAPSConfig.from_pretrained`` (a saved adapter may be loading, or its config
+        be reused for a new adapter), its weights file must be readable by PEFT (``check_readable``); the load
+        checks the rest and keeps the identity of the base the adapter was trained on (``check_first_load``)."""
         model = self.model
-        adapter_name = next(n for n, c in self.peft_config.items() if c is peft_config)
         head = resolve_targets(model, peft_config)
         now = base_info(model, peft_config, head)
         saved_info = dict(peft_config.base_model_info or {})
-        loading = check_before_loading(model, peft_config, adapter_name, now)
-        # a load keeps the identity of the base the adapter was trained on (a warning above if this base differs)
-        kept = {k: saved_info[k] for k in (*_USER_INFO, *(("fingerprint",) if loading else ())) if k in saved_info}
-        peft_config.base_model_info = {**now, **kept}
+        peft_config.base_model_info = {**now, **{k: saved_info[k] for k in _USER_INFO if k in saved_info}}
         peft_config.base_model_info.setdefault("name", now.get("architecture"))
+        path = check_readable(model, peft_config)
+        if path is not None:
+            peft_config._weights_path, peft_config._saved_identity = path, saved_info
         return peft_config
+
+    @staticmethod
+    def _before_injection(model: nn.Module) -> dict[str, Any]:
+        """What an injection changes in ``model`` besides its modules, to undo it (``_undo_injection``)."""
+        return {"grads": [(p, p.requires_grad) for p in model.parameters()],
+                "modes": [(m, m.training) for m in model.modules()],
+                "peft_config": "peft_config" in vars(model),
+                "input_grads": bool(getattr(model, "_require_grads_hooks", None))}
+
+    def _undo_injection(self, adapter_name: str, before: dict[str, Any]) -> None:
+        """Remove an adapter whose load failed after PEFT injected it: PEFT's ``delete_adapter``, then every TAPS
+        layer and head/norm wrapper left without an adapter is its module again, and flags, modes and attributes are
+        as ``before``. The first adapter of a model gives the user's base back exactly."""
+        self.delete_adapter(adapter_name)
+        for name, module in tuner_modules(self.model, with_names=True):
+            if isinstance(module, TAPSLayer) and not module.taps_scores:
+                original = module.get_base_layer()
+            elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+                original = module.original_module
+            else:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, original)
+        for param, flag in before["grads"]:
+            param.requires_grad_(flag)
+        for module, mode in before["modes"]:
+            module.training = mode
+        if not self.peft_config:
+            if not before["peft_config"]:
+                vars(self.model).pop("peft_config", None)
+            if not before["input_grads"] and getattr(self.model, "_require_grads_hooks", None):
+                self.model.disable_input_require_grads()
 
     def record_base_identity(self, adapter_name: str) -> None:
         """Record the base as it is now in the adapter's ``base_model_info`` (done at injection; call it again when
@@ -219,6 +258,7 @@ class TAPSModel(BaseTuner):
         """PEFT's selection, minus each delta (or factors A, B) whose score (read from the state dict itself) is below
         tau, unless ``config.save_inactive_deltas`` (resumable training checkpoints)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        config._saved_from(model, adapter_name)  # PEFT's save_pretrained saves this config next: it writes the card
         if config.save_inactive_deltas:
             return selected
         scores = f".taps_scores.{adapter_name}"
@@ -236,11 +276,23 @@ class TAPSModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's key mapping, then the TAPS checks of ``tuner.saved.check_loaded_state``: weights that are not this
-        adapter's are refused before anything is loaded. Weights from another save than the config read with
-        ``TAPSConfig.from_pretrained`` are refused first (``weights_digest``)."""
-        check_bound_weights(model, config, adapter_name, state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        return check_loaded_state(model, config, adapter_name, remapped)
+        adapter's are refused before anything is loaded. The load a config read with ``TAPSConfig.from_pretrained``
+        was injected for is checked first against that save (``check_first_load``), and if any check fails the
+        injection is undone (``_undo_injection``): ``PeftModel.from_pretrained`` leaves the user's base as it was,
+        ``load_adapter`` adds no adapter."""
+        tuner = getattr(model, "base_model", None)
+        tuner = tuner if isinstance(tuner, TAPSModel) else None
+        injected = tuner.__dict__.get("_taps_injections", {}).pop(adapter_name, None) if tuner is not None else None
+        binding = spend_binding(model, config, adapter_name)
+        try:
+            if binding is not None:
+                check_first_load(model, config, adapter_name, state_dict, binding)
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            return check_loaded_state(model, config, adapter_name, remapped)
+        except Exception:
+            if binding is not None and injected is not None:
+                tuner._undo_injection(adapter_name, injected)
+            raise
 
     # ----- PEFT's adapter management, visiting only the tuner modules -----
     # PEFT's set_adapter / merge_adapter / unmerge_adapter walk every module, including each adapter's head and norm

@@ -1,6 +1,8 @@
-"""Saved adapters: their files, how a save binds config and weights together, and the checks a load makes before
-anything changes (PEFT's ``_remap_adapter_state_dict_for_load`` hook and, for a config read with
-``TAPSConfig.from_pretrained``, the weights file it was saved with, checked before any module is replaced)."""
+"""Saved adapters: their files, how a save binds config and weights together, and the checks a load makes: for a
+config read with ``TAPSConfig.from_pretrained``, what PEFT's own reader needs, before any module is replaced
+(``check_readable``: the header only); then, in PEFT's ``_remap_adapter_state_dict_for_load`` hook, the tensors PEFT
+read, before any is loaded (``check_first_load``, ``check_loaded_state``). A failure there makes the tuner undo the
+injection, so a failed load leaves the model as it was."""
 
 from __future__ import annotations
 
@@ -75,10 +77,30 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
-        raise ValueError(
-            f"The TAPS adapter file '{path}' is not a valid safetensors file ({err}): it is truncated or corrupted. "
-            "Save or download the adapter again."
-        ) from None
+        raise ValueError(_damaged(path, err)) from None
+    check_finite(tensors, path)
+    return tensors
+
+
+def header_names(path: str) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone (no tensor is read); a truncated or corrupted
+    file is refused with the file named."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(_damaged(path, err)) from None
+
+
+def _damaged(path: str, err: Exception) -> str:
+    return (f"The TAPS adapter file '{path}' is not a valid safetensors file ({err}): it is truncated or corrupted. "
+            "Save or download the adapter again.")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Refuse NaN/inf values in an adapter's tensors, naming the file and the first tensor that holds them."""
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
@@ -86,7 +108,14 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
                 f"The TAPS adapter file '{path}' holds {bad} NaN/inf value(s) in `{key}`: the adapter is broken (it "
                 "diverged in training, or the file was damaged). Load an earlier checkpoint."
             )
-    return tensors
+
+
+def saved_module_tensors(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of the modules ``config.modules_to_save`` wraps in ``model`` (head and norms), by the name its
+    copy has in a saved adapter."""
+    modules = plain_modules(model)
+    return {f"{name}.{key}": tensor for found in saved_modules(model, config.modules_to_save).values()
+            for name in found for key, tensor in modules[name].state_dict().items()}
 
 
 def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tensor]) -> None:
@@ -122,15 +151,13 @@ def check_saved_adapter(model: nn.Module, config, tensors: dict[str, torch.Tenso
             form = "full-size delta" if "taps_delta" in expected else f"factors A, B of rank {config.r}"
             problems.append(f"the file holds `{name}.{other[0]}` but the adapter's config (r={config.r}) gives that "
                             f"layer a {form}: config and weights were saved with different r")
-    for found in saved_modules(model, config.modules_to_save).values():
-        for name in found:
-            for key, tensor in modules[name].state_dict().items():
-                allowed.add(f"{name}.{key}")
-                got = shapes.get(f"{name}.{key}")
-                if got is None:
-                    problems.append(f"the file has no `{name}.{key}`")
-                elif got != tuple(tensor.shape):
-                    problems.append(f"`{name}.{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
+    for key, tensor in saved_module_tensors(model, config).items():
+        allowed.add(key)
+        got = shapes.get(key)
+        if got is None:
+            problems.append(f"the file has no `{key}`")
+        elif got != tuple(tensor.shape):
+            problems.append(f"`{key}` has shape {got} in the file but {tuple(tensor.shape)} here")
     stray = sorted(set(shapes) - allowed)
     layers = [k for k in stray if k.endswith(_LAYER_SUFFIXES)]
     problems += [f"the saved layer `{k}` has no matching module" for k in dict.fromkeys(k.rpartition(".")[0] for k in layers)]
@@ -164,38 +191,61 @@ def _as_model_names(shapes: dict[str, Any], modules: dict[str, nn.Module]) -> di
     return {(prefix + key if key.rpartition(".")[0] in missing else key): value for key, value in shapes.items()}
 
 
-def check_before_loading(model: nn.Module, config: Any, adapter_name: str, now: dict) -> bool:
-    """For a config read with ``TAPSConfig.from_pretrained`` (a saved adapter being loaded), before any module is
-    replaced: its weights file is valid, finite, from the same save as the config, fits ``model``; and the base is the
-    one it was trained on (``now``: its identity; a mismatch warns). Returns whether a saved adapter was checked."""
-    weights = source_weights(getattr(config, "_source", None), bool(config.weights_digest))
-    if weights is None:
-        return False
-    tensors = read_weights(weights)
-    if config.weights_digest and tensors_digest(tensors.values()) != config.weights_digest:
-        raise ValueError(mixed_save(weights))
-    check_saved_adapter(model, config, tensors)
-    check_identity(dict(config.base_model_info or {}), now, adapter_name)
-    return True
+def check_readable(model: nn.Module, config: Any) -> Optional[str]:
+    """For a config read with ``TAPSConfig.from_pretrained`` (its adapter may be loading), before any module is
+    replaced: what PEFT's own reading of the weights needs, where a failure would come before the tuner's load hook
+    and so could not be undone. The weights file is there and is safetensors (never a pickle), its header is whole,
+    and it names every tensor of the head and norm copies (PEFT looks those up before the hook). Only the header is
+    read; the load itself checks the rest (``check_first_load``), so a config reused to train a new adapter on
+    another base (another head size) is not refused. Returns the file's path, or None when there are no weights."""
+    path = source_weights(getattr(config, "_source", None), bool(config.weights_digest))
+    if path is None:
+        return None
+    modules = plain_modules(model)
+    names = _as_model_names({k.removeprefix(_PREFIX): None for k in header_names(path)}, modules)
+    missing = sorted(set(saved_module_tensors(model, config)) - set(names))
+    if missing:  # the full checks say why (two saves, an incomplete adapter, another base)
+        tensors = read_weights(path)
+        if config.weights_digest and tensors_digest(tensors.values()) != config.weights_digest:
+            raise ValueError(mixed_save(path))
+        check_saved_adapter(model, config, tensors)
+        raise ValueError(f"The TAPS adapter file '{path}' has no `{missing[0]}` ({len(missing)} head or norm "
+                         "tensor(s) missing). Nothing was loaded; save the adapter again with save_pretrained.")
+    return path
 
 
-def check_bound_weights(model: nn.Module, config: Any, adapter_name: str, state_dict: dict) -> None:
-    """The first load into an adapter injected from a config read with ``TAPSConfig.from_pretrained`` must bring the
-    weights saved with that config (``weights_digest``): a file replaced while it was read, or weights of another save,
-    are refused. Once the adapter's tensors changed since injection (it trained, or loaded), the binding is spent: a
-    later load (a Trainer resuming, ``set_peft_model_state_dict``) is not compared with it."""
-    source = getattr(config, "_source", None)
-    if source is None or not config.weights_digest:
-        return
+def spend_binding(model: nn.Module, config: Any, adapter_name: str) -> Optional[dict]:
+    """Whether this load is the one a config read with ``TAPSConfig.from_pretrained`` was injected for: the config is
+    bound to a saved adapter's weights and the adapter's tensors are as injection left them. Returns what the load
+    checks (the file, ``weights_digest``, the base the adapter was trained on), else None. The binding serves one load
+    only: once the adapter changed (it trained, or loaded), a later load (a Trainer resuming,
+    ``set_peft_model_state_dict``) is not compared with it."""
+    if getattr(config, "_source", None) is None:
+        return None
     untouched = getattr(config, "_versions", None) in (None, adapter_versions(model, adapter_name))
-    if untouched and tensors_digest(state_dict.values()) != config.weights_digest:
-        raise ValueError(
-            f"The weights loaded into TAPS adapter '{adapter_name}' are not the ones saved with its adapter_config.json "
-            f"(read from '{source['model_id']}'): config and weights come from two saves (a file replaced while it "
-            "was read, or weights copied from elsewhere). Nothing was loaded; load the folder whole with "
-            "PeftModel.from_pretrained (or load_adapter under a new name)."
-        )
-    config.weights_digest, config._source = None, None
+    path, saved = config.__dict__.pop("_weights_path", None), config.__dict__.pop("_saved_identity", None)
+    digest, config.weights_digest, config._source = config.weights_digest, None, None
+    if not untouched or path is None:
+        return None
+    return {"path": path, "digest": digest, "identity": saved}
+
+
+def check_first_load(model: nn.Module, config: Any, adapter_name: str, state_dict: dict, binding: dict) -> None:
+    """The checks of a saved adapter's load (``binding`` from :func:`spend_binding`), on the tensors PEFT read (the
+    tuner's load hook): finite, the ones saved with the config (not a file replaced while it was read, or weights of
+    another save), fitting ``model`` (``check_saved_adapter``), and a base with the weights the adapter was trained on
+    (a mismatch warns: :class:`BaseModelMismatchWarning`). The adapter then keeps the trained-on base's identity."""
+    tensors = {k.replace(f".modules_to_save.{adapter_name}.", "."): v for k, v in state_dict.items()}  # as saved
+    check_finite(tensors, binding["path"])
+    if binding["digest"] and tensors_digest(tensors.values()) != binding["digest"]:
+        raise ValueError(mixed_save(binding["path"]) + " (To load other weights into a model built from a config read "
+                         "with TAPSConfig.from_pretrained, build it from dataclasses.replace(config).)")
+    check_saved_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model, config, tensors)
+    saved = binding["identity"]
+    if saved is not None:
+        check_identity(saved, config.base_model_info or {}, adapter_name)
+        if "fingerprint" in saved:
+            config.base_model_info["fingerprint"] = saved["fingerprint"]
 
 
 def adapter_versions(model: nn.Module, adapter_name: str) -> tuple[int, ...]:
