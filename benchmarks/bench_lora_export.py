@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if step == int(0.8 * args.steps):
             model.freeze_gates()
         idx = torch.randint(0, len(ytr), (32,))
-        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx]) + model.taps_penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()

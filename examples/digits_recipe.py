@@ -30,7 +30,7 @@ EPOCHS, SIZE = 3, 64
 
 
 class Folder(torch.utils.data.Dataset):
-    """The image folder's split as ``{"x": image, "labels": class}`` (timm models take ``x``)."""
+    """The image folder's split as ``{"x": image, "label": class}`` (timm models take ``x``)."""
 
     def __init__(self, root: Path, split: str, mean, std) -> None:
         from PIL import Image
@@ -45,7 +45,7 @@ class Folder(torch.utils.data.Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"x": self.x[i], "labels": self.y[i]}
+        return {"x": self.x[i], "label": self.y[i]}  # the collator makes it "labels"
 
 
 def lite0(seed: int):
@@ -62,32 +62,29 @@ def accuracy(model, data: Folder) -> float:
     return hits / len(data)
 
 
-def config(r: Optional[int], alpha: Optional[float]):
-    return taps_peft.TAPSConfig(r=r, alpha=alpha if r else None)
-
-
-def run_cli(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int) -> dict[str, Any]:
+def run_cli(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int,
+            extra: dict[str, Any]) -> dict[str, Any]:
     from taps_peft.training import TrainArgs, train
     from taps_peft.weights import efficientnet_lite0_weights
 
     metrics = train(TrainArgs(model="timm:tf_efficientnet_lite0", weights=efficientnet_lite0_weights(),
                               dataset=f"imagefolder:{root}", image_size=SIZE, epochs=EPOCHS, output_dir=str(out),
-                              r=r, alpha=alpha, seed=seed))
+                              r=r, alpha=alpha if r else None, seed=seed, **extra))
     return {"accuracy": metrics["eval_accuracy"], "k": metrics["active_layers"], "L": metrics["total_layers"]}
 
 
-def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int,
-                taps_trainer: bool) -> dict[str, Any]:
+def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int, taps_trainer: bool,
+                extra: dict[str, Any], trainer_args: dict[str, Any]) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
     from taps_peft.training import TAPSTrainer
 
-    model = get_peft_model(lite0(seed), config(r, alpha))
+    model = get_peft_model(lite0(seed), taps_peft.TAPSConfig(r=r, alpha=alpha if r else None, **extra))
     cfg = model.base_model.model.pretrained_cfg
     train_ds, test_ds = (Folder(root, s, cfg["mean"], cfg["std"]) for s in ("train", "test"))
     args = TrainingArguments(str(out), num_train_epochs=EPOCHS, use_cpu=True, report_to=[], disable_tqdm=True,
-                             save_strategy="no", seed=seed, logging_steps=50)
+                             save_strategy="no", seed=seed, logging_steps=50, **trainer_args)
     cls = TAPSTrainer if taps_trainer else Trainer
     trainer = cls(model=model, args=args, train_dataset=train_ds,
                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: F.cross_entropy(outputs, labels))
@@ -102,6 +99,10 @@ def main() -> None:
                    choices=["cli", "trainer", "taps_trainer"])
     p.add_argument("--ranks", nargs="+", default=["full", "8"], help="'full' and/or ranks")
     p.add_argument("--alpha", type=float, default=None, help="TAPSConfig.alpha of the low-rank runs (its default)")
+    p.add_argument("--set", type=json.loads, default={}, metavar="JSON",
+                   help='other TAPSConfig fields (for the CLI: TrainArgs fields), e.g. \'{"lam_warmup": 0.5}\'')
+    p.add_argument("--trainer-args", type=json.loads, default={}, metavar="JSON",
+                   help='TrainingArguments fields other than their defaults, e.g. \'{"learning_rate": 1e-3}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = p.parse_args()
@@ -116,10 +117,12 @@ def main() -> None:
                 start = time.perf_counter()
                 out = Path(tmp) / f"{way}-{rank}"
                 if way == "cli":
-                    row = run_cli(root, out, r, args.alpha, args.seed)
+                    row = run_cli(root, out, r, args.alpha, args.seed, args.set)
                 else:
-                    row = run_trainer(root, out, r, args.alpha, args.seed, taps_trainer=way == "taps_trainer")
-                row.update(way=way, deltas=rank, alpha=args.alpha, seconds=round(time.perf_counter() - start, 1))
+                    row = run_trainer(root, out, r, args.alpha, args.seed, way == "taps_trainer", args.set,
+                                      args.trainer_args)
+                row.update(way=way, deltas=rank, alpha=args.alpha, set=args.set, trainer_args=args.trainer_args,
+                           seconds=round(time.perf_counter() - start, 1))
                 rows.append(row)
                 print(f"{way:>13} {rank:>5}: accuracy {row['accuracy']:.3f}, k/L {row['k']}/{row['L']}, "
                       f"{row['seconds']:.0f} s", flush=True)

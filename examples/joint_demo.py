@@ -42,7 +42,7 @@ def incremental(base: nn.Module, tasks: dict, args: argparse.Namespace) -> dict[
     for name, ((train, test), n) in tasks.items():
         config = taps_peft.TAPSConfig(lam=args.lam, score_lr=args.score_lr)
         model = get_peft_model(demo.new_task_model(base, n, args.seed), config)
-        demo.fit(model, train, demo.optimizer(model, args.lr), args.steps, args.batch)
+        demo.fit(model, train, demo.optimizer(model, args.lr), args.steps, args.batch, penalty=model.taps_penalty)
         out[name] = row(model, "default", test)
     return out
 

@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     for lam in sweep.lams:
         config = taps_peft.TAPSConfig(lam=lam, score_lr=args.score_lr)
         model = get_peft_model(demo.new_task_model(base, classes, args.seed), config)
-        demo.fit(model, train, demo.optimizer(model, args.lr), args.steps, args.batch)
+        demo.fit(model, train, demo.optimizer(model, args.lr), args.steps, args.batch, penalty=model.taps_penalty)
         s = taps_peft.taps_summary(model)
         rows.append({"lam": lam, "accuracy": demo.accuracy(model, test), "active_layers": s["active_layers"],
                      "total_layers": s["total_layers"], "adapter_bytes": s["adapter_bytes"]})

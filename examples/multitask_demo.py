@@ -6,7 +6,7 @@ Runs offline (all data ships with scikit-learn and scikit-image) in a few minute
 2. Adapt it to four tasks that need different amounts of change: digits 5-9 (new classes), inverted digits 0-4 (new
    low-level statistics), digits 0-9 rotated by 90 degrees (new spatial layout) and faces vs non-faces
    (scikit-image's LFW subset, resized to 8x8: a new domain with 160 training images).
-3. Train three strategies per task with the same number of steps: TAPS (``get_peft_model``, a plain AdamW loop), full
+3. Train three strategies per task with the same number of steps: TAPS (``get_peft_model`` + ``taps_penalty``), full
    fine-tuning (every parameter of a copy of the base) and feature extraction (only a new head on the frozen base).
 4. Print accuracy, TAPS active layers k/L and adapter size per task; save each TAPS adapter, ``results.json`` and
    ``layer_map.png`` (rows = tasks, columns = gated layers, filled = task-specific; the paper's Fig. 3 style).
@@ -74,10 +74,11 @@ def load_tasks(seed: int) -> tuple[Split, dict[str, Split]]:
 
 
 def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, steps: int, batch: int,
+        penalty: Optional[Callable[[], torch.Tensor]] = None,
         on_step: Optional[Callable[[int], None]] = None) -> None:
-    """``steps`` optimizer steps of cross-entropy over shuffled mini-batches, cosine lr (for a TAPS model, TAPS adds
-    its penalty and moves the scores at each step itself); ``on_step(steps_done)`` runs after each step (progress
-    bars, freezing the gates)."""
+    """``steps`` optimizer steps of cross-entropy (+ TAPS penalty) over shuffled mini-batches, cosine lr (TAPS moves
+    the scores at each step itself); ``on_step(steps_done)`` runs after each step (progress bars, freezing the
+    gates)."""
     x, y = data
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
@@ -85,6 +86,8 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, steps: int, ba
     while step < steps:
         for idx in torch.randperm(len(y)).split(batch):
             loss = F.cross_entropy(model(x[idx]), y[idx])
+            if penalty is not None:
+                loss = loss + penalty()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -134,7 +137,7 @@ def run_task(base: nn.Module, data: Split, out: Path, args: argparse.Namespace) 
 
     config = taps_peft.TAPSConfig(lam=args.lam, score_lr=args.score_lr)
     taps = get_peft_model(new_task_model(base, n, args.seed), config)
-    fit(taps, train, optimizer(taps, args.lr), args.steps, args.batch)
+    fit(taps, train, optimizer(taps, args.lr), args.steps, args.batch, penalty=taps.taps_penalty)
     result["taps"] = accuracy(taps, test)
     taps.save_pretrained(str(out))
     summary = taps_peft.taps_summary(taps)

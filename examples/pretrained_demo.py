@@ -287,7 +287,7 @@ def train_taps(model: nn.Module, train: Data, steps: int, lr: float, args: argpa
             model.freeze_gates()
         on_step(step)
 
-    demo.fit(model, train, opt, steps, args.batch, on_step=step_done)
+    demo.fit(model, train, opt, steps, args.batch, penalty=model.taps_penalty, on_step=step_done)
     if recalibrate:
         recalibrate_batchnorm(model, recalibration_batches(train[0], args.seed))
     return model

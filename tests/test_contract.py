@@ -199,7 +199,7 @@ def test_fp16_base_trains_with_grad_scaler():
     losses = []
     for step in range(4):
         with torch.autocast("cpu", dtype=torch.float16):
-            loss = F.cross_entropy(logits(model, x).float(), y)
+            loss = F.cross_entropy(logits(model, x).float(), y) + model.taps_penalty()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

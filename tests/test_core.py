@@ -146,7 +146,7 @@ def test_three_sgd_steps_change_adapter_not_base(name, images):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     target = torch.randint(0, 5, (images.shape[0],))
     for step in range(3):
-        loss = F.cross_entropy(logits(model, images), target)
+        loss = F.cross_entropy(logits(model, images), target) + model.taps_penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -272,7 +272,7 @@ def test_transformers_activation_checkpointing_gives_the_same_gradients(reentran
     grads, calls = [], []
     for m in (model, checkpointed):
         taps_layers(m)[0].register_forward_hook(lambda *_: calls.append(1))
-        (m(pixel_values=x).logits.square().sum()).backward()
+        (m(pixel_values=x).logits.square().sum() + m.taps_penalty()).backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert len(calls) == 3  # once plain, twice checkpointed (the forward, and its re-run in the backward)
     assert grads[0].keys() == grads[1].keys() and any("taps_delta" in n for n in grads[0])
@@ -402,7 +402,7 @@ def test_bf16_base_trains(images):
     model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig(init_weights=False))
     out = model(images.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    (out.float().sum()).backward()
+    (out.float().sum() + model.taps_penalty()).backward()
     layer = taps_layers(model)[0]
     assert layer.taps_scores["default"].dtype == torch.float32
     assert layer.taps_delta["default"].grad is not None and layer.taps_scores["default"].grad is not None
@@ -472,7 +472,7 @@ def test_torch_compile_trains_like_eager():
         forward = torch.compile(model) if compiled else model
         out = []
         for step in range(3):
-            loss = F.cross_entropy(forward(x), y)
+            loss = F.cross_entropy(forward(x), y) + model.taps_penalty()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -490,7 +490,7 @@ def test_gates_follow_fused_optimizer_steps(images):
     opt = optimizer_for(model, torch.optim.AdamW, lr=1e-3, score_lr=0.1, fused=True)
     assert all(layer.is_active("default") for layer in taps_layers(model))
     for step in range(2):
-        (model(images).square().mean()).backward()
+        (model(images).square().mean() + model.taps_penalty()).backward()
         opt.step()
         opt.zero_grad()
     scores = [layer.taps_scores["default"].item() for layer in taps_layers(model)]

@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
         losses = []
         for step in range(6):
             x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
-            loss = F.cross_entropy(m(x[rows]), y[rows])
+            loss = F.cross_entropy(m(x[rows]), y[rows]) + m.taps_penalty()
             opt.zero_grad()
             loss.backward()
             opt.step()

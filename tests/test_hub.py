@@ -62,7 +62,7 @@ def _client(out: Path) -> None:
         optimizer = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-2)
         x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
         for step in range(3):  # a few real steps: deltas, norms and head move away from the base
-            loss = F.cross_entropy(logits(model, x), y)
+            loss = F.cross_entropy(logits(model, x), y) + model.taps_penalty()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

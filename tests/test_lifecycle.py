@@ -24,7 +24,7 @@ def trained(base, images, adapter="default", closed=(0, 2), steps=3, seed=0):
     opt = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-3)
     target = torch.randint(0, 5, (len(images),))
     for step in range(steps):
-        loss = F.cross_entropy(logits(model, images), target)
+        loss = F.cross_entropy(logits(model, images), target) + model.taps_penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -338,7 +338,7 @@ def test_adapters_loaded_for_inference_hold_memory_only_for_active_layers(tmp_pa
     model.base_model.set_adapter("a")  # unfrozen (inference_mode=False): trainable, and an optimizer step works
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(2):
-        (logits(model.train(), images).square().mean()).backward()
+        (logits(model.train(), images).square().mean() + model.taps_penalty()).backward()
         opt.step()
         opt.zero_grad()
     assert not torch.equal(logits(model.eval(), images), outs["a"])

@@ -50,7 +50,7 @@ def trained(base, images, adapter="default", steps=2, closed=(0,)):
     opt = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-3)
     target = torch.arange(len(images)) % 5
     for step in range(steps):
-        loss = F.cross_entropy(logits(model, images).float(), target)
+        loss = F.cross_entropy(logits(model, images).float(), target) + model.taps_penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -21,8 +21,8 @@ def score_values(model) -> list[float]:
     return [r["score"] for r in taps_peft.taps_layer_report(model)]
 
 
-def step(model, optimizer, x=X, y=Y, scale: float = 1.0) -> None:
-    (F.cross_entropy(model(x), y) * scale).backward()
+def step(model, optimizer, x=X, y=Y) -> None:
+    (F.cross_entropy(model(x), y) + model.taps_penalty()).backward()
     optimizer.step()
     optimizer.zero_grad()
 
@@ -35,7 +35,8 @@ def test_the_penalty_value_is_lam_over_L_sum_abs_scores():
             layer.taps_scores["default"].fill_(0.1 * i - 0.2)
     penalty = model.taps_penalty()
     assert penalty.item() == pytest.approx(0.6 / len(layers) * sum(abs(0.1 * i - 0.2) for i in range(len(layers))))
-    assert not penalty.requires_grad  # its value, for logs: adding it to a loss adds no second gradient
+    penalty.backward()
+    assert layers[0].taps_scores["default"].grad.item() == pytest.approx(-0.6 / len(layers))
 
 
 @pytest.mark.parametrize("make_optimizer", [
@@ -50,6 +51,51 @@ def test_the_first_step_moves_every_score_by_score_lr_whatever_the_optimizer(mak
     step(model, optimizer)
     assert score_values(model) == pytest.approx([0.15 - 0.02] * len(score_values(model)), rel=1e-5)
     assert all(m.taps_scores["default"].grad is None for _, m in taps_layers(model))  # the optimizer saw none
+
+
+def test_a_loss_without_the_penalty_gets_it_at_the_step_and_a_warning_naming_the_line():
+    runs = []
+    for with_line in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.5))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                loss = F.cross_entropy(model(X), Y)
+                (loss + model.taps_penalty() if with_line else loss).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        named = [w for w in seen if "loss = loss + model.taps_penalty()" in str(w.message)]
+        assert len(named) == (0 if with_line else 1)  # once only
+        runs.append(score_values(model))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-7)  # the same penalty, applied at the step
+
+
+def test_a_transformers_model_given_labels_adds_the_penalty_to_its_own_loss():
+    """As models add their auxiliary losses: in training outputs.loss holds the penalty (its share of
+    num_items_in_batch when the loss is normalised by it), in eval it does not, and asking for it again gives no second
+    gradient."""
+    from conftest import tiny_hf_vit
+
+    model = get_peft_model(tiny_hf_vit(), TAPSConfig(lam=0.5))
+    x, y = X[:4], Y[:4]
+    with torch.no_grad():
+        value, logits = model.taps_penalty(), model.eval()(pixel_values=x).logits
+    task = F.cross_entropy(logits, y)
+    assert torch.equal(model(pixel_values=x, labels=y).loss, task)  # eval: the task loss alone
+    model.train()
+    shared = model(pixel_values=x, labels=y, num_items_in_batch=torch.tensor(16))  # 4 of the step's 16 items
+    torch.testing.assert_close(shared.loss.detach(), task * 4 / 16 + value * 4 / 16)
+    out = model(pixel_values=x, labels=y)
+    torch.testing.assert_close(out.loss.detach(), task + value)
+    with pytest.warns(UserWarning, match=r"already added the penalty to the loss it returned"):
+        assert not model.taps_penalty().requires_grad  # no second gradient
+    out.loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the penalty was in the loss: no warning
+        optimizer.step()
 
 
 def test_the_step_follows_the_optimizer_schedule_as_a_ratio():
@@ -70,7 +116,7 @@ def test_gradient_accumulation_applies_the_penalty_once_per_optimizer_step():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(5):
             for x, y in zip(X.chunk(micro), Y.chunk(micro)):
-                (F.cross_entropy(model(x), y) / micro).backward()
+                ((F.cross_entropy(model(x), y) + model.taps_penalty()) / micro).backward()
             optimizer.step()
             optimizer.zero_grad()
         runs.append(score_values(model))
@@ -86,7 +132,7 @@ def test_a_grad_scaler_step_matches_an_unscaled_one_and_a_skipped_step_moves_not
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=scaled)
         for _ in range(3):
-            scaler.scale(F.cross_entropy(model(X), Y)).backward()
+            scaler.scale(F.cross_entropy(model(X), Y) + model.taps_penalty()).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad()
@@ -128,7 +174,7 @@ def test_an_optimizer_that_does_not_hold_the_scores_is_warned_once():
 
 def test_step_scores_serves_an_optimizer_of_another_kind():
     model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.5, score_lr=0.02))
-    F.cross_entropy(model(X), Y).backward()
+    (F.cross_entropy(model(X), Y) + model.taps_penalty()).backward()
     assert taps_peft.step_scores(model) == len(score_values(model))
     assert score_values(model) == pytest.approx([0.13] * len(score_values(model)), rel=1e-5)
     assert taps_peft.step_scores(model) == 0  # nothing without gradients
@@ -164,7 +210,7 @@ def test_budgets_move_lam_once_per_optimizer_step():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for _ in range(3):
             for x, y in zip(X.chunk(micro), Y.chunk(micro)):
-                (F.cross_entropy(model(x), y) / micro).backward()
+                ((F.cross_entropy(model(x), y) + model.taps_penalty()) / micro).backward()
             optimizer.step()
             optimizer.zero_grad()
         lams.append(model.peft_config["default"].lam)

@@ -105,8 +105,8 @@ def current_logits(model, x):
 
 @pytest.mark.parametrize("make", [tiny_timm_vit, tiny_resnet], ids=["vit", "resnet"])
 def test_a_training_step_reads_nothing_on_the_host(make, images):
-    """Forward, backward and TAPS's part of two optimizer steps (penalty, budget-free lam schedule, the scores' Adam
-    step: what the optimizer-step hook runs) in training: every gate and score stays on the device (on a GPU: no
+    """Forward, penalty, backward and TAPS's part of two optimizer steps (the lam schedule and the scores' Adam step:
+    what the optimizer-step hook runs) in training: every gate and score stays on the device (on a GPU: no
     sync). torch's own CPU AdamW reads its step counters, so its step runs outside the count."""
     model = get_peft_model(make(), TAPSConfig(lam=0.5, lam_warmup=0.5, total_step=4))
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_a_training_step_reads_nothing_on_the_host(make, images):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for i in range(2):
         with HostReads() as counter:
-            F.cross_entropy(model(images), torch.arange(4) % 5).backward()
+            (F.cross_entropy(model(images), torch.arange(4) % 5) + model.taps_penalty()).backward()
             assert taps_peft.step_scores(model, optimizer) == len(taps_layers(model))
         assert counter.reads == []
         if i == 0:
@@ -179,7 +179,7 @@ def test_eval_outputs_follow_optimizer_steps(fused, images):
     opt = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=0.05, fused=fused)
     for step in range(4):
         model.train()
-        (logits(model, images).square().mean()).backward()
+        (logits(model, images).square().mean() + model.taps_penalty()).backward()
         opt.step()
         opt.zero_grad()
         torch.testing.assert_close(current_logits(model, images), reference_logits(model, images), rtol=0,
@@ -316,7 +316,10 @@ def test_an_interrupted_gate_read_leaves_no_hook_behind(images, monkeypatch):
     with torch.no_grad(), pytest.raises(KeyboardInterrupt):
         model(images, adapter_names=["default", "__base__", "default", "__base__"])
     monkeypatch.undo()
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    from taps_peft.tuner.scores import LossHook
+
+    left = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    assert [type(h) for h in left] == [LossHook]  # only the penalty's permanent hook on the wrapped model
     with torch.no_grad():
         assert torch.equal(model(images), expected)
 
@@ -343,7 +346,7 @@ def test_frozen_norms_keep_the_base_batchnorm_statistics(images, call_train):
     if call_train:
         model.train()
     for step in range(2):
-        (logits(model, images).square().mean()).backward()
+        (logits(model, images).square().mean() + model.taps_penalty()).backward()
         opt.step()
         opt.zero_grad()
     after = model.get_base_model().state_dict()

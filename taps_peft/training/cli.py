@@ -243,14 +243,15 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
                 peft_model.freeze_gates()  # idempotent: also right after a resume past the freeze step
             with accelerator.accumulate(model):
                 logits = forward(batch["pixel_values"])
-                task_loss = F.cross_entropy(logits.float(), batch["labels"])  # TAPS adds its penalty at the step
-                if not torch.isfinite(task_loss.detach()):  # stop before a NaN/inf gradient reaches any weight
+                task_loss = F.cross_entropy(logits.float(), batch["labels"])
+                loss = task_loss + peft_model.taps_penalty()  # the one TAPS line of a loop that computes its loss
+                if not torch.isfinite(loss.detach()):  # stop before a NaN/inf gradient reaches any weight
                     raise FloatingPointError(
-                        f"loss is {task_loss.item()} at step {pos.step + 1} (epoch {epoch}, micro-batch {pos.batch}): "
-                        "training stopped before this step's update. Lower --lr or --score-lr, set --max-grad-norm, "
-                        "or prefer --mixed-precision bf16 to fp16; --resume-from latest restarts from the last "
-                        "checkpoint.")
-                accelerator.backward(task_loss)
+                        f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, micro-batch {pos.batch}; task "
+                        f"loss {task_loss.item()}): training stopped before this step's update. Lower --lr or "
+                        "--score-lr, set --max-grad-norm, or prefer --mixed-precision bf16 to fp16; --resume-from "
+                        "latest restarts from the last checkpoint.")
+                accelerator.backward(loss)
                 if args.max_grad_norm and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()

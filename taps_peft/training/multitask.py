@@ -1,8 +1,7 @@
 """Joint multi-task TAPS (the paper's Eq. 4) and the memory-efficient shared-then-incremental variant.
 
 ``train_joint`` learns in one run a shared base plus, per task, a TAPS adapter (deltas, scores, norms, head) on one
-PeftModel. A task's batch runs with its adapter (``set_adapter``), and TAPS applies each task's own penalty at the
-optimizer steps that train it: summed over tasks, Eq. 4.
+PeftModel. A task's batch runs with its adapter (``set_adapter``) and adds its own penalty: summed over tasks, Eq. 4.
 ``schedule="round_robin"``: one optimizer step per task batch; ``"mixed"``: one step per round of K task batches.
 
 Example:
@@ -70,7 +69,8 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
 
 
 def _run(accelerator: Any, model: nn.Module, opt: torch.optim.Optimizer, loaders: list[DataLoader], names: list[str],
-         steps: int, select: Callable[[str], None], loss_fn: LossFn, schedule: str) -> None:
+         steps: int, select: Callable[[str], None], loss_fn: LossFn, penalty: Callable[[], torch.Tensor],
+         schedule: str) -> None:
     """``steps`` batches per task, round-robin (one optimizer step each) or mixed (one step per round), cosine lr."""
     per_round = len(names) if schedule == "round_robin" else 1
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps * per_round)  # stepped by hand: once per step
@@ -82,7 +82,7 @@ def _run(accelerator: Any, model: nn.Module, opt: torch.optim.Optimizer, loaders
             select(name)
             last = schedule == "round_robin" or i == len(names) - 1
             with nullcontext() if last else accelerator.no_sync(model):  # mixed: one all-reduce, of the sum
-                accelerator.backward(loss_fn(model, next(batches[i])))
+                accelerator.backward(loss_fn(model, next(batches[i])) + penalty())
             if last:
                 opt.step()
                 sched.step()
@@ -141,7 +141,7 @@ def train_joint(
     if [p.requires_grad_(True) for p in shared]:
         opt.add_param_group({"params": shared, "lr": lr if base_lr is None else base_lr, "weight_decay": weight_decay})
     _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
-         model.set_adapter, loss_fn, schedule)
+         model.set_adapter, loss_fn, model.taps_penalty, schedule)  # the active task's penalty
     model.set_adapter(names[0])
     if shared:  # the base changed: the adapters now belong to the trained base
         for t in names:
@@ -177,7 +177,7 @@ def train_shared_then_incremental(
     try:
         _run(accelerator, base_model, opt, _loaders(tasks, kwargs.get("batch_size", 64), kwargs.get("seed", 0)),
              list(tasks), shared_steps or steps, lambda t: setattr(multi, "task", t),
-             kwargs.get("loss_fn", _cross_entropy), "round_robin")
+             kwargs.get("loss_fn", _cross_entropy), lambda: torch.zeros((), device=accelerator.device), "round_robin")
     finally:
         setattr(owner, leaf, original)
     return train_joint(base_model, tasks, config, steps, heads=dict(task_heads), train_base="none",

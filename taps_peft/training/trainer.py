@@ -88,8 +88,13 @@ def taps_log_metrics(model: nn.Module) -> dict[str, float]:
     return {
         "taps_active_layers": summary["active_layers"],
         "taps_total_layers": summary["total_layers"],
-        "taps_penalty": round(float(taps_model.taps_penalty().float().cpu()), 6),
+        "taps_penalty": round(float(_no_grad_penalty(taps_model)), 6),
     }
+
+
+def _no_grad_penalty(model: nn.Module) -> float:
+    with torch.no_grad():
+        return float(model.taps_penalty().float().cpu())
 
 
 class TAPSCallback(TrainerCallback):
@@ -261,12 +266,25 @@ class TAPSTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
-        """The Trainer's loss; a non-finite training loss stops training with a ``FloatingPointError`` (one host read
-        of the loss per micro-batch, as the Trainer's own logging makes)."""
+        """The Trainer's loss, plus in training the TAPS penalty when the model did not add it to a loss of its own (a
+        model that returns logits, with ``compute_loss_func``), scaled as the Trainer takes that loss (divided by the
+        micro-batches when it counts as normalised over the accumulated batch). A non-finite training loss stops
+        training with a ``FloatingPointError`` (one host read of the loss per micro-batch, as the Trainer's own
+        logging makes)."""
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         loss = result[0] if return_outputs else result
+        taps_model = unwrap_taps_model(self.model).base_model
+        if model.training and not taps_model._penalty_in_output:
+            penalty = taps_model.taps_penalty()
+            explicit = getattr(self, "loss_is_scaled_for_ga", None)  # the Trainer's own rule (training_step)
+            scaled = explicit if explicit is not None else self.compute_loss_func is not None or (
+                getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+            if scaled:
+                penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)  # training_step won't
+            loss = loss + penalty.to(loss.device, loss.dtype)
+            result = (loss, result[1]) if return_outputs else loss
         if model.training and not torch.isfinite(loss.detach()).all():  # stop before a NaN/inf gradient lands
             raise FloatingPointError(
                 f"TAPSTrainer: the training loss is {loss.detach().float().item()} at step "

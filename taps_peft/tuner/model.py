@@ -50,10 +50,12 @@ class TAPSModel(BaseTuner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._init_scores()
         super().__init__(*args, **kwargs)
+        scores.bind_loss_hook(self)  # the penalty joins a loss the model computes itself (given labels), in training
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle
         super().__setstate__(state)
         self._init_scores()
+        scores.bind_loss_hook(self)
 
     def _init_scores(self) -> None:
         """How the scores learn (``tuner.scores``): the optimizer-step hook sees this model; the Adam state of an
@@ -62,6 +64,8 @@ class TAPSModel(BaseTuner):
         self.__dict__.setdefault("_score_steps", {})
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_watch", None)
+        self.__dict__.setdefault("_penalized", set())  # adapters whose penalty reached this step's gradients
+        self.__dict__["_penalty_in_output"] = False  # this forward's outputs.loss holds the penalty
         scores.track(self)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -128,6 +132,7 @@ class TAPSModel(BaseTuner):
         for module, mode in before["modes"]:
             module.training = mode
         if not self.peft_config:
+            scores.remove_loss_hook(self.model)
             if not before["peft_config"]:
                 vars(self.model).pop("peft_config", None)
             if not before["input_grads"] and getattr(self.model, "_require_grads_hooks", None):
@@ -213,6 +218,7 @@ class TAPSModel(BaseTuner):
         names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
         gates: dict[TAPSLayer, dict[str, bool]] = {}
         compiling = torch.compiler.is_compiling()
+        self._penalty_in_output = False
         if self.training and torch.is_grad_enabled() and not compiling:
             self._check_scores_step(layers)
         try:
@@ -335,6 +341,7 @@ class TAPSModel(BaseTuner):
             self._check_known(adapter_names, "merge")
         model = super()._unload_and_optionally_merge(*args, adapter_names=adapter_names, **kwargs)
         remove_upcast(model)
+        scores.remove_loss_hook(model)
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -387,28 +394,26 @@ class TAPSModel(BaseTuner):
             )
 
     def taps_penalty(self) -> torch.Tensor:
-        """The value of the paper's penalty ``(lam_t / L) * sum_i |s_i|`` over the active adapters now (detached, for
-        logs; ``lam_t`` is ``lam`` on its warm-up ramp). TAPS applies its gradient itself at every optimizer step
-        (``tuner.scores``): never add it to the loss for its gradient (adding this value changes only the number).
+        """The paper's penalty ``(lam_t / L) * sum_i |s_i|`` over the active adapters (``lam_t``: ``lam`` on its
+        warm-up ramp). A model that computes its own loss (a transformers model given ``labels``) has it added to
+        ``outputs.loss`` in training already (then this gives its value, without a gradient); a loop that computes
+        the loss itself adds it (``tuner.scores``).
 
         Example:
-            >>> float(model.taps_penalty())  # doctest: +SKIP
-            0.0712
+            >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty()  # doctest: +SKIP
         """
-        total: Optional[torch.Tensor] = None
-        by_adapter = self.scores_by_adapter()
-        with torch.no_grad():
-            for name in self.active_adapters:
-                found = by_adapter.get(name)
-                if not found:
-                    continue
-                lam = scores.lam_at(self.peft_config[name], self._score_steps.get(name, 0))
-                term = torch.cat([_full_tensor(s).reshape(1) for s in found]).abs().sum() * (lam / len(found))
-                total = term if total is None else total + term
-        if total is None:
-            device = next(iter(self.model.parameters())).device
-            return torch.zeros((), device=device)
-        return total
+        if self._penalty_in_output and torch.is_grad_enabled() and self.training:
+            if "penalty-twice" not in self._warned:
+                self._warned.add("penalty-twice")
+                warnings.warn(
+                    "TAPS: the model already added the penalty to the loss it returned (outputs.loss, computed from "
+                    "the labels you passed), so model.taps_penalty() now gives its value without a gradient: adding "
+                    "it again would change only the number. Use outputs.loss as it is.",
+                    stacklevel=2,
+                )
+            with torch.no_grad():
+                return scores.penalty(self)
+        return scores.penalty(self)
 
     def _check_scores_step(self, layers: list[TAPSLayer]) -> None:
         """Warn once when an optimizer step moved this model's weights but not its trainable scores: the optimizer
