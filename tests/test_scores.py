@@ -78,7 +78,7 @@ def test_a_transformers_model_given_labels_adds_the_penalty_to_its_own_loss():
     gradient."""
     from conftest import tiny_hf_vit
 
-    model = get_peft_model(tiny_hf_vit(), TAPSConfig(lam=0.5))
+    model = get_peft_model(tiny_hf_vit(), TAPSConfig(lam=0.5, lam_warmup=0.0))  # lam in full from step 0
     x, y = X[:4], Y[:4]
     with torch.no_grad():
         value, logits = model.taps_penalty(), model.eval()(pixel_values=x).logits

@@ -55,9 +55,11 @@ class TrainArgs:
         "help": "At the end, re-estimate the task's BatchNorm statistics on up to 512 training images (no weight "
                 "changes)."})
     # optimisation
-    optimizer: str = field(default="sgd", metadata={"help": "sgd (momentum, as in the paper) or adamw.",
-                                                     "choices": ("sgd", "adamw")})
-    lr: float = field(default=0.01, metadata={"help": "Learning rate of deltas, norms and head."})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw, or sgd (momentum, as in the paper; with --r also set --alpha, e.g. 4 * r).",
+        "choices": ("adamw", "sgd")})
+    lr: float = field(default=3e-3, metadata={"help": "Learning rate of deltas (full-size or low-rank), norms and "
+                                                      "head (e.g. 0.01 with sgd)."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (never on scores)."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "cosine or constant (after the warm-up).",

@@ -147,7 +147,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     from ..files import atomic_write
     from ..hub.card import dataset_name
     from ..hub.save import push_to_hub, save_adapter
-    from ..report import taps_layer_report, taps_summary
+    from ..report import taps_layer_report, taps_summary, taps_training_plan
 
     out = Path(args.output_dir)
     ckpt_root = out / "checkpoints"
@@ -210,14 +210,12 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
         accelerator.load_state(str(path))
         if pos.batch >= len(train_dl):
             pos.epoch, pos.batch = pos.epoch + 1, 0
+        peft_model.base_model.note_score_step("default", pos.step)  # lam's ramp continues where it was
         accelerator.print(f"resumed from {path} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
 
-    summary = taps_summary(peft_model)
-    config = peft_model.peft_config["default"]
     accelerator.print(
-        f"TAPS: {summary['total_layers']} gated layers ({_delta_kind(peft_model)}), lam {config.lam} "
-        f"(warm-up {config.lam_warmup:g} of training), score lr {config.score_lr:g}; {len(train_ds)} training images "
-        f"in {len(labels)} classes, {accelerator.num_processes} process(es) x batch {args.batch_size} x accumulation "
+        f"{taps_training_plan(peft_model)}; {len(train_ds)} training images in {len(labels)} classes, "
+        f"{accelerator.num_processes} process(es) x batch {args.batch_size} x accumulation "
         f"{args.gradient_accumulation_steps}, {total_steps} steps, {args.optimizer} lr {args.lr:g}")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -338,18 +336,6 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def _delta_kind(model) -> str:
-    """What the run trains per gated layer, for its log: full-size deltas, or low-rank factors (and which layers keep
-    a full delta)."""
-    config = model.peft_config["default"]
-    if config.r is None:
-        return "full-size deltas"
-    layers = [m for _, m in model.base_model.taps_layers()]
-    factored = sum("default" in m.taps_rank for m in layers)
-    return (f"low-rank deltas r={config.r}, alpha={config.alpha if config.alpha is not None else config.r:g}: "
-            f"{factored} factored, {len(layers) - factored} full-size where factors would not be smaller")
 
 
 def weights_name(path: Optional[str]) -> Optional[str]:

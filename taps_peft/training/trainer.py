@@ -122,10 +122,17 @@ class TAPSCallback(TrainerCallback):
                        model: Optional[nn.Module] = None, **kwargs: Any) -> None:
         if model is None:
             return
-        for name, config in unwrap_taps_model(model).peft_config.items():
+        taps_model = unwrap_taps_model(model)
+        for name, config in taps_model.peft_config.items():
             if config.total_step is None or name in self._set:
                 config.total_step = max(1, int(state.max_steps))
                 self._set.add(name)
+            if state.global_step:  # a resumed run continues lam's ramp where it was
+                taps_model.base_model.note_score_step(name, state.global_step)
+        if self.log and state.is_world_process_zero:
+            from ..report import taps_training_plan
+
+            print(taps_training_plan(taps_model))  # what this run trains, as taps-peft train prints it
 
     def on_log(
         self,

@@ -57,11 +57,13 @@ class TAPSConfig(PeftConfig):
         init_weights: ``True`` starts deltas at zero (the model equals its base). ``False`` draws small random deltas,
             as PEFT's tests expect.
         r: Rank of the deltas: ``None`` (default) gives every gated layer a full-size delta; an int gives each layer
-            ``dW = (alpha / r) * B @ A`` (LoRA's factors and init, under the same score, gate and penalty), except
+            ``dW = scale * B @ A`` (LoRA's factors and init, under the same score, gate and penalty), except
             grouped/depthwise convs and layers where the factors would not be smaller than the weight, which keep a
             full delta.
-        alpha: Scaling of the low-rank deltas, ``alpha / r`` as LoRA's ``lora_alpha / r``; ``None`` means ``r``
-            (scaling 1). Needs ``r``.
+        alpha: Scaling of the low-rank deltas, ``alpha / r`` as LoRA's ``lora_alpha / r``. ``None`` (default): each
+            layer's scale makes its low-rank delta train at the learning rate a full-size delta trains at
+            (``tuner.lowrank.layer_scale``, measured in docs/results.md); LoRA's own scale 1 is ``alpha=r``. Needs
+            ``r``.
         budget_layers: At most this many active layers: instead of a fixed ``lam``, training adapts ``lam`` (dual
             ascent, starting from ``lam``) until the active layers fit; the adapted value is kept in ``lam``.
         budget_mib: At most this many MiB of active deltas, handled the same way (both budgets may be set).
@@ -91,12 +93,13 @@ class TAPSConfig(PeftConfig):
     tau: float = field(default=0.1, metadata={"help": "A layer is task-specific while its score is >= tau."})
     score_init: float = field(default=0.15, metadata={"help": "Initial score; above tau so every layer starts on."})
     score_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the scores (any optimizer)."})
-    lam_warmup: float = field(default=0.0, metadata={"help": "Fraction of training over which lam ramps from 0."})
+    lam_warmup: float = field(default=0.5, metadata={"help": "Fraction of training over which lam ramps from 0."})
     total_step: Optional[int] = field(default=None, metadata={"help": "Training length in optimizer steps."})
     train_norms: bool = field(default=True, metadata={"help": "Train and save task-specific norm layers."})
     init_weights: bool = field(default=True, metadata={"help": "Zero deltas (identity); False = random, for tests."})
     r: Optional[int] = field(default=None, metadata={"help": "Rank of each delta (alpha/r * B @ A); None = full."})
-    alpha: Optional[float] = field(default=None, metadata={"help": "Low-rank scaling alpha / r; None = r (scale 1)."})
+    alpha: Optional[float] = field(default=None, metadata={
+        "help": "Low-rank scaling alpha / r; None = per layer, so low-rank trains at full deltas' learning rate."})
     budget_layers: Optional[int] = field(default=None, metadata={"help": "At most this many active layers."})
     budget_mib: Optional[float] = field(default=None, metadata={"help": "At most this many MiB of active deltas."})
     budget_rate: float = field(default=0.05, metadata={"help": "Dual-ascent step on lam for the budgets."})
@@ -166,11 +169,6 @@ class TAPSConfig(PeftConfig):
         for name in ("base_model_info", "task_info"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use a dict or None.")
-
-    @property
-    def scaling(self) -> float:
-        """``alpha / r`` of the low-rank deltas (1.0 with ``alpha=None``, or without ``r``)."""
-        return 1.0 if self.r is None or self.alpha is None else self.alpha / self.r
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):

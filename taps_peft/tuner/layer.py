@@ -104,7 +104,7 @@ class TAPSLayer(BaseTunerLayer):
         self.taps_rank.pop(adapter_name, None)
         self.taps_scaling.pop(adapter_name, None)
         if lowrank.lowrank_fits(base, config.r):
-            scale = config.scaling
+            scale = lowrank.layer_scale(weight, config.r, config.alpha)
             a, b = lowrank.init_factors(weight, config.r, scale, random_b=not config.init_weights)
             self.taps_A[adapter_name] = nn.Parameter(a, requires_grad=False)
             self.taps_B[adapter_name] = nn.Parameter(b, requires_grad=False)

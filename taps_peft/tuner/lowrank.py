@@ -1,5 +1,6 @@
 """Low-rank gated deltas (``TAPSConfig(r=...)``): ``W = W_base + 1[s >= tau] * scale * B @ A`` under the same score,
-gate and penalty as a full delta; ``scale = alpha / r`` (LoRA's ``lora_alpha / r``).
+gate and penalty as a full delta; ``scale = alpha / r`` (LoRA's ``lora_alpha / r``) with ``alpha``, and by default the
+scale at which a low-rank delta trains at a full delta's learning rate (:func:`layer_scale`).
 
 Shapes follow PEFT's LoRA: a Linear gets A (r, in) and B (out, r); a convolution gets A of the layer's kernel into r
 channels, (r, in, *kernel), and B a 1x1 conv (out, r, 1, ...). A grouped or depthwise conv factors its weight the same
@@ -35,6 +36,25 @@ def lowrank_fits(base: nn.Module, r: Optional[int]) -> bool:
         True
     """
     return r is not None and factors_numel(base.weight, r) < base.weight.numel()
+
+
+STEP_GAIN = 1.0  # measured: docs/results.md (low-rank deltas and the lam warm-up at the defaults)
+
+
+def layer_scale(weight: torch.Tensor, r: int, alpha: Optional[float] = None) -> float:
+    """The scale of a layer's low-rank delta: ``alpha / r`` when ``alpha`` is given (LoRA's), else
+    ``STEP_GAIN * sqrt(3 * fan_in / r)``. A's entries (LoRA's kaiming-uniform init) have variance ``1 / (3 fan_in)``,
+    so at that scale one Adam step of B (each entry moves by about the learning rate) moves each entry of the weight by
+    about ``STEP_GAIN`` times the learning rate, where a full delta's entry moves by one: low-rank deltas train at the
+    learning rates full-size deltas train at (with LoRA's scale 1 a rank-8 delta of a 1152-wide layer moves 20x less).
+
+    Example:
+        >>> round(layer_scale(torch.empty(64, 1152), 8), 1), layer_scale(torch.empty(64, 1152), 8, alpha=16)
+        (20.8, 2.0)
+    """
+    if alpha is not None:
+        return alpha / r
+    return STEP_GAIN * math.sqrt(3 * (weight.numel() // weight.shape[0]) / r)
 
 
 def factors_numel(weight: torch.Tensor, r: int) -> int:

@@ -379,8 +379,8 @@ class TAPSModel(BaseTuner):
         return found
 
     def note_score_step(self, adapter_name: str, step: int) -> None:
-        """``tuner.scores`` tells the model the optimizer steps its adapter's scores have taken (for the reports and the
-        warm-up's warning)."""
+        """The optimizer steps the adapter's scores have taken, which lam's warm-up ramp follows: ``tuner.scores`` notes
+        each step; a resumed run notes where it resumed (``TAPSCallback`` and ``taps-peft train`` do)."""
         self._score_steps[adapter_name] = step
         config = self.peft_config[adapter_name]
         if config.lam_warmup and not config.total_step and adapter_name not in self._warned:

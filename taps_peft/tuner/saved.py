@@ -16,7 +16,7 @@ from torch import nn
 
 from .identity import check_identity
 from .layer import TAPSLayer
-from .lowrank import factor_shapes, init_factors, lowrank_fits
+from .lowrank import factor_shapes, init_factors, layer_scale, lowrank_fits
 from .targets import planned_targets, plain_modules, saved_modules
 
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
@@ -50,7 +50,8 @@ def restart_delta(layer: TAPSLayer, config: Any, adapter_name: str) -> dict[str,
     dtype = held[0].dtype if held else weight.dtype
     if "taps_delta" in shapes:
         return {"taps_delta": torch.zeros(shapes["taps_delta"], dtype=dtype, device=weight.device)}
-    a, b = init_factors(weight, config.r, config.scaling, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    scale = layer_scale(weight, config.r, config.alpha)
+    a, b = init_factors(weight, config.r, scale, generator=torch.Generator().manual_seed(0), dtype=dtype)
     return {"taps_A": a, "taps_B": b}
 
 
