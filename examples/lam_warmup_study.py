@@ -4,7 +4,7 @@ committed setting of each task (lr, lam: low-rank deltas train at full deltas' l
 the main job (``pretrained_demo.py``: EfficientNet-Lite0, 64 px, AdamW, gates frozen at 80%, BatchNorm re-estimated).
 The test split is never read.
 
-    python examples/lam_warmup_study.py --seeds 0 1 --warmups 0 0.25 0.5 --json runs/lam_warmup.json
+    python examples/lam_warmup_study.py --seeds 1 2 --warmups 0 0.25 0.5 --json runs/lam_warmup.json
 """
 
 from __future__ import annotations
@@ -13,46 +13,27 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrained_demo as job  # noqa: E402
 
-import taps_peft  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-
 
 def run(args: argparse.Namespace) -> list[dict]:
-    demo_args = job.parse_args(["--tasks", *args.tasks])
     chosen = json.loads(job.SELECTION.read_text())["tasks"]
-    base = job.efficientnet_lite0(num_classes=1000).eval()
-    mean, std = base.pretrained_cfg["mean"], base.pretrained_cfg["std"]
     rows = []
     for seed in args.seeds:
-        demo_args.seed = seed
-        for task in args.tasks:
-            splits = job.load_task(task, demo_args.size, mean, std, seed)
-            train, val = splits[0], splits[1]
-            steps = job.task_steps(task, len(train[1]), demo_args)
-            setting = chosen[task]["taps"]["chosen"]  # TAPS's (lr, lam), for both: low-rank at full deltas' lr
-            for kind in args.kinds:
-                r = None if kind == "full" else demo_args.lowrank_r
-                for warmup in args.warmups:
-                    start = time.perf_counter()
-                    config = taps_peft.TAPSConfig(lam=setting["lam"], r=r, lam_warmup=warmup, total_step=steps)
-                    model = get_peft_model(job.demo.new_task_model(base, int(train[1].max()) + 1, seed), config)
-                    job.train_taps(model, train, steps, setting["lr"], demo_args, demo_args.freeze_at,
-                                   demo_args.recalibrate_bn, lambda step: None)
-                    summary = taps_peft.taps_summary(model)
-                    row = {"seed": seed, "task": task, "deltas": kind, "lam_warmup": warmup, **setting,
-                           "val_accuracy": job.demo.accuracy(model, val),
-                           "k/L": summary["active_layers"] / summary["total_layers"],
-                           "seconds": round(time.perf_counter() - start, 1)}
-                    rows.append(row)
-                    print(f"seed {seed} {task:>17} {kind:>4} warm-up {warmup:<4}: val {row['val_accuracy']:.3f} "
-                          f"k/L {row['k/L']:.2f} ({row['seconds']:.0f} s)", flush=True)
+        demo_args = job.parse_args(["--tasks", *args.tasks, "--seed", str(seed), "--workers", str(args.workers)])
+        base, tasks = job.setup(demo_args)
+        # TAPS's (lr, lam) for both kinds (low-rank deltas train at full deltas' lr), TAPSConfig's alpha otherwise
+        runs = [job.Run(task, "taps" if kind == "full" else "taps_lowrank",
+                        {**chosen[task]["taps"]["chosen"], "lam_warmup": warmup, "alpha": None}, test=False)
+                for task in args.tasks for kind in args.kinds for warmup in args.warmups]
+        outs = job.run_all(runs, demo_args, base, tasks, lambda r, o: f"seed {seed} {r.task} {job.NAMES[r.method]} "
+                           f"warm-up {r.setting['lam_warmup']:g}: val {o['validation']:.3f} k/L {o['k/L']:.2f}")
+        rows += [{"seed": seed, "task": r.task, "deltas": "full" if r.method == "taps" else f"r{demo_args.lowrank_r}",
+                  **r.setting, "val_accuracy": o["validation"], "k/L": o["k/L"], "seconds": round(o["seconds"], 1)}
+                 for r, o in zip(runs, outs)]
     return rows
 
 
@@ -70,7 +51,9 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["digits on photos", "digit rotation"], choices=list(job.TASKS))
     p.add_argument("--kinds", nargs="+", default=["full", "r8"], choices=["full", "r8"])
     p.add_argument("--warmups", nargs="+", type=float, default=[0.0, 0.25, 0.5])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="not 0, on whose validation split the "
+                   "committed settings were chosen")
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     rows = run(args)

