@@ -7,9 +7,10 @@ with ``r=8`` (or ``--ranks``), everything else at its defaults, and reports the 
 - ``cli``: ``taps-peft train`` (``taps_peft.training.train``): SGD with momentum, lr 0.01, batch 32, cosine;
 - ``trainer``: the stock 🤗 ``Trainer`` with its ``TrainingArguments`` defaults (AdamW lr 5e-5, batch 8, linear);
   only a loss function and a collator for the timm model, as a user writes them;
+- ``trainer_callback``: the same with ``callbacks=[TAPSCallback()]`` (the training length, for lam's warm-up);
 - ``taps_trainer``: the same with ``TAPSTrainer`` (gates frozen for the last 20%, BatchNorm re-estimated).
 
-    python examples/digits_recipe.py [--ways cli trainer taps_trainer] [--ranks full 8] [--alpha 16] [--seed 0]
+    python examples/digits_recipe.py [--ways cli trainer trainer_callback taps_trainer] [--ranks full 8] [--alpha 16] [--seed 0]
 """
 
 from __future__ import annotations
@@ -73,20 +74,21 @@ def run_cli(root: Path, out: Path, r: Optional[int], alpha: Optional[float], see
     return {"accuracy": metrics["eval_accuracy"], "k": metrics["active_layers"], "L": metrics["total_layers"]}
 
 
-def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int, taps_trainer: bool,
+def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int, way: str,
                 extra: dict[str, Any], trainer_args: dict[str, Any]) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from taps_peft.training import TAPSTrainer
+    from taps_peft.training import TAPSCallback, TAPSTrainer
 
     model = get_peft_model(lite0(seed), taps_peft.TAPSConfig(r=r, alpha=alpha if r else None, **extra))
     cfg = model.base_model.model.pretrained_cfg
     train_ds, test_ds = (Folder(root, s, cfg["mean"], cfg["std"]) for s in ("train", "test"))
     args = TrainingArguments(str(out), num_train_epochs=EPOCHS, use_cpu=True, report_to=[], disable_tqdm=True,
                              save_strategy="no", seed=seed, logging_steps=50, **trainer_args)
-    cls = TAPSTrainer if taps_trainer else Trainer
+    cls = TAPSTrainer if way == "taps_trainer" else Trainer
     trainer = cls(model=model, args=args, train_dataset=train_ds,
+                  callbacks=[TAPSCallback()] if way == "trainer_callback" else None,
                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: F.cross_entropy(outputs, labels))
     trainer.train()
     summary = taps_peft.taps_summary(model)
@@ -95,8 +97,8 @@ def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float],
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ways", nargs="+", default=["cli", "trainer", "taps_trainer"],
-                   choices=["cli", "trainer", "taps_trainer"])
+    p.add_argument("--ways", nargs="+", default=["cli", "trainer", "trainer_callback", "taps_trainer"],
+                   choices=["cli", "trainer", "trainer_callback", "taps_trainer"])
     p.add_argument("--ranks", nargs="+", default=["full", "8"], help="'full' and/or ranks")
     p.add_argument("--alpha", type=float, default=None, help="TAPSConfig.alpha of the low-rank runs (its default)")
     p.add_argument("--set", type=json.loads, default={}, metavar="JSON",
@@ -119,7 +121,7 @@ def main() -> None:
                 if way == "cli":
                     row = run_cli(root, out, r, args.alpha, args.seed, args.set)
                 else:
-                    row = run_trainer(root, out, r, args.alpha, args.seed, way == "taps_trainer", args.set,
+                    row = run_trainer(root, out, r, args.alpha, args.seed, way, args.set,
                                       args.trainer_args)
                 row.update(way=way, deltas=rank, alpha=args.alpha, set=args.set, trainer_args=args.trainer_args,
                            seconds=round(time.perf_counter() - start, 1))
