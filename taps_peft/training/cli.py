@@ -146,7 +146,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     from ..tuner import TAPSConfig
     from .build import EpochOrder, load_data, load_model, pair, with_transform
     from ..batchnorm import RECALIBRATION_IMAGES, recalibrate_batchnorm
-    from ..files import atomic_write
+    from ..hub import atomic_write
     from ..hub.card import dataset_name
     from ..hub.save import push_to_hub, save_adapter
     from ..report import taps_layer_report, taps_summary, taps_training_plan
@@ -348,7 +348,7 @@ def weights_name(path: Optional[str]) -> Optional[str]:
     from ..hub.card import PACKAGED_LITE0
 
     try:
-        from ..weights import efficientnet_lite0_weights
+        from .weights import efficientnet_lite0_weights
 
         if Path(path).resolve() == Path(efficientnet_lite0_weights()).resolve():
             return PACKAGED_LITE0

