@@ -1,5 +1,6 @@
-"""Real ImageNet weights, offline (taps_peft.training.weights): EfficientNet-Lite0 from its pip package recognises skimage's
-cat and espresso; load_weights maps names, falls back to order, keeps a fresh head and names what does not fit."""
+"""Real ImageNet weights, offline (taps_peft.training.weights): EfficientNet-Lite0 from its pip package recognises
+skimage's cat and espresso; load_weights maps names (never positions), keeps a fresh head, names what does not fit and
+refuses NaN or integer tensors."""
 
 import sys
 

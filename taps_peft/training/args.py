@@ -21,8 +21,8 @@ class TrainArgs:
     output_dir: str = field(default="runs/taps", metadata={"help": "Adapter, checkpoints/ and results go here."})
     pretrained: bool = field(default=True, metadata={"help": "Load pretrained weights (--no-pretrained: random)."})
     weights: Optional[str] = field(default=None, metadata={
-        "help": "A local weights file for a timm model (.safetensors or .pth: by name or in order, a head of another "
-                "size stays fresh); nothing is downloaded."})
+        "help": "A local weights file for a timm model (.safetensors or .pth, matched by name, never by position; a "
+                "head of another size stays fresh; NaN/inf or integer tensors refused); nothing is downloaded."})
     # a dict, or its JSON on the command line (transformers' TrainingArguments convention for dict fields)
     model_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={
         "help": "JSON passed to timm.create_model or the transformers config, e.g. '{\"img_size\": 32}'."})
