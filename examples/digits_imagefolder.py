@@ -4,7 +4,7 @@
 digits recipe trains on it (docs/training.md):
 
     python examples/digits_imagefolder.py runs/digits
-    W=$(python -c "from taps_peft.weights import efficientnet_lite0_weights as w; print(w())")
+    W=$(python -c "from taps_peft.training import efficientnet_lite0_weights as w; print(w())")
     taps-peft train --model timm:tf_efficientnet_lite0 --weights $W --dataset imagefolder:runs/digits \\
         --image-size 64 --max-steps 60 --output-dir runs/digits-taps            # add --r 8 for low-rank deltas
 """

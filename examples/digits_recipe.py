@@ -50,7 +50,7 @@ class Folder(torch.utils.data.Dataset):
 
 
 def lite0(seed: int):
-    from taps_peft.weights import efficientnet_lite0
+    from taps_peft.training import efficientnet_lite0
 
     torch.manual_seed(seed)
     return efficientnet_lite0(num_classes=10)
@@ -66,7 +66,7 @@ def accuracy(model, data: Folder) -> float:
 def run_cli(root: Path, out: Path, r: Optional[int], alpha: Optional[float], seed: int,
             extra: dict[str, Any]) -> dict[str, Any]:
     from taps_peft.training import TrainArgs, train
-    from taps_peft.weights import efficientnet_lite0_weights
+    from taps_peft.training import efficientnet_lite0_weights
 
     metrics = train(TrainArgs(model="timm:tf_efficientnet_lite0", weights=efficientnet_lite0_weights(),
                               dataset=f"imagefolder:{root}", image_size=SIZE, epochs=EPOCHS, output_dir=str(out),

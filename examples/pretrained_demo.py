@@ -5,7 +5,7 @@ scikit-image) in about 5 minutes on 2 CPU cores, 9.5 CPU-minutes (it prints its 
 method with a setting on a task) go to ``--workers`` single-threaded processes, one per core by default, the longest
 first, with a line per finished run:
 
-1. The base: timm's ``tf_efficientnet_lite0`` with ImageNet weights (``taps_peft.weights``), 49 gated convs, 64 px.
+1. The base: timm's ``tf_efficientnet_lite0`` with ImageNet weights (``taps_peft.training.efficientnet_lite0``), 49 gated convs, 64 px.
 2. Tasks, each with train / validation / test splits (the test split is used once, by this run):
    - hard (a converged linear probe on the frozen base is far below fine-tuning): "digits on photos" (scikit-learn's
      handwritten digits blended over crops of real photographs, the MNIST-M construction; test backgrounds come from
@@ -66,9 +66,9 @@ import multitask_demo as demo  # noqa: E402  (training loop, accuracy, split mas
 
 import taps_peft  # noqa: E402  (registers TAPS with PEFT)
 from taps_peft import recalibrate_batchnorm  # noqa: E402
-from taps_peft.files import atomic_write  # noqa: E402
+from taps_peft.hub import atomic_write  # noqa: E402
 from taps_peft.tuner.targets import default_targets, find_head  # noqa: E402
-from taps_peft.weights import efficientnet_lite0, load_weights  # noqa: E402
+from taps_peft.training import efficientnet_lite0, load_weights  # noqa: E402
 
 Data = demo.Data
 LITE0 = "tf_efficientnet_lite0"

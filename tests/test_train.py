@@ -153,7 +153,7 @@ def test_resume_matches_uninterrupted(data, tmp_path):
 
 def test_a_local_weights_file_for_a_timm_model(data, tmp_path):
     """--weights: the pretrained EfficientNet-Lite0 from its package file (nothing downloaded); the card rebuilds it."""
-    from taps_peft.weights import efficientnet_lite0_weights
+    from taps_peft.training import efficientnet_lite0_weights
 
     weights = efficientnet_lite0_weights()
     m = train(TrainArgs(model="timm:tf_efficientnet_lite0", weights=weights, dataset=f"imagefolder:{data}",
@@ -256,3 +256,31 @@ def test_cli_help(capsys):
     if script:
         proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=HANG)
         assert proc.returncode == 0 and "usage: taps-peft train" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_cli_parser_is_transformers_hf_argument_parser(capsys):
+    """The flags are HfArgumentParser's over TrainArgs: dashed and underscored spellings, a value for a switch, every
+    --no-X kept; --model-kwargs is JSON (a dict or its text, as TrainingArguments' dict fields); mistakes are one
+    argparse-style line with exit status 2."""
+    from transformers import HfArgumentParser
+
+    from taps_peft.training.cli import build_parser
+
+    assert isinstance(build_parser(), HfArgumentParser)
+    cli = ["--model", "timm:resnet18", "--dataset", "beans"]
+    args = parse_args([*cli, "--score_lr", "0.1", "--shuffle", "false", "--cpu", "--no-cpu", "--no-print-state",
+                       "--recalibrate-bn", "no", "--output-dir", "o"])
+    assert (args.score_lr, args.shuffle, args.cpu, args.print_state, args.recalibrate_bn, args.output_dir) == (
+        0.1, False, False, False, False, "o")
+    assert TrainArgs(model="m", dataset="d", model_kwargs='{"img_size": 64}').model_kwargs == {"img_size": 64}
+    help_text = build_parser().format_help()
+    assert "[0.5]" in help_text and "Turn --shuffle off." in help_text  # defaults shown as before; --no-X says so
+    for extra, message in ((["--model-kwargs", "{bad"], "--model-kwargs '{bad' is not JSON"),
+                           (["--model-kwargs", "[1]"], "pass a JSON object"),
+                           (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+                           (["--optimizer", "adam"], "invalid choice: 'adam'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *cli, *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "taps-peft train: error: " in err and message in err and "Traceback" not in err, err

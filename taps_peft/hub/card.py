@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..files import atomic_write
+from . import atomic_write
 from ..report import taps_layer_report, taps_summary
 
 BEGIN, END = "<!-- taps_peft:card:begin -->", "<!-- taps_peft:card:end -->"
@@ -63,10 +63,10 @@ def rebuild_code(info: dict[str, Any]) -> str:
         weights = info.get("weights")
         if weights == PACKAGED_LITE0 and info["architecture"] == "tf_efficientnet_lite0":  # the call that finds them
             extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
-            return (f"from taps_peft.weights import efficientnet_lite0  # ImageNet weights from the pip package "
+            return (f"from taps_peft.training import efficientnet_lite0  # ImageNet weights from the pip package "
                     f"{PACKAGED_LITE0}\n\nbase = efficientnet_lite0(num_classes={classes}{extra})")
         if weights:  # a file of the trainer's: its name only (never a path of the machine the card was written on)
-            return (f'import timm\nfrom taps_peft.weights import load_weights\n\nbase = timm.create_model('
+            return (f'import timm\nfrom taps_peft.training import load_weights\n\nbase = timm.create_model('
                     f'"{info["architecture"]}", pretrained=False{args})\nload_weights(base, "{Path(weights).name}")'
                     "  # the weights file it was trained on")
         if info.get("pretrained"):

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..files import temporary_name
+from . import temporary_name
 from ..tuner.layer import _CONV
 from ..tuner.saved import WEIGHTS_NAME, tensors_digest
 from ..tuner.targets import saved_modules

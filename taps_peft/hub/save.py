@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..files import temporary_name
+from . import temporary_name
 from ..tuner.saved import CONFIG_NAME, WEIGHTS_NAME
 from .card import save_model_card
 

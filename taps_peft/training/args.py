@@ -1,9 +1,10 @@
-"""`TrainArgs`: every option of ``taps-peft train`` (the CLI flags are generated from its fields)."""
+"""`TrainArgs`: every option of ``taps-peft train`` (``transformers.HfArgumentParser`` makes its fields the CLI flags)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass
@@ -20,9 +21,10 @@ class TrainArgs:
     output_dir: str = field(default="runs/taps", metadata={"help": "Adapter, checkpoints/ and results go here."})
     pretrained: bool = field(default=True, metadata={"help": "Load pretrained weights (--no-pretrained: random)."})
     weights: Optional[str] = field(default=None, metadata={
-        "help": "A local weights file for a timm model (.safetensors or .pth: by name or in order, a head of another "
-                "size stays fresh); nothing is downloaded."})
-    model_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "A local weights file for a timm model (.safetensors or .pth, matched by name, never by position; a "
+                "head of another size stays fresh; NaN/inf or integer tensors refused); nothing is downloaded."})
+    # a dict, or its JSON on the command line (transformers' TrainingArguments convention for dict fields)
+    model_kwargs: Optional[Union[dict, str]] = field(default_factory=dict, metadata={
         "help": "JSON passed to timm.create_model or the transformers config, e.g. '{\"img_size\": 32}'."})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Training split."})
@@ -87,3 +89,16 @@ class TrainArgs:
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id (the output dir's name when unset)."})
     print_state: bool = field(default=False, metadata={
         "help": "Print one 'TAPS_STATE {json}' line per rank at the end (scores, active set, parameter hashes)."})
+
+    def __post_init__(self) -> None:
+        if self.model_kwargs is None:
+            self.model_kwargs = {}
+        elif isinstance(self.model_kwargs, str):
+            try:
+                self.model_kwargs = json.loads(self.model_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--model-kwargs {self.model_kwargs!r} is not JSON ({err}). Pass a JSON object, e.g. "
+                                 "'{\"img_size\": 32}'.") from None
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"--model-kwargs {self.model_kwargs!r}: pass a JSON object of keyword arguments, e.g. "
+                             "'{\"img_size\": 32}'.")

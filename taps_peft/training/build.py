@@ -34,7 +34,7 @@ def load_model(args: TrainArgs, num_classes: int, labels: list[str]):
                             "--weights PATH (a local weights file)")
         model = timm.create_model(name, pretrained=download, num_classes=num_classes, **kwargs)
         if args.weights:
-            from ..weights import load_weights
+            from .weights import load_weights
 
             load_weights(model, args.weights)
         cfg = timm.data.resolve_model_data_config(model)

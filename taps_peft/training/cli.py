@@ -23,12 +23,14 @@ import math
 import os
 import shutil
 import sys
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .args import TrainArgs
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 STATE_PREFIX = "TAPS_STATE "  # the line ``--print-state`` writes on every rank, followed by JSON
 
@@ -144,7 +146,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     from ..tuner import TAPSConfig
     from .build import EpochOrder, load_data, load_model, pair, with_transform
     from ..batchnorm import RECALIBRATION_IMAGES, recalibrate_batchnorm
-    from ..files import atomic_write
+    from ..hub import atomic_write
     from ..hub.card import dataset_name
     from ..hub.save import push_to_hub, save_adapter
     from ..report import taps_layer_report, taps_summary, taps_training_plan
@@ -346,7 +348,7 @@ def weights_name(path: Optional[str]) -> Optional[str]:
     from ..hub.card import PACKAGED_LITE0
 
     try:
-        from ..weights import efficientnet_lite0_weights
+        from .weights import efficientnet_lite0_weights
 
         if Path(path).resolve() == Path(efficientnet_lite0_weights()).resolve():
             return PACKAGED_LITE0
@@ -430,37 +432,40 @@ def _find_checkpoint(root: Path) -> Optional[Path]:
 # ----- command line -----
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``taps-peft train`` parser, generated from [`TrainArgs`]."""
-    parser = argparse.ArgumentParser(
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default in brackets, e.g. ``[0.5]`` (none shown for None, False or {})."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if (not action.option_strings or action.required or default is argparse.SUPPRESS or default is None
+                or default is False or default == {}):
+            return action.help or ""
+        return f"{action.help or ''} [{default}]"
+
+
+def build_parser() -> "HfArgumentParser":
+    """The ``taps-peft train`` parser: ``transformers.HfArgumentParser`` over [`TrainArgs`].
+
+    Example:
+        >>> build_parser().parse_args_into_dataclasses(["--model", "timm:resnet18", "--dataset", "beans"])[0].lam
+        0.5
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        TrainArgs,
         prog="taps-peft train",
         description="Train a TAPS adapter (Task Adaptive Parameter Sharing) with Accelerate. Several GPUs: "
                     "accelerate launch -m taps_peft train ARGS.",
+        formatter_class=_HelpFormatter,
     )
-    hints = typing.get_type_hints(TrainArgs)
-    for f in dataclasses.fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if required:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if kwargs["default"] is not None and kwargs["default"] is not False and kwargs["default"] != {}:
-                kwargs["help"] += f" [{kwargs['default']}]"
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is list:
-            kwargs["nargs"] = "+"
-        elif base is dict:
-            kwargs["type"] = json.loads
-        else:
-            kwargs["type"] = base
-        parser.add_argument(flag, **kwargs)
+    for action in parser._actions:  # HfArgumentParser gives --no-X the help of --X
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest.replace('_', '-')} off."
+    for f in dataclasses.fields(TrainArgs):  # it adds --no-X only where X defaults to True: keep it for every switch
+        if f.default is False:
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", action="store_false", dest=f.name, default=False,
+                                help=argparse.SUPPRESS)
     return parser
 
 
@@ -469,12 +474,16 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainArgs:
 
     Example:
         >>> parse_args(["train", "--model", "timm:resnet18", "--dataset", "beans"]).optimizer
-        'sgd'
+        'adamw'
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         argv = argv[1:]
-    return TrainArgs(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True, look_for_args_file=False)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")  # argparse's own message and exit status 2
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:

