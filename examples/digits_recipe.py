@@ -5,10 +5,12 @@ packaged ImageNet weights (``--weights``, offline), 64 px, 3 epochs. Each way tr
 with ``r=8`` (or ``--ranks``), everything else at its defaults, and reports the test accuracy and k/L:
 
 - ``cli``: ``taps-peft train`` (``taps_peft.training.train``): SGD with momentum, lr 0.01, batch 32, cosine;
-- ``trainer``: the stock 🤗 ``Trainer`` with its ``TrainingArguments`` defaults (AdamW lr 5e-5, batch 8, linear);
-  only a loss function and a collator for the timm model, as a user writes them;
+- ``trainer``: the stock 🤗 ``Trainer`` with its ``TrainingArguments`` defaults (AdamW lr 5e-5, batch 8, linear,
+  gradients clipped to norm 1); only a loss function for the timm model (cross-entropy plus ``model.taps_penalty()``,
+  as docs/trainer.md says);
 - ``trainer_callback``: the same with ``callbacks=[TAPSCallback()]`` (the training length, for lam's warm-up);
-- ``taps_trainer``: the same with ``TAPSTrainer`` (gates frozen for the last 20%, BatchNorm re-estimated).
+- ``taps_trainer``: the same with ``TAPSTrainer`` (it adds the penalty itself; gates frozen for the last 20%,
+  BatchNorm re-estimated).
 
     python examples/digits_recipe.py [--ways cli trainer trainer_callback taps_trainer] [--ranks full 8] [--alpha 16] [--seed 0]
 """
@@ -89,7 +91,8 @@ def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float],
     cls = TAPSTrainer if way == "taps_trainer" else Trainer
     trainer = cls(model=model, args=args, train_dataset=train_ds,
                   callbacks=[TAPSCallback()] if way == "trainer_callback" else None,
-                  compute_loss_func=lambda outputs, labels, num_items_in_batch=None: F.cross_entropy(outputs, labels))
+                  compute_loss_func=lambda outputs, labels, num_items_in_batch=None: (  # a timm model: logits
+                      F.cross_entropy(outputs, labels) + (0 if cls is TAPSTrainer else model.taps_penalty())))
     trainer.train()
     summary = taps_peft.taps_summary(model)
     return {"accuracy": accuracy(model, test_ds), "k": summary["active_layers"], "L": summary["total_layers"]}

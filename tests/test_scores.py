@@ -159,6 +159,34 @@ def test_lam_warmup_ramps_the_penalty_from_zero():
     assert values == pytest.approx([0.5 / L * min(1, k / 4) for k in range(1, 7)], rel=1e-5)  # lam_t / L
 
 
+def test_the_gates_are_fixed_after_freeze_gates_at_of_a_known_training_length():
+    """From freeze_gates_at of total_step on, the scores stop (no late gate flips) while the deltas go on training,
+    in any loop; without a known length nothing is fixed. Before: a stock Trainer run closed 48 of 49 gates in its
+    last steps (docs/results.md)."""
+    def run(**config):
+        model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=2.0, lam_warmup=0.0, **config))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        seen = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no "scores did not step" warning once they are fixed
+            for _ in range(6):
+                step(model, optimizer)
+                seen.append(score_values(model))
+        delta = taps_layers(model)[0][1].taps_delta["default"]
+        return seen, delta
+
+    seen, delta = run(total_step=6, freeze_gates_at=0.5)
+    assert seen[0] != seen[1] != seen[2]  # steps 1-3 move the scores
+    assert seen[2] == seen[3] == seen[4] == seen[5]  # from step 4 (3 of 6 done) they stay
+    assert delta.abs().sum() > 0
+    moving, _ = run(total_step=6, freeze_gates_at=None)
+    assert moving[4] != moving[5]
+    unknown, _ = run(freeze_gates_at=0.5)  # no total_step: nothing is fixed
+    assert unknown[4] != unknown[5]
+    with pytest.raises(ValueError, match=r"freeze_gates_at.*\(0, 1\]"):
+        TAPSConfig(freeze_gates_at=0.0)
+
+
 def test_an_optimizer_that_does_not_hold_the_scores_is_warned_once():
     model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.5))
     start = score_values(model)

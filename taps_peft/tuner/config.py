@@ -51,7 +51,12 @@ class TAPSConfig(PeftConfig):
         lam_warmup: Fraction of training over which ``lam`` ramps linearly from 0, so gates are judged on deltas
             that have settled. Needs ``total_step`` (``TAPSTrainer``, ``TAPSCallback`` and ``taps-peft train`` set it);
             without it ``lam`` applies in full, with a warning.
-        total_step: Length of training in optimizer steps (as AdaLoRA's ``total_step``), for ``lam_warmup``.
+        total_step: Length of training in optimizer steps (as AdaLoRA's ``total_step``), for ``lam_warmup`` and
+            ``freeze_gates_at``.
+        freeze_gates_at: Fraction of training after which the gates are fixed: the scores stop moving, so no gate
+            flips in the last steps while the deltas, norms and head settle on the final choice of layers. Needs
+            ``total_step``; ``None`` never fixes them. (``model.freeze_gates()`` fixes them at once and also spares
+            closed layers their weight gradient; ``TAPSTrainer`` and ``taps-peft train`` call it at this point.)
         train_norms: Train a task-specific copy of every norm layer (BatchNorm incl. running stats, LayerNorm,
             GroupNorm) and save it with the adapter.
         init_weights: ``True`` starts deltas at zero (the model equals its base). ``False`` draws small random deltas,
@@ -95,6 +100,8 @@ class TAPSConfig(PeftConfig):
     score_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the scores (any optimizer)."})
     lam_warmup: float = field(default=0.5, metadata={"help": "Fraction of training over which lam ramps from 0."})
     total_step: Optional[int] = field(default=None, metadata={"help": "Training length in optimizer steps."})
+    freeze_gates_at: Optional[float] = field(default=0.8, metadata={
+        "help": "Fraction of training after which the gates are fixed (the scores stop); None never."})
     train_norms: bool = field(default=True, metadata={"help": "Train and save task-specific norm layers."})
     init_weights: bool = field(default=True, metadata={"help": "Zero deltas (identity); False = random, for tests."})
     r: Optional[int] = field(default=None, metadata={"help": "Rank of each delta (alpha/r * B @ A); None = full."})
@@ -144,6 +151,9 @@ class TAPSConfig(PeftConfig):
         self.lam_warmup = _check_number("lam_warmup", self.lam_warmup, "a fraction of training in [0, 1), e.g. "
                                         "lam_warmup=0.5", lambda v: 0 <= v < 1)
         self.total_step = _check_int("total_step", self.total_step, 1, "an int >= 1 (optimizer steps) or None")
+        if self.freeze_gates_at is not None:
+            self.freeze_gates_at = _check_number("freeze_gates_at", self.freeze_gates_at, "a fraction of training in "
+                                                 "(0, 1], e.g. freeze_gates_at=0.8, or None", lambda v: 0 < v <= 1)
         self.budget_layers = _check_int("budget_layers", self.budget_layers, 1, "an int >= 1 (layers) or None")
         if self.budget_mib is not None:
             self.budget_mib = _check_number("budget_mib", self.budget_mib, "a float > 0 or None", lambda v: v > 0)

@@ -85,6 +85,12 @@ def lam_at(config: Any, step: int) -> float:
     return config.lam * min(1.0, step / (config.lam_warmup * config.total_step))
 
 
+def gates_fixed(config: Any, step: int) -> bool:
+    """Whether the gates are fixed after ``step`` optimizer steps: ``freeze_gates_at`` of a known training length."""
+    return bool(config.freeze_gates_at is not None and config.total_step
+                and step >= config.freeze_gates_at * config.total_step)
+
+
 class _Backpropagated(torch.autograd.Function):
     """The identity on the penalty's value; its backward tells the model that the penalty reached this step's
     gradients (a host-side note: no device read)."""
@@ -202,10 +208,15 @@ def step_scores(model: TAPSModel, optimizer: Optional[torch.optim.Optimizer] = N
         config = model.peft_config[adapter]
         step = _steps_done(state[trainable[0]])
         missing = adapter not in model._penalized  # the loss of this step lacked the penalty: added here
-        if missing:
-            _warn_missing_penalty(model)
         model._penalized.discard(adapter)
         model.note_score_step(adapter, step + 1)
+        if gates_fixed(config, step):  # the rest of training keeps the gates as they are: the scores' grads go
+            for p in trainable:
+                p.grad = None
+                state[p]["step"] = step + 1  # the count of optimizer steps goes on (the warm-up, the warning below)
+            continue
+        if missing:
+            _warn_missing_penalty(model)
         group = None if held is None else held[id(trainable[0])]
         _adam(trainable, state, lam_at(config, step) / len(scores) if missing else 0.0,
               config.score_lr * _schedule_ratio(group))
