@@ -232,7 +232,8 @@ def _warn_missing_penalty(model: TAPSModel) -> None:
     warnings.warn(
         "TAPS: the loss of this optimizer step did not include the TAPS penalty (the model returns logits, or the "
         "loop computes its own loss), so TAPS added the penalty's gradient at the step, where gradient clipping and "
-        "loss scaling do not reach it. Add it to your loss: loss = loss + model.taps_penalty() (for a loss "
+        "loss scaling do not reach it: under clipping (the Trainer clips to norm 1) the penalty then outweighs the "
+        "task and closes almost every gate. Add it to your loss: loss = loss + model.taps_penalty() (for a loss "
         "normalised by num_items_in_batch, times this batch's items / num_items_in_batch).",
         stacklevel=4,
     )
