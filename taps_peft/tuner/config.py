@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..files import atomic_write
+from ..files import atomic_write, temporary_name
 from .saved import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 
 
@@ -192,6 +193,9 @@ class TAPSConfig(PeftConfig):
                 f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
                 f"peft_type={kind!r}): load it with its own PEFT method."
             )
+        pending = _interrupted_save(where, config.weights_digest)
+        if pending is not None:  # a save killed between its two replacements: its weights are in place, and its config
+            config = cls.from_peft_type(**cls.check_kwargs(**{**cls._split_kwargs(kwargs)[1], **pending}))
         hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
                if kwargs.get(k) is not None}
         config._source = {"model_id": str(pretrained_model_name_or_path), "subfolder": subfolder, "hub": hub}
@@ -239,6 +243,33 @@ class TAPSConfig(PeftConfig):
             from ..hub.card import save_model_card
 
             save_model_card(model, folder, adapter_name=adapter_name)
+
+
+def _interrupted_save(folder: str, digest: Optional[str]) -> Optional[dict[str, Any]]:
+    """The config of a save killed after it replaced the weights and before the config (``save_adapter`` puts the new
+    config under its temporary name ``.adapter_config.json.taps-tmp`` first): its attributes when that file is a whole
+    TAPS config of another save, bound to the weights now in ``folder``; else None (the config in place holds)."""
+    pending, weights = temporary_name(Path(folder) / CONFIG_NAME), Path(folder) / WEIGHTS_NAME
+    if not (pending.is_file() and weights.is_file()):
+        return None
+    try:
+        attrs = json.loads(pending.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # a config write killed part-way: not a save
+        return None
+    if not (isinstance(attrs, dict) and attrs.get("peft_type") == PeftType.TAPS.value
+            and attrs.get("weights_digest") not in (None, digest)):
+        return None
+    try:
+        if _file_digest(weights) != attrs["weights_digest"]:
+            return None  # killed before the weights were replaced: the folder holds the old save, whole
+    except Exception:  # a damaged weights file: the load itself says so
+        return None
+    warnings.warn(
+        f"A save into '{folder}' was interrupted after it wrote the adapter's weights and before its "
+        f"{CONFIG_NAME}: loading the adapter it saved (its config from '{pending.name}'). Save again to complete the "
+        "folder.", stacklevel=3,
+    )
+    return attrs
 
 
 def _card_readable(model: Any) -> bool:

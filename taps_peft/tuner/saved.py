@@ -203,7 +203,16 @@ def check_readable(model: nn.Module, config: Any) -> Optional[str]:
     if path is None:
         return None
     modules = plain_modules(model)
-    names = _as_model_names({k.removeprefix(_PREFIX): None for k in header_names(path)}, modules)
+    keys = header_names(path)
+    bare = [k for k in keys if not k.startswith(_PREFIX)]
+    if bare:  # PEFT looks every tensor up under its prefix: such a file would fail half-way through the load
+        raise ValueError(
+            f"The TAPS adapter file '{path}' has {len(bare)} tensor name(s) without PEFT's `{_PREFIX}` prefix (e.g. "
+            f"`{bare[0]}`): it was not written by save_pretrained, and PEFT cannot load it. Nothing was loaded; save "
+            f"the adapter with save_pretrained, or add the prefix to every name (save_file({{'{_PREFIX}' + k: v for "
+            "k, v in tensors.items()}, path)) and save its config again."
+        )
+    names = _as_model_names({k.removeprefix(_PREFIX): None for k in keys}, modules)
     missing = sorted(set(saved_module_tensors(model, config)) - set(names))
     if missing:  # the full checks say why (two saves, an incomplete adapter, another base)
         tensors = read_weights(path)
