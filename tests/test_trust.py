@@ -304,6 +304,25 @@ def test_an_adapter_without_peft_s_key_prefix_is_refused_before_anything_changes
     assert unchanged(before, model) and list(model.peft_config) == ["default"]
 
 
+@pytest.mark.parametrize("edit", [{"alpha": 16.0}, {"tau": 0.12}, {"r": 8}, {"target_modules": ["qkv"]},
+                                  {"exclude_modules": ["fc2"]}])
+def test_a_hand_edited_config_is_refused(tmp_path, edit):
+    """``weights_digest`` covers the config fields that change outputs: an edited one is refused before anything
+    changes; a digest of the weights alone (an adapter saved before) still loads."""
+    base = tiny_timm_vit()
+    fresh = copy.deepcopy(base)
+    get_peft_model(base, TAPSConfig(r=4, alpha=8.0)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, **edit}))
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"edited after it was saved: one of r, alpha, tau, target_modules"):
+        PeftModel.from_pretrained(fresh, tmp_path)
+    assert unchanged(before, fresh)
+    path.write_text(json.dumps({**saved, "weights_digest": saved["weights_digest"].partition(":")[0]}))
+    assert PeftModel.from_pretrained(fresh, tmp_path).peft_config["default"].alpha == 8.0
+
+
 def test_config_and_weights_of_two_saves_are_refused(tmp_path, images):
     """A folder whose config comes from one save and weights from another (an interrupted copy, a reader racing a
     writer) is refused, from the folder and from a Hub-like copy, with an error that says so: never a silent load."""

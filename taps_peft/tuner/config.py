@@ -17,7 +17,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ..files import atomic_write, temporary_name
-from .saved import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
+from .saved import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, tensors_digest
 
 
 @dataclass
@@ -78,7 +78,9 @@ class TAPSConfig(PeftConfig):
             warns (see ``tuner.identity``).
         task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
         weights_digest: Written by ``save_pretrained``: the digest of the ``adapter_model.safetensors`` saved with this
-            config. Loading refuses a config and weights from two different saves. Leave it unset.
+            config and of the config fields that change its outputs (``r``, ``alpha``, ``tau``, ``target_modules``,
+            ``exclude_modules``). Loading refuses a config and weights from two different saves, and a config edited
+            by hand. Leave it unset.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -235,7 +237,7 @@ class TAPSConfig(PeftConfig):
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
-        output["weights_digest"] = _file_digest(weights) if weights.exists() else None
+        output["weights_digest"] = adapter_digest(_file_digest(weights), output) if weights.exists() else None
         atomic_write(folder / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
         model, adapter_name = self.__dict__.pop("_card_source", (lambda: None, None))
         model = model()
@@ -260,7 +262,7 @@ def _interrupted_save(folder: str, digest: Optional[str]) -> Optional[dict[str, 
             and attrs.get("weights_digest") not in (None, digest)):
         return None
     try:
-        if _file_digest(weights) != attrs["weights_digest"]:
+        if adapter_digest(_file_digest(weights), attrs) != attrs["weights_digest"]:
             return None  # killed before the weights were replaced: the folder holds the old save, whole
     except Exception:  # a damaged weights file: the load itself says so
         return None

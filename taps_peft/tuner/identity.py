@@ -4,9 +4,10 @@
   of every base tensor the adapter depends on (gated and ungated weights, biases, norms, BatchNorm statistics; not the
   head and norms the adapter replaces with its own). Recorded once, when the adapter is injected; checked when a saved
   adapter is loaded (a base with other weights warns with :class:`BaseModelMismatchWarning`).
-- ``weights_digest`` (in ``adapter_config.json``): a digest of the tensors in ``adapter_model.safetensors``, written by
+- ``weights_digest`` (in ``adapter_config.json``): a digest of the tensors in ``adapter_model.safetensors`` and of the
+  config fields that change outputs (``r``, ``alpha``, ``tau``, ``target_modules``, ``exclude_modules``), written by
   ``TAPSConfig.save_pretrained`` right after PEFT wrote the weights. Loading refuses a config and weights that come from
-  two different saves.
+  two different saves, and a config edited after the save.
 
 The fingerprint samples up to 1024 values of each tensor spread over all of it (a golden-ratio stride coprime with the
 tensor's size, in integer arithmetic: exact for any size, and not lined up with the layout)
