@@ -990,6 +990,25 @@ def test_a_load_keeps_the_identity_of_the_base_it_was_trained_on(tmp_path):
         PeftModel.from_pretrained(resnet(seed=1), tmp_path / "b")
 
 
+def test_a_base_changed_after_wrapping_is_caught_at_save(tmp_path):
+    """The identity is computed again at save: a base edited after ``get_peft_model`` warns at save, and the adapter
+    records the base as it is then, so loading it onto the base as it was before the edit warns."""
+    base = tiny_timm_vit()
+    before_edit = copy.deepcopy(base)
+    model = get_peft_model(base, TAPSConfig(init_weights=False))
+    with torch.no_grad():
+        model.get_base_model().pos_embed.add_(1.0)  # ungated: the deltas now work against another base
+    after_edit = copy.deepcopy(model).unload()
+    with pytest.warns(BaseModelMismatchWarning, match="changed after the adapter was injected"):
+        model.save_pretrained(tmp_path)
+    with pytest.warns(BaseModelMismatchWarning, match="this base has other weights in 1 tensor"):
+        PeftModel.from_pretrained(before_edit, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        PeftModel.from_pretrained(after_edit, tmp_path)
+        model.save_pretrained(tmp_path / "again")  # recorded now: no second warning
+
+
 def test_the_fingerprint_samples_every_part_of_a_kernel(tmp_path):
     """Every 3x3 kernel tap but the first negated: the samples must not all fall on one tap."""
     base = resnet()

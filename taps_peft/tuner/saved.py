@@ -292,7 +292,8 @@ def check_first_load(model: nn.Module, config: Any, adapter_name: str, state_dic
     check_saved_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model, config, tensors)
     saved = binding["identity"]
     if saved is not None:
-        check_identity(saved, config.base_model_info or {}, adapter_name)
+        if check_identity(saved, config.base_model_info or {}, adapter_name) and hasattr(model, "base_model"):
+            model.base_model.__dict__.setdefault("_kept_identity", set()).add(adapter_name)  # see check_base_at_save
         if "fingerprint" in saved:
             config.base_model_info["fingerprint"] = saved["fingerprint"]
 
