@@ -73,10 +73,9 @@ class TAPSConfig(PeftConfig):
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
         base_model_info: What the adapter knows of its base (recorded when the adapter is injected, the fingerprint
             again when it is saved: library, architecture, name, number of classes, a fingerprint of the base tensors
-            it depends on). Set ``name`` and
-            ``pretrained`` (and for a random init ``seed``, for custom shapes ``model_kwargs``, for local weights
-            ``weights``) so the model card can show how to rebuild the base; loading onto a base with other weights
-            warns (see ``tuner.identity``).
+            it depends on). Set ``name`` and ``pretrained`` (and for a random init ``seed``, for custom shapes
+            ``model_kwargs``, for local weights ``weights``) so the model card can show how to rebuild the base;
+            loading onto a base with other weights warns (see ``tuner.identity``).
         task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
         weights_digest: Written by ``save_pretrained``: the digest of the ``adapter_model.safetensors`` saved with this
             config and of the config fields that change its outputs (``r``, ``alpha``, ``tau``, ``target_modules``,
