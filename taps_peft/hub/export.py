@@ -17,7 +17,7 @@ from torch import nn
 
 from . import temporary_name
 from ..tuner.layer import _CONV
-from ..tuner.saved import WEIGHTS_NAME, tensors_digest
+from ..tuner.saved import WEIGHTS_NAME, adapter_digest, tensors_digest
 from ..tuner.targets import saved_modules
 from .card import save_export_card
 
@@ -86,9 +86,10 @@ def export_lora(
     args, kwargs, described = example_batch(work.get_base_model(), example_inputs, dtype)
     with torch.no_grad():
         expected = _output(work(*args, **kwargs))
-    source = tensors_digest(get_peft_model_state_dict(work, adapter_name=adapter_name).values())  # the TAPS save's
-    fresh = copy.deepcopy(work).unload()  # the base, for the plain-PEFT load that measures the export
     config = work.peft_config[adapter_name]
+    source = adapter_digest(tensors_digest(get_peft_model_state_dict(work, adapter_name=adapter_name).values()),
+                            config)  # the TAPS save's weights_digest
+    fresh = copy.deepcopy(work).unload()  # the base, for the plain-PEFT load that measures the export
     layers = _plan(work, adapter_name, rank, config)
     if not any(p["action"] != "whole" for p in layers.values()):
         _add_carrier(work, layers, config)

@@ -4,8 +4,10 @@
 through ``weights_digest``, so a folder mixing two saves is refused when loading, and then writes the TAPS model card).
 
 - :func:`save_adapter` is what ``taps-peft train`` and ``TAPSTrainer`` use: the same files, each written to a
-  temporary folder inside the target and put in place with ``os.replace`` (weights, then config, then card), so no
-  reader ever sees a half-written file.
+  temporary folder inside the target and put in place with ``os.replace`` (the config to its temporary name beside
+  the weights, then the weights, then the config, then the card), so no reader ever sees a half-written file, and a save
+  killed at any moment leaves a folder that loads as the old adapter or the new one. The next save removes the
+  temporary file of each file it writes that a killed write left (``.<name>.taps-tmp``; no other file).
 - :func:`push_to_hub` uploads that folder in one commit, keeping a README already in the repo around the TAPS section
   (``PeftModel.push_to_hub`` works too, but transformers replaces the card with its template).
 
@@ -29,8 +31,8 @@ from . import temporary_name
 from ..tuner.saved import CONFIG_NAME, WEIGHTS_NAME
 from .card import save_model_card
 
-_ORDER = {WEIGHTS_NAME: 0, CONFIG_NAME: 1}
-_MARK = ".made-by-taps_peft"  # inside the staging folder: only such a folder is ever removed  # within a folder: weights, then config, then anything else (the card)
+_ORDER = {WEIGHTS_NAME: 0, CONFIG_NAME: 1}  # within a folder: weights, then config, then anything else (the card)
+_MARK = ".made-by-taps_peft"  # inside the staging folder: only such a folder is ever removed
 
 
 def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **save_kwargs: Any) -> Path:
@@ -64,12 +66,26 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **sa
                        key=lambda p: (len(p.relative_to(stage).parts) == 1, _ORDER.get(p.name, 2)))
         umask = os.umask(0)
         os.umask(umask)
+        places = {}
         for src in files:
             src.chmod(0o666 & ~umask)  # as a plain open() would create it (safetensors writes 0o600)
             dst = target / src.relative_to(stage)
             dst = dst.resolve() if dst.is_symlink() else dst  # a file linked from elsewhere is written where it lives
             dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
+            places[src] = dst
+        # Each config goes beside its weights under its temporary name before the weights are replaced: a save killed
+        # between the two replacements leaves the new config there whole, and loading takes it (TAPSConfig's
+        # from_pretrained), so the folder always loads as the old adapter or the new one.
+        for src in files:
+            if src.name == CONFIG_NAME:
+                os.replace(src, temporary_name(places[src]))
+        for src in files:
+            if src.name == CONFIG_NAME:
+                os.replace(temporary_name(places[src]), places[src])
+            else:
+                os.replace(src, places[src])
+            if temporary_name(places[src]).is_file():  # what an earlier killed write of this very file left
+                temporary_name(places[src]).unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target

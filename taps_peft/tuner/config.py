@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..hub import atomic_write
-from .saved import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
+from ..hub import atomic_write, temporary_name
+from .saved import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, tensors_digest
 
 
 @dataclass
@@ -75,14 +76,16 @@ class TAPSConfig(PeftConfig):
         budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per optimizer step.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
-        base_model_info: What the adapter knows of its base (recorded when the adapter is injected: library,
-            architecture, name, number of classes, a fingerprint of the base tensors it depends on). Set ``name`` and
-            ``pretrained`` (and for a random init ``seed``, for custom shapes ``model_kwargs``, for local weights
-            ``weights``) so the model card can show how to rebuild the base; loading onto a base with other weights
-            warns (see ``tuner.identity``).
+        base_model_info: What the adapter knows of its base (recorded when the adapter is injected, the fingerprint
+            again when it is saved: library, architecture, name, number of classes, a fingerprint of the base tensors
+            it depends on). Set ``name`` and ``pretrained`` (and for a random init ``seed``, for custom shapes
+            ``model_kwargs``, for local weights ``weights``) so the model card can show how to rebuild the base;
+            loading onto a base with other weights warns (see ``tuner.identity``).
         task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
         weights_digest: Written by ``save_pretrained``: the digest of the ``adapter_model.safetensors`` saved with this
-            config. Loading refuses a config and weights from two different saves. Leave it unset.
+            config and of the config fields that change its outputs (``r``, ``alpha``, ``tau``, ``target_modules``,
+            ``exclude_modules``). Loading refuses a config and weights from two different saves, and a config edited
+            by hand. Leave it unset.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -202,6 +205,9 @@ class TAPSConfig(PeftConfig):
                 f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
                 f"peft_type={kind!r}): load it with its own PEFT method."
             )
+        pending = _interrupted_save(where, config.weights_digest)
+        if pending is not None:  # a save killed between its two replacements: its weights are in place, and its config
+            config = cls.from_peft_type(**cls.check_kwargs(**{**cls._split_kwargs(kwargs)[1], **pending}))
         hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
                if kwargs.get(k) is not None}
         config._source = {"model_id": str(pretrained_model_name_or_path), "subfolder": subfolder, "hub": hub}
@@ -241,7 +247,7 @@ class TAPSConfig(PeftConfig):
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
-        output["weights_digest"] = _file_digest(weights) if weights.exists() else None
+        output["weights_digest"] = adapter_digest(_file_digest(weights), output) if weights.exists() else None
         atomic_write(folder / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
         model, adapter_name = self.__dict__.pop("_card_source", (lambda: None, None))
         model = model()
@@ -249,6 +255,33 @@ class TAPSConfig(PeftConfig):
             from ..hub.card import save_model_card
 
             save_model_card(model, folder, adapter_name=adapter_name)
+
+
+def _interrupted_save(folder: str, digest: Optional[str]) -> Optional[dict[str, Any]]:
+    """The config of a save killed after it replaced the weights and before the config (``save_adapter`` puts the new
+    config under its temporary name ``.adapter_config.json.taps-tmp`` first): its attributes when that file is a whole
+    TAPS config of another save, bound to the weights now in ``folder``; else None (the config in place holds)."""
+    pending, weights = temporary_name(Path(folder) / CONFIG_NAME), Path(folder) / WEIGHTS_NAME
+    if not (pending.is_file() and weights.is_file()):
+        return None
+    try:
+        attrs = json.loads(pending.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # a config write killed part-way: not a save
+        return None
+    if not (isinstance(attrs, dict) and attrs.get("peft_type") == PeftType.TAPS.value
+            and attrs.get("weights_digest") not in (None, digest)):
+        return None
+    try:
+        if adapter_digest(_file_digest(weights), attrs) != attrs["weights_digest"]:
+            return None  # killed before the weights were replaced: the folder holds the old save, whole
+    except Exception:  # a damaged weights file: the load itself says so
+        return None
+    warnings.warn(
+        f"A save into '{folder}' was interrupted after it wrote the adapter's weights and before its "
+        f"{CONFIG_NAME}: loading the adapter it saved (its config from '{pending.name}'). Save again to complete the "
+        "folder.", stacklevel=3,
+    )
+    return attrs
 
 
 def _card_readable(model: Any) -> bool:

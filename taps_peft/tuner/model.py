@@ -17,7 +17,7 @@ from torch import nn
 
 from . import scores
 from .config import TAPSConfig
-from .identity import base_info
+from .identity import base_info, check_base_at_save
 from .layer import (
     _CONV, _HALF, Conv, Linear, TAPSLayer, _full_tensor, adapter_names_pre_forward_hook, read_gates, remove_upcast,
     route_samples, upcast,
@@ -74,6 +74,7 @@ class TAPSModel(BaseTuner):
         around modules without state are replaced by the module, and the base's frozen BatchNorm layers are put in eval
         mode (no forward may move the base's statistics)."""
         check_adapter_name(adapter_name)
+        self.__dict__.get("_kept_identity", set()).discard(adapter_name)  # a new adapter under an old name
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         injections = self.__dict__.setdefault("_taps_injections", {})
         if getattr(self.peft_config[adapter_name], "_source", None) is not None:  # a saved adapter may be loading
@@ -264,6 +265,9 @@ class TAPSModel(BaseTuner):
         """PEFT's selection, minus each delta (or factors A, B) whose score (read from the state dict itself) is below
         tau, unless ``config.save_inactive_deltas`` (resumable training checkpoints)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, TAPSModel):  # the identity saved is the base as it is now
+            check_base_at_save(config, tuner.model, adapter_name, adapter_name in tuner.__dict__.get("_kept_identity", ()))
         config._saved_from(model, adapter_name)  # PEFT's save_pretrained saves this config next: it writes the card
         if config.save_inactive_deltas:
             return selected

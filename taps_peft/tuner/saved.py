@@ -7,6 +7,7 @@ injection, so a failed load leaves the model as it was."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any, Iterable, Optional
 
@@ -68,6 +69,39 @@ def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
     for part in sorted(parts):
         total.update(part)
     return total.hexdigest()
+
+
+# The config fields that change what a saved adapter computes: the delta form and scale, the gate threshold, the gated
+# layer set. ``weights_digest`` covers them with the tensors, so a hand-edited adapter_config.json is refused.
+DIGEST_FIELDS = ("r", "alpha", "tau", "target_modules", "exclude_modules")
+
+
+def adapter_digest(tensors: str, config: Any) -> str:
+    """``weights_digest``: ``<tensors>:<fields>``, the digest of the saved tensors (:func:`tensors_digest`) and one of
+    the config's :data:`DIGEST_FIELDS` (``config`` a TAPSConfig or its saved dict; sets and lists compare as sorted
+    lists)."""
+    def value(name: str) -> Any:
+        v = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        return sorted(v) if isinstance(v, (set, frozenset, list, tuple)) else v
+
+    fields = json.dumps({name: value(name) for name in DIGEST_FIELDS}, sort_keys=True)
+    return f"{tensors}:{hashlib.blake2b(fields.encode(), digest_size=16).hexdigest()}"
+
+
+def check_digest(recorded: str, tensors: str, config: Any, where: str) -> None:
+    """Refuse weights and a config that ``recorded`` (the config's ``weights_digest``) does not bind together: weights
+    of another save (:func:`mixed_save`), or config fields edited after the save. A digest of the weights alone (saved
+    before the config fields were covered) is checked against the weights only."""
+    saved_tensors, _, _ = recorded.partition(":")
+    if saved_tensors != tensors:
+        raise ValueError(mixed_save(where))
+    if ":" in recorded and recorded != adapter_digest(tensors, config):
+        raise ValueError(
+            f"The TAPS adapter at '{where}' has an adapter_config.json edited after it was saved: one of "
+            f"{', '.join(DIGEST_FIELDS)} differs from the values its weights were trained and saved with, so the "
+            "adapter would compute other outputs. Nothing was loaded; restore the saved adapter_config.json (or load "
+            "the adapter as saved, change the config in Python and train or save it again)."
+        )
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -203,12 +237,21 @@ def check_readable(model: nn.Module, config: Any) -> Optional[str]:
     if path is None:
         return None
     modules = plain_modules(model)
-    names = _as_model_names({k.removeprefix(_PREFIX): None for k in header_names(path)}, modules)
+    keys = header_names(path)
+    bare = [k for k in keys if not k.startswith(_PREFIX)]
+    if bare:  # PEFT looks every tensor up under its prefix: such a file would fail half-way through the load
+        raise ValueError(
+            f"The TAPS adapter file '{path}' has {len(bare)} tensor name(s) without PEFT's `{_PREFIX}` prefix (e.g. "
+            f"`{bare[0]}`): it was not written by save_pretrained, and PEFT cannot load it. Nothing was loaded; save "
+            f"the adapter with save_pretrained, or add the prefix to every name (save_file({{'{_PREFIX}' + k: v for "
+            "k, v in tensors.items()}, path)) and save its config again."
+        )
+    names = _as_model_names({k.removeprefix(_PREFIX): None for k in keys}, modules)
     missing = sorted(set(saved_module_tensors(model, config)) - set(names))
     if missing:  # the full checks say why (two saves, an incomplete adapter, another base)
         tensors = read_weights(path)
-        if config.weights_digest and tensors_digest(tensors.values()) != config.weights_digest:
-            raise ValueError(mixed_save(path))
+        if config.weights_digest:
+            check_digest(config.weights_digest, tensors_digest(tensors.values()), config, path)
         check_saved_adapter(model, config, tensors)
         raise ValueError(f"The TAPS adapter file '{path}' has no `{missing[0]}` ({len(missing)} head or norm "
                          "tensor(s) missing). Nothing was loaded; save the adapter again with save_pretrained.")
@@ -238,13 +281,19 @@ def check_first_load(model: nn.Module, config: Any, adapter_name: str, state_dic
     (a mismatch warns: :class:`BaseModelMismatchWarning`). The adapter then keeps the trained-on base's identity."""
     tensors = {k.replace(f".modules_to_save.{adapter_name}.", "."): v for k, v in state_dict.items()}  # as saved
     check_finite(tensors, binding["path"])
-    if binding["digest"] and tensors_digest(tensors.values()) != binding["digest"]:
-        raise ValueError(mixed_save(binding["path"]) + " (To load other weights into a model built from a config read "
-                         "with TAPSConfig.from_pretrained, build it from dataclasses.replace(config).)")
+    if binding["digest"]:
+        try:
+            check_digest(binding["digest"], tensors_digest(tensors.values()), config, binding["path"])
+        except ValueError as err:
+            if "mixes two saves" not in str(err):
+                raise
+            raise ValueError(f"{err} (To load other weights into a model built from a config read with "
+                             "TAPSConfig.from_pretrained, build it from dataclasses.replace(config).)") from None
     check_saved_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model, config, tensors)
     saved = binding["identity"]
     if saved is not None:
-        check_identity(saved, config.base_model_info or {}, adapter_name)
+        if check_identity(saved, config.base_model_info or {}, adapter_name) and hasattr(model, "base_model"):
+            model.base_model.__dict__.setdefault("_kept_identity", set()).add(adapter_name)  # see check_base_at_save
         if "fingerprint" in saved:
             config.base_model_info["fingerprint"] = saved["fingerprint"]
 
