@@ -78,8 +78,9 @@ ZOO = {
     "timm_densenet": (_densenet, "classifier", None, None),
     "tv_vit": (_tv_vit, "heads", "conv_proj", 6),  # MLP linears and attention out_proj: in_proj is MHA's own
     "tv_resnet": (lambda: torchvision.models.resnet18(num_classes=5), "fc", None, 20),
-    "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5, width_mult=0.25), "classifier",
-                        None, None),
+    # the classifier is an MLP (Linear, Hardswish, Dropout, Linear): its hidden Linear is gated (timm's conv_head)
+    "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5, width_mult=0.25),
+                        "classifier.3", None, None),
     "tv_convnext": (_tv_convnext, "classifier", "features.0.0", None),
     "tv_swin": (_tv_swin, "head", "features.0.0", None),
     "hf_vit": (_hf_vit, "classifier", "vit.embeddings.patch_embeddings.projection", 12),
@@ -137,6 +138,21 @@ def test_every_default_gated_layer_changes_the_output(name):
         with torch.no_grad():
             layer.taps_scores["default"].fill_(0.0)
     assert silent == []  # no gated layer is a no-op
+
+
+def test_a_classifier_mlp_trains_only_its_last_layer():
+    """Issue 24: torchvision's vgg11 ends in a 3-Linear ``classifier`` (87% of its parameters). The head TAPS trains
+    whole is its last Linear; the hidden ones are gated like every other layer (as timm's ``pre_logits``)."""
+    with torch.device("meta"):  # shapes only: no 130M-parameter allocation
+        base = torchvision.models.vgg11(weights=None, num_classes=5)
+    total = sum(p.numel() for p in base.parameters())
+    assert sum(p.numel() for p in base.classifier.parameters()) / total > 0.85
+    model = get_peft_model(base, TAPSConfig())
+    assert model.peft_config["default"].modules_to_save == ["classifier.6"]
+    gated = {n for n, _ in model.base_model.taps_layers()}
+    assert {"classifier.0", "classifier.3"} <= gated and "classifier.6" not in gated
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".taps_" not in n)
+    assert head == 4096 * 5 + 5  # the final Linear only (its per-task copy)
 
 
 @pytest.mark.parametrize("r", [None, 8])

@@ -42,10 +42,15 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def find_head(model: nn.Module) -> Optional[str]:
     """Name of the classifier head: timm's ``pretrained_cfg['classifier']``, else a top-level classifier/head/fc.
+    A head that is an ``nn.Sequential`` MLP (torchvision's VGG and MobileNetV3 ``classifier``: Linear, ..., Linear) is
+    its last Linear/Conv: the hidden layers are pretrained features, gated like the rest (timm calls them
+    ``pre_logits`` / ``conv_head`` and names only the last layer its classifier).
 
     Example:
         >>> find_head(timm.create_model("resnet18", pretrained=False))  # doctest: +SKIP
         'fc'
+        >>> find_head(torchvision.models.vgg11())  # doctest: +SKIP
+        'classifier.6'
     """
     modules = plain_modules(model)
     timm_head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
@@ -53,6 +58,10 @@ def find_head(model: nn.Module) -> Optional[str]:
     for name in candidates + list(_HEAD_ATTRS):
         module = modules.get(name)
         if module is not None and any(p.numel() for p in module.parameters()):
+            if isinstance(module, nn.Sequential):
+                layers = [n for n, m in modules.items() if n.startswith(name + ".") and isinstance(m, SUPPORTED_LAYERS)]
+                if len(layers) > 1:
+                    return layers[-1]
             return name
     return None
 
