@@ -181,3 +181,32 @@ def test_a_channels_last_model_trains_saves_reloads_and_merges(tmp_path, r):
         loaded = PeftModel.from_pretrained(copy.deepcopy(base).to(memory_format=memory_format), tmp_path).eval()
         torch.testing.assert_close(_output(loaded, "timm_efficientnet"), expected, rtol=0, atol=atol)
     torch.testing.assert_close(_output(model.merge_and_unload(), "timm_efficientnet"), expected, rtol=0, atol=1e-4)
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+
+
+def test_transformers_conv1d_layers_are_named_not_skipped_silently():
+    """Issue 24: transformers' ``Conv1D`` (GPT-2 style, a Linear with a transposed weight) is not gated; a model with
+    such layers gets one warning naming them, and a model with nothing else to gate an error naming them."""
+    from transformers import GPT2Model
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt, self.proj, self.head = GPT2Model(_gpt2_config()), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(self.proj(self.gpt(ids).last_hidden_state))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(Tagger(), TAPSConfig())
+    conv1d = [str(w.message) for w in caught if "Conv1D" in str(w.message)]
+    assert len(conv1d) == 1 and "4 transformers Conv1D layer(s)" in conv1d[0] and "gpt.h.0.attn.c_attn" in conv1d[0]
+    assert {n for n, _ in model.base_model.taps_layers()} == {"proj"}
+    with pytest.raises(ValueError, match=r"found no layer to gate in GPT2Model.*not transformers' Conv1D.*h\.0\.mlp"):
+        get_peft_model(GPT2Model(_gpt2_config()), TAPSConfig())

@@ -83,6 +83,13 @@ def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
         and not any(part in _PATCH_EMBED_NAMES for part in name.split("."))
         and not is_patch_embedding(module)
     ]
+    conv1d = [n for n, m in modules.items() if _is_hf_conv1d(m) and not _is_under(n, head)]
+    if conv1d and names:
+        warnings.warn(
+            f"{len(conv1d)} transformers Conv1D layer(s) (GPT-2 style, a Linear with a transposed weight) are not "
+            f"gated: {_few(conv1d, 4)}. TAPS gates nn.Linear / nn.Conv1d/2d/3d only; these layers stay shared with the "
+            "base (train them in full with modules_to_save=[...] if they must adapt).", UserWarning, stacklevel=2,
+        )
     attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
     if attention:
         warnings.warn(
@@ -93,9 +100,16 @@ def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
     if not names:
         raise ValueError(
             f"TAPS found no layer to gate in {type(model).__name__}: it gates {[t.__name__ for t in SUPPORTED_LAYERS]} "
-            "outside the head and patch embedding. Pass `target_modules=[...]` naming the layers to adapt."
+            "outside the head and patch embedding"
+            + (f" (not transformers' Conv1D, GPT-2 style: {_few(conv1d, 4)})" if conv1d else "")
+            + ". Pass `target_modules=[...]` naming the layers to adapt."
         )
     return names
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, ImageGPT): a Linear whose weight is stored (in, out). Not gated."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
 
 
 def is_patch_embedding(module: nn.Module) -> bool:
