@@ -42,6 +42,38 @@ def test_frozen_gates_do_not_flip_and_closed_layers_get_no_gradient(images):
     assert all(m.taps_scores["default"].requires_grad for m in layers)
 
 
+@pytest.mark.parametrize("checkpointing", ["timm", "reentrant", "non_reentrant"])
+def test_frozen_gates_under_activation_checkpointing_give_closed_deltas_no_gradient(images, checkpointing):
+    """Issue 24: under activation checkpointing too, a closed layer of frozen gates runs as its base layer: its delta
+    gets no gradient (None, so AdamW's weight decay leaves it alone), the open ones the gradients of the plain run."""
+    base = tiny_resnet()
+    model = get_peft_model(base, TAPSConfig(init_weights=False)).train()
+    names = [n for n, m in model.named_modules() if isinstance(m, TAPSLayer)]
+    first = next(i for i, n in enumerate(names) if ".layer1." in n)  # inside a block timm checkpoints
+    with torch.no_grad():
+        taps_layers(model)[first].taps_scores["default"].fill_(0.05)  # closed
+    model.freeze_gates()
+    plain = copy.deepcopy(model)
+    if checkpointing == "timm":
+        model.base_model.model.set_grad_checkpointing(True)
+        out = logits(model, images)
+    else:
+        x = images.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=checkpointing == "reentrant")
+    out.square().sum().backward()
+    logits(plain, images).square().sum().backward()
+    layers, ref = taps_layers(model), taps_layers(plain)
+    assert ref[first].taps_delta["default"].grad is None
+    assert layers[first].taps_delta["default"].grad is None  # not zeros: AdamW's decay would move the closed delta
+    for i, (m, r) in enumerate(zip(layers, ref)):
+        if i != first:
+            torch.testing.assert_close(m.taps_delta["default"].grad, r.taps_delta["default"].grad)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
+    closed = layers[first].taps_delta["default"].detach().clone()
+    opt.step()
+    assert torch.equal(layers[first].taps_delta["default"], closed)
+
+
 def test_recalibrate_batchnorm_averages_the_batches_and_changes_no_weight(images):
     model = get_peft_model(tiny_resnet(), TAPSConfig(init_weights=False))
     wrapper = model.base_model.model.bn1

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 
@@ -109,6 +109,36 @@ def test_bad_config_values_name_field_value_and_fix(kwargs, field):
     assert repr(kwargs[field])[:20] in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("r", 0), ("r", 2.5), ("alpha", float("nan")), ("alpha", -1.0), ("lam", float("nan")), ("lam", -0.5),
+     ("tau", float("inf")), ("tau", 0.5), ("score_init", 0.01), ("score_lr", 0), ("lam_warmup", 1.0),
+     ("total_step", 0), ("budget_layers", 0), ("budget_mib", float("nan")), ("budget_rate", -1.0), ("r", None)],
+)
+def test_numeric_fields_set_after_construction_are_checked(field, value):
+    """Issue 24: ``config.r = 0`` or ``config.lam = nan`` after construction get the constructor's ValueError (field,
+    value, fix), and the config keeps its old value."""
+    config = TAPSConfig(r=4, alpha=8.0)
+    before = config.to_dict()
+    with pytest.raises(ValueError, match=BAD_MESSAGE) as info:
+        setattr(config, field, value)
+    assert BAD_MESSAGE.search(str(info.value)).group(1) == field and repr(value) in str(info.value)
+    assert config.to_dict() == before
+
+
+def test_valid_values_set_after_construction_are_normalised_and_peft_attributes_pass():
+    np = pytest.importorskip("numpy")
+    config = TAPSConfig()
+    config.lam, config.r, config.total_step = np.float32(0.25), np.int64(8), 10
+    config.alpha = 16
+    assert (type(config.lam), type(config.r), type(config.alpha)) == (float, int, float)
+    config.score_init, config.tau = 0.5, 0.4  # score_init first, then a tau up to it
+    config.alpha, config.r = None, None  # alpha first, then back to full-size deltas
+    config.inference_mode, config.base_model_name_or_path, config.revision = True, "x", "main"
+    assert (config.tau, config.r, config.inference_mode) == (0.4, None, True)
+    assert PeftConfig.from_peft_type(**config.to_dict()).to_dict() == config.to_dict()  # as PEFT builds configs
+
+
 def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
     np = pytest.importorskip("numpy")
     config = TAPSConfig(lam=np.float32(0.25), tau=np.float64(0.05), score_init=1, total_step=np.int64(3),
@@ -168,6 +198,22 @@ if given is not None:
             assert value is None or isinstance(value, str) or all(isinstance(v, str) and v for v in value)
         assert config.target_modules is None or len(config.target_modules) > 0
         assert config.modules_to_save is None or all(isinstance(v, str) and v for v in config.modules_to_save)
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(FIELDS + ("score_lr", "r", "alpha", "budget_layers", "budget_mib", "budget_rate")), NUMBERS)
+    def test_property_numeric_fields_set_later_valid_or_value_error_naming_the_field(name, value):
+        """Setting a field after construction leaves a config that __post_init__ would accept, or raises a
+        ValueError naming that field and leaves the config as it was."""
+        config = TAPSConfig(r=4, alpha=8.0)
+        before = config.to_dict()
+        try:
+            setattr(config, name, value)
+        except ValueError as err:
+            match = BAD_MESSAGE.search(str(err))
+            assert match and match.group(1) == name, str(err)
+            assert config.to_dict() == before
+            return
+        assert PeftConfig.from_peft_type(**config.to_dict()).to_dict() == config.to_dict()  # __post_init__ agrees
 
     POOL = ["qkv", "proj", "fc1", "fc2", "head", "norm1", "blocks.0.attn", "patch_embed.proj", "nope", r"blocks\.1\..*"]
 

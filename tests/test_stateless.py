@@ -337,13 +337,20 @@ def test_adapter_names_must_name_every_sample(tmp_path, images):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("call_train", [True, False])
+@pytest.mark.parametrize("call_train", [True, False, "base", "apply"])
 def test_frozen_norms_keep_the_base_batchnorm_statistics(images, call_train):
+    """With train_norms=False the base's BatchNorm statistics never move, however train mode was set (issue 24: also
+    ``get_base_model().train()`` and ``model.apply(lambda m: m.train())``, which bypass the model's ``train``)."""
     model = get_peft_model(tiny_resnet(), TAPSConfig(train_norms=False))  # timm models start in train mode
-    stats = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "running" in k}
+    stats = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
+             if "running" in k or "num_batches" in k}
     assert stats
     opt = optimizer_for(model, torch.optim.SGD, lr=0.1)
-    if call_train:
+    if call_train == "base":
+        model.get_base_model().train()
+    elif call_train == "apply":
+        model.apply(lambda m: m.train())
+    elif call_train:
         model.train()
     for step in range(2):
         (logits(model, images).square().mean() + model.taps_penalty()).backward()
@@ -352,6 +359,28 @@ def test_frozen_norms_keep_the_base_batchnorm_statistics(images, call_train):
     after = model.get_base_model().state_dict()
     assert all(torch.equal(after[k], v) for k, v in stats.items())
     assert model.training  # the rest of the model is in training mode
+
+
+def test_frozen_norms_are_plain_again_after_unload_and_in_trainable_copies(images):
+    """The frozen base BatchNorm layers keep eval mode by themselves; what ``unload`` returns trains as before, a
+    deep copy or pickle of the model keeps the rule, and a trainable copy (a second adapter with train_norms=True)
+    trains its statistics."""
+    import pickle
+
+    model = get_peft_model(tiny_resnet(), TAPSConfig(train_norms=False))
+    model.add_adapter("normed", TAPSConfig())
+    bn = model.base_model.model.bn1
+    model.set_adapter("normed")
+    model.train()
+    assert bn.modules_to_save["normed"].training and not bn.original_module.training
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone.get_base_model().train()
+        assert not clone.base_model.model.bn1.original_module.training
+        assert clone.base_model.model.bn1.modules_to_save["normed"].training
+    plain = get_peft_model(tiny_resnet(), TAPSConfig(train_norms=False)).unload()
+    plain.train()
+    assert all(m.training for m in plain.modules())
+    assert not any("train" in vars(m) for m in plain.modules())
 
 
 def test_delete_adapter_then_forward_of_a_task_model():

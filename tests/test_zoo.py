@@ -78,8 +78,9 @@ ZOO = {
     "timm_densenet": (_densenet, "classifier", None, None),
     "tv_vit": (_tv_vit, "heads", "conv_proj", 6),  # MLP linears and attention out_proj: in_proj is MHA's own
     "tv_resnet": (lambda: torchvision.models.resnet18(num_classes=5), "fc", None, 20),
-    "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5, width_mult=0.25), "classifier",
-                        None, None),
+    # the classifier is an MLP (Linear, Hardswish, Dropout, Linear): its hidden Linear is gated (timm's conv_head)
+    "tv_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5, width_mult=0.25),
+                        "classifier.3", None, None),
     "tv_convnext": (_tv_convnext, "classifier", "features.0.0", None),
     "tv_swin": (_tv_swin, "head", "features.0.0", None),
     "hf_vit": (_hf_vit, "classifier", "vit.embeddings.patch_embeddings.projection", 12),
@@ -139,6 +140,21 @@ def test_every_default_gated_layer_changes_the_output(name):
     assert silent == []  # no gated layer is a no-op
 
 
+def test_a_classifier_mlp_trains_only_its_last_layer():
+    """Issue 24: torchvision's vgg11 ends in a 3-Linear ``classifier`` (87% of its parameters). The head TAPS trains
+    whole is its last Linear; the hidden ones are gated like every other layer (as timm's ``pre_logits``)."""
+    with torch.device("meta"):  # shapes only: no 130M-parameter allocation
+        base = torchvision.models.vgg11(weights=None, num_classes=5)
+    total = sum(p.numel() for p in base.parameters())
+    assert sum(p.numel() for p in base.classifier.parameters()) / total > 0.85
+    model = get_peft_model(base, TAPSConfig())
+    assert model.peft_config["default"].modules_to_save == ["classifier.6"]
+    gated = {n for n, _ in model.base_model.taps_layers()}
+    assert {"classifier.0", "classifier.3"} <= gated and "classifier.6" not in gated
+    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".taps_" not in n)
+    assert head == 4096 * 5 + 5  # the final Linear only (its per-task copy)
+
+
 @pytest.mark.parametrize("r", [None, 8])
 def test_a_channels_last_model_trains_saves_reloads_and_merges(tmp_path, r):
     """timm's ``--channels-last`` (oneDNN's fast CPU convs): deltas take the weights' memory format, the file loads
@@ -165,3 +181,32 @@ def test_a_channels_last_model_trains_saves_reloads_and_merges(tmp_path, r):
         loaded = PeftModel.from_pretrained(copy.deepcopy(base).to(memory_format=memory_format), tmp_path).eval()
         torch.testing.assert_close(_output(loaded, "timm_efficientnet"), expected, rtol=0, atol=atol)
     torch.testing.assert_close(_output(model.merge_and_unload(), "timm_efficientnet"), expected, rtol=0, atol=1e-4)
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+
+
+def test_transformers_conv1d_layers_are_named_not_skipped_silently():
+    """Issue 24: transformers' ``Conv1D`` (GPT-2 style, a Linear with a transposed weight) is not gated; a model with
+    such layers gets one warning naming them, and a model with nothing else to gate an error naming them."""
+    from transformers import GPT2Model
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt, self.proj, self.head = GPT2Model(_gpt2_config()), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(self.proj(self.gpt(ids).last_hidden_state))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(Tagger(), TAPSConfig())
+    conv1d = [str(w.message) for w in caught if "Conv1D" in str(w.message)]
+    assert len(conv1d) == 1 and "4 transformers Conv1D layer(s)" in conv1d[0] and "gpt.h.0.attn.c_attn" in conv1d[0]
+    assert {n for n, _ in model.base_model.taps_layers()} == {"proj"}
+    with pytest.raises(ValueError, match=r"found no layer to gate in GPT2Model.*not transformers' Conv1D.*h\.0\.mlp"):
+        get_peft_model(GPT2Model(_gpt2_config()), TAPSConfig())

@@ -9,7 +9,7 @@ import os
 import re
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -143,45 +143,76 @@ class TAPSConfig(PeftConfig):
                     "modules_to_save=['head'], or None for the detected classifier head."
                 )
             self.modules_to_save = list(mts)
-        self.lam = _check_number("lam", self.lam, "a finite float >= 0, e.g. lam=0.5", lambda v: v >= 0)
-        self.tau = _check_number("tau", self.tau, "a finite float > 0, e.g. tau=0.1", lambda v: v > 0)
-        self.score_init = _check_number(
-            "score_init", self.score_init, f"a finite float >= tau ({self.tau}) so layers start active, e.g. 0.15 "
-            "with tau=0.1", lambda v: v >= self.tau,
-        )
-        self.score_lr = _check_number("score_lr", self.score_lr, "a finite float > 0, e.g. score_lr=1e-2",
-                                      lambda v: v > 0)
-        self.lam_warmup = _check_number("lam_warmup", self.lam_warmup, "a fraction of training in [0, 1), e.g. "
-                                        "lam_warmup=0.5", lambda v: 0 <= v < 1)
-        self.total_step = _check_int("total_step", self.total_step, 1, "an int >= 1 (optimizer steps) or None")
-        if self.freeze_gates_at is not None:
-            self.freeze_gates_at = _check_number("freeze_gates_at", self.freeze_gates_at, "a fraction of training in "
-                                                 "(0, 1], e.g. freeze_gates_at=0.8, or None", lambda v: 0 < v <= 1)
-        self.budget_layers = _check_int("budget_layers", self.budget_layers, 1, "an int >= 1 (layers) or None")
-        if self.budget_mib is not None:
-            self.budget_mib = _check_number("budget_mib", self.budget_mib, "a float > 0 or None", lambda v: v > 0)
-        self.budget_rate = _check_number("budget_rate", self.budget_rate, "a float > 0, e.g. 0.05", lambda v: v > 0)
-        if self.r is not None:
-            if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r < 1:
-                raise ValueError(
-                    f"TAPSConfig.r={self.r!r} is invalid: use an int >= 1 (the rank of each gated delta, e.g. r=8), or "
-                    "None for full-size deltas."
-                )
-            self.r = int(self.r)
-        if self.alpha is not None:
-            if self.r is None:
-                raise ValueError(
-                    f"TAPSConfig.alpha={self.alpha!r} is set without r: alpha scales low-rank deltas (alpha / r). "
-                    "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
-                )
-            self.alpha = _check_number("alpha", self.alpha, "a finite float > 0 (scaling alpha / r), or None for "
-                                       "alpha = r", lambda v: v > 0)
+        for name in _NUMERIC_FIELDS:  # in order: tau before score_init, r before alpha
+            object.__setattr__(self, name, self._checked(name, getattr(self, name)))
         for name in ("train_norms", "init_weights", "save_inactive_deltas"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")
         for name in ("base_model_info", "task_info"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"TAPSConfig.{name}={getattr(self, name)!r} is invalid: use a dict or None.")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A numeric field set after construction gets the checks of ``__post_init__`` (the same ``ValueError``
+        naming field, value and fix), so ``config.r = 0`` or ``config.lam = float('nan')`` is refused when set, not
+        found as NaN outputs later. Every other attribute (PEFT sets ``inference_mode``, ``base_model_name_or_path``,
+        ...) is set as is; the dataclass ``__init__`` is left to ``__post_init__``."""
+        if name in _NUMERIC_FIELDS and _FIELD_NAMES <= self.__dict__.keys():
+            value = self._checked(name, value)
+            if name == "tau" and self.score_init < value:
+                raise ValueError(
+                    f"TAPSConfig.tau={value!r} is invalid with score_init={self.score_init} (layers would start "
+                    "inactive): use a tau <= score_init, or set score_init >= tau first."
+                )
+            if name == "r" and value is None and self.alpha is not None:
+                raise ValueError(
+                    f"TAPSConfig.r=None is invalid with alpha={self.alpha} (alpha scales low-rank deltas): use an "
+                    "int >= 1, or set alpha=None first for full-size deltas."
+                )
+        super().__setattr__(name, value)
+
+    def _checked(self, name: str, value: Any) -> Any:
+        """``value`` checked for the numeric field ``name`` (against the other fields where it depends on them) and
+        normalised to a Python number; a ``ValueError`` naming field, value and fix otherwise."""
+        if name == "lam":
+            return _check_number("lam", value, "a finite float >= 0, e.g. lam=0.5", lambda v: v >= 0)
+        if name == "tau":
+            return _check_number("tau", value, "a finite float > 0, e.g. tau=0.1", lambda v: v > 0)
+        if name == "score_init":
+            return _check_number("score_init", value, f"a finite float >= tau ({self.tau}) so layers start active, "
+                                 "e.g. 0.15 with tau=0.1", lambda v: v >= self.tau)
+        if name == "score_lr":
+            return _check_number("score_lr", value, "a finite float > 0, e.g. score_lr=1e-2", lambda v: v > 0)
+        if name == "lam_warmup":
+            return _check_number("lam_warmup", value, "a fraction of training in [0, 1), e.g. lam_warmup=0.5",
+                                 lambda v: 0 <= v < 1)
+        if name == "total_step":
+            return _check_int("total_step", value, 1, "an int >= 1 (optimizer steps) or None")
+        if name == "freeze_gates_at":
+            return None if value is None else _check_number(
+                "freeze_gates_at", value, "a fraction of training in (0, 1], e.g. freeze_gates_at=0.8, or None",
+                lambda v: 0 < v <= 1)
+        if name == "budget_layers":
+            return _check_int("budget_layers", value, 1, "an int >= 1 (layers) or None")
+        if name == "budget_mib":
+            return None if value is None else _check_number("budget_mib", value, "a float > 0 or None",
+                                                            lambda v: v > 0)
+        if name == "budget_rate":
+            return _check_number("budget_rate", value, "a float > 0, e.g. 0.05", lambda v: v > 0)
+        if name == "r":
+            return _check_int("r", value, 1, "an int >= 1 (the rank of each gated delta, e.g. r=8), or None for "
+                              "full-size deltas")
+        if name == "alpha":
+            if value is None:
+                return None
+            if self.r is None:
+                raise ValueError(
+                    f"TAPSConfig.alpha={value!r} is set without r: alpha scales low-rank deltas (alpha / r). "
+                    "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
+                )
+            return _check_number("alpha", value, "a finite float > 0 (scaling alpha / r), or None for alpha = r",
+                                 lambda v: v > 0)
+        raise KeyError(name)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
@@ -282,6 +313,11 @@ def _interrupted_save(folder: str, digest: Optional[str]) -> Optional[dict[str, 
         "folder.", stacklevel=3,
     )
     return attrs
+
+
+_NUMERIC_FIELDS = ("lam", "tau", "score_init", "score_lr", "lam_warmup", "total_step", "freeze_gates_at",
+                   "budget_layers", "budget_mib", "budget_rate", "r", "alpha")
+_FIELD_NAMES = frozenset(f.name for f in fields(TAPSConfig))
 
 
 def _card_readable(model: Any) -> bool:

@@ -250,10 +250,15 @@ class TAPSLayer(BaseTunerLayer):
         adapters = [a for a in adapters if self.has_delta(a)]
         scores = [self.taps_scores[a] for a in adapters]
         learning = torch.is_grad_enabled() and any(s.requires_grad for s in scores)
-        # Host gates (read once by TAPSModel for this forward) let closed layers run as the base layer. Not while the
-        # gates learn, and not under activation checkpointing (outer saved-tensor hooks): its recompute in the
-        # backward runs after this forward's gates are gone, and must take the same path (the device gate).
-        host = None if learning or self._gates is None or outer_saved_tensors_hooks() else self._gates
+        # Host gates (read once by TAPSModel for this forward) let closed layers run as the base layer, so a closed
+        # delta gets no gradient (None: weight decay leaves it alone). Not while the gates learn. Frozen gates with
+        # trainable deltas and none handed over (the recompute of activation checkpointing, in the backward, after
+        # this forward's gates are gone): the layer reads its own, the same values, so forward and recompute take
+        # the same path.
+        host = None if learning else self._gates
+        if host is None and not learning and torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+                p.requires_grad for a in adapters for p in self.adapter_params(a)):
+            host = {a: self.is_active(a) for a in adapters}
         terms = []
         for a, s in zip(adapters, scores):
             gate = None if host is None else host.get(a)

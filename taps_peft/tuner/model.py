@@ -71,8 +71,8 @@ class TAPSModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's ``inject_adapter`` on a copy of the config (the caller's object is never rewritten); then, as PEFT
         matches ``modules_to_save`` by name suffix ("norm" also wraps e.g. timm's ``attn.norm``, an Identity), wrappers
-        around modules without state are replaced by the module, and the base's frozen BatchNorm layers are put in eval
-        mode (no forward may move the base's statistics)."""
+        around modules without state are replaced by the module, and the base's frozen BatchNorm layers keep eval mode by
+        themselves (``freeze_norm``: no forward may move the base's statistics)."""
         check_adapter_name(adapter_name)
         self.__dict__.get("_kept_identity", set()).discard(adapter_name)  # a new adapter under an old name
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
@@ -134,6 +134,7 @@ class TAPSModel(BaseTuner):
             module.training = mode
         if not self.peft_config:
             scores.remove_loss_hook(self.model)
+            release_norms(self.model)
             if not before["peft_config"]:
                 vars(self.model).pop("peft_config", None)
             if not before["input_grads"] and getattr(self.model, "_require_grads_hooks", None):
@@ -186,15 +187,16 @@ class TAPSModel(BaseTuner):
                 upcast(wrapper.modules_to_save[adapter_name])
 
     def _keep_base_norms_frozen(self) -> None:
+        """BatchNorm layers without trainable parameters (the shared base's, when ``train_norms=False``) stay in eval
+        mode by themselves (``freeze_norm``), however train mode is set (``model.train()``,
+        ``get_base_model().train()``): their running statistics belong to the base and must not move. The task's
+        copies in head/norm wrappers (deep copies PEFT made) train as any module."""
+        for wrapper in tuner_modules(self.model):
+            if isinstance(wrapper, ModulesToSaveWrapper):
+                for module in wrapper.modules_to_save.values():
+                    release_norms(module)
         for module in _frozen_batchnorms(self.model):
-            module.eval()
-
-    def train(self, mode: bool = True) -> "TAPSModel":
-        """``nn.Module.train``, except that BatchNorm layers without trainable parameters (the shared base's, when
-        ``train_norms=False``) stay in eval mode: their running statistics belong to the base and must not move."""
-        super().train(mode)
-        self._keep_base_norms_frozen()
-        return self
+            freeze_norm(module)
 
     # ----- one forward: host gates read once, mixed-task batches -----
 
@@ -345,6 +347,7 @@ class TAPSModel(BaseTuner):
             self._check_known(adapter_names, "merge")
         model = super()._unload_and_optionally_merge(*args, adapter_names=adapter_names, **kwargs)
         remove_upcast(model)
+        release_norms(model)
         scores.remove_loss_hook(model)
         return model
 
@@ -440,6 +443,28 @@ class TAPSModel(BaseTuner):
                 "torch.optim.Optimizer, call taps_peft.step_scores(model) just before its step.",
                 stacklevel=3,
             )
+
+
+def _frozen_norm_train(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` of a frozen base BatchNorm layer (``freeze_norm``): it stays in eval mode while none of its
+    parameters trains."""
+    return nn.Module.train(module, mode and any(p.requires_grad for p in module.parameters()))
+
+
+def freeze_norm(module: nn.Module) -> None:
+    """Keep a BatchNorm layer of the shared base in eval mode by itself: ``nn.Module.train`` sets each module's mode
+    through its ``train``, which this module overrides (an instance attribute: copied and pickled with the module,
+    no forward cost). ``release_norms`` takes the override off."""
+    vars(module)["train"] = partial(_frozen_norm_train, module)
+    module.eval()
+
+
+def release_norms(model: nn.Module) -> None:
+    """Take ``freeze_norm``'s override off every module of ``model``."""
+    for module in model.modules():
+        override = vars(module).get("train")
+        if isinstance(override, partial) and override.func is _frozen_norm_train:
+            del vars(module)["train"]
 
 
 def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:

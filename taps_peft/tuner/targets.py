@@ -42,10 +42,15 @@ def plain_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def find_head(model: nn.Module) -> Optional[str]:
     """Name of the classifier head: timm's ``pretrained_cfg['classifier']``, else a top-level classifier/head/fc.
+    A head that is an ``nn.Sequential`` MLP (torchvision's VGG and MobileNetV3 ``classifier``: Linear, ..., Linear) is
+    its last Linear/Conv: the hidden layers are pretrained features, gated like the rest (timm calls them
+    ``pre_logits`` / ``conv_head`` and names only the last layer its classifier).
 
     Example:
         >>> find_head(timm.create_model("resnet18", pretrained=False))  # doctest: +SKIP
         'fc'
+        >>> find_head(torchvision.models.vgg11())  # doctest: +SKIP
+        'classifier.6'
     """
     modules = plain_modules(model)
     timm_head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
@@ -53,6 +58,10 @@ def find_head(model: nn.Module) -> Optional[str]:
     for name in candidates + list(_HEAD_ATTRS):
         module = modules.get(name)
         if module is not None and any(p.numel() for p in module.parameters()):
+            if isinstance(module, nn.Sequential):
+                layers = [n for n, m in modules.items() if n.startswith(name + ".") and isinstance(m, SUPPORTED_LAYERS)]
+                if len(layers) > 1:
+                    return layers[-1]
             return name
     return None
 
@@ -74,6 +83,13 @@ def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
         and not any(part in _PATCH_EMBED_NAMES for part in name.split("."))
         and not is_patch_embedding(module)
     ]
+    conv1d = [n for n, m in modules.items() if _is_hf_conv1d(m) and not _is_under(n, head)]
+    if conv1d and names:
+        warnings.warn(
+            f"{len(conv1d)} transformers Conv1D layer(s) (GPT-2 style, a Linear with a transposed weight) are not "
+            f"gated: {_few(conv1d, 4)}. TAPS gates nn.Linear / nn.Conv1d/2d/3d only; these layers stay shared with the "
+            "base (train them in full with modules_to_save=[...] if they must adapt).", UserWarning, stacklevel=2,
+        )
     attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
     if attention:
         warnings.warn(
@@ -84,9 +100,16 @@ def default_targets(model: nn.Module, head: Optional[str]) -> list[str]:
     if not names:
         raise ValueError(
             f"TAPS found no layer to gate in {type(model).__name__}: it gates {[t.__name__ for t in SUPPORTED_LAYERS]} "
-            "outside the head and patch embedding. Pass `target_modules=[...]` naming the layers to adapt."
+            "outside the head and patch embedding"
+            + (f" (not transformers' Conv1D, GPT-2 style: {_few(conv1d, 4)})" if conv1d else "")
+            + ". Pass `target_modules=[...]` naming the layers to adapt."
         )
     return names
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, ImageGPT): a Linear whose weight is stored (in, out). Not gated."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
 
 
 def is_patch_embedding(module: nn.Module) -> bool:
