@@ -9,8 +9,8 @@ with ``r=8`` (or ``--ranks``), everything else at its defaults, and reports the 
   gradients clipped to norm 1); only a loss function for the timm model (cross-entropy plus ``model.taps_penalty()``,
   as docs/trainer.md says);
 - ``trainer_callback``: the same with ``callbacks=[TAPSCallback()]`` (the training length, for lam's warm-up);
-- ``taps_trainer``: the same with ``TAPSTrainer`` (it adds the penalty itself; gates frozen for the last 20%,
-  BatchNorm re-estimated).
+- ``taps_trainer``: the same with ``TAPSTrainer`` (gates frozen for the last 20%, BatchNorm re-estimated; it adds
+  the penalty itself when the loss function does not, never twice).
 
     python examples/digits_recipe.py [--ways cli trainer trainer_callback taps_trainer] [--ranks full 8] [--alpha 16] [--seed 0]
 """
@@ -92,7 +92,7 @@ def run_trainer(root: Path, out: Path, r: Optional[int], alpha: Optional[float],
     trainer = cls(model=model, args=args, train_dataset=train_ds,
                   callbacks=[TAPSCallback()] if way == "trainer_callback" else None,
                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: (  # a timm model: logits
-                      F.cross_entropy(outputs, labels) + (0 if cls is TAPSTrainer else model.taps_penalty())))
+                      F.cross_entropy(outputs, labels) + model.taps_penalty()))
     trainer.train()
     summary = taps_peft.taps_summary(model)
     return {"accuracy": accuracy(model, test_ds), "k": summary["active_layers"], "L": summary["total_layers"]}

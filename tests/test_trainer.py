@@ -268,3 +268,28 @@ def test_callback_logs_with_a_plain_trainer(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 1 and logged[0]["taps_total_layers"] == 12
     assert logged[0]["taps_penalty"] == pytest.approx(model.taps_penalty().item(), abs=1e-6)
+
+
+def test_taps_trainer_never_adds_the_penalty_twice(tmp_path):
+    """A loss function that already adds model.taps_penalty() (as the stock Trainer needs for a timm model) gives
+    TAPSTrainer the scores of one that leaves the penalty to TAPSTrainer: it counts once (before: twice)."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_timm_vit
+
+    class XImages(PatternImages):  # a timm model takes its images as x
+        def __getitem__(self, i: int) -> dict:
+            return {"x": self.images[i], "label": self.labels[i]}  # the collator makes it "labels"
+
+    def run(with_penalty: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_timm_vit(), taps_peft.TAPSConfig(lam=2.0, lam_warmup=0.0))
+
+        def loss(outputs, labels, num_items_in_batch=None):
+            return F.cross_entropy(outputs, labels) + (model.taps_penalty() if with_penalty else 0)
+
+        TAPSTrainer(model=model, args=training_args(tmp_path / str(with_penalty), max_steps=4), train_dataset=XImages(),
+                    compute_loss_func=loss, freeze_gates_at=None, recalibrate_bn=False).train()
+        return scores(model)
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-7)

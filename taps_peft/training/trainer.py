@@ -273,8 +273,8 @@ class TAPSTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, Any]]:
-        """The Trainer's loss, plus in training the TAPS penalty when the model did not add it to a loss of its own (a
-        model that returns logits, with ``compute_loss_func``), scaled as the Trainer takes that loss (divided by the
+        """The Trainer's loss, plus in training the TAPS penalty when neither the model (a loss of its own) nor
+        ``compute_loss_func`` (``+ model.taps_penalty()``) added it, scaled as the Trainer takes that loss (divided by the
         micro-batches when it counts as normalised over the accumulated batch). A non-finite training loss stops
         training with a ``FloatingPointError`` (one host read of the loss per micro-batch, as the Trainer's own
         logging makes)."""
@@ -283,7 +283,7 @@ class TAPSTrainer(Trainer):
         )
         loss = result[0] if return_outputs else result
         taps_model = unwrap_taps_model(self.model).base_model
-        if model.training and not taps_model._penalty_in_output:
+        if model.training and not (taps_model._penalty_in_output or taps_model._penalty_taken):  # never twice
             penalty = taps_model.taps_penalty()
             explicit = getattr(self, "loss_is_scaled_for_ga", None)  # the Trainer's own rule (training_step)
             scaled = explicit if explicit is not None else self.compute_loss_func is not None or (

@@ -66,6 +66,7 @@ class TAPSModel(BaseTuner):
         self.__dict__.setdefault("_watch", None)
         self.__dict__.setdefault("_penalized", set())  # adapters whose penalty reached this step's gradients
         self.__dict__["_penalty_in_output"] = False  # this forward's outputs.loss holds the penalty
+        self.__dict__["_penalty_taken"] = False  # the loop asked for the penalty with a gradient since this forward
         scores.track(self)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -221,7 +222,7 @@ class TAPSModel(BaseTuner):
         names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
         gates: dict[TAPSLayer, dict[str, bool]] = {}
         compiling = torch.compiler.is_compiling()
-        self._penalty_in_output = False
+        self._penalty_in_output = self._penalty_taken = False
         if self.training and torch.is_grad_enabled() and not compiling:
             self._check_scores_step(layers)
         try:
@@ -420,6 +421,8 @@ class TAPSModel(BaseTuner):
                 )
             with torch.no_grad():
                 return scores.penalty(self)
+        if torch.is_grad_enabled() and self.training:
+            self._penalty_taken = True  # in this forward's loss (TAPSTrainer then adds nothing)
         return scores.penalty(self)
 
     def _check_scores_step(self, layers: list[TAPSLayer]) -> None:
