@@ -281,6 +281,7 @@ def train_taps(model: nn.Module, train: Data, steps: int, lr: float, args: argpa
     re-estimates the task's BatchNorm statistics after training (the stable end of training)."""
     model.peft_config["default"].score_lr = args.score_lr
     model.peft_config["default"].total_step = steps  # the length of training, which lam's warm-up follows
+    model.peft_config["default"].freeze_gates_at = freeze_at or None  # None: never fixed, as freeze_at says
     opt = demo.optimizer(model, lr)
     freeze_step = None if freeze_at is None else round(freeze_at * steps)
 

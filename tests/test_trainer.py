@@ -186,7 +186,7 @@ def test_the_stock_trainer_does_taps_with_only_the_config_swapped(tmp_path):
     model = taps_vit(lam=0.5)
     args = TrainingArguments(output_dir=str(tmp_path / "taps"), use_cpu=True, report_to=[], disable_tqdm=True,
                              save_strategy="no")
-    TAPSTrainer(model=model, args=args, train_dataset=PatternImages(), freeze_gates_at=None,
+    TAPSTrainer(model=model, args=args, train_dataset=PatternImages(),  # gates fixed at 0.8, as the config's
                 recalibrate_bn=False).train()
     assert scores(model) == ramped
     free, _ = stock_run(tmp_path / "free", lam=0.0, callbacks=[TAPSCallback()])
@@ -293,3 +293,15 @@ def test_taps_trainer_never_adds_the_penalty_twice(tmp_path):
         return scores(model)
 
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-7)
+
+
+def test_freeze_gates_at_none_never_fixes_the_gates(tmp_path):
+    """TAPSTrainer(freeze_gates_at=None) hands its choice to the model's schedule: the scores still move in the last
+    20% of training (before: TAPSConfig's default 0.8 fixed them anyway once the training length was known)."""
+    model = taps_vit(lam=0.5, lam_warmup=0.0)
+    record = RecordAt(4)
+    TAPSTrainer(model=model, args=training_args(tmp_path, max_steps=5), train_dataset=PatternImages(),
+                callbacks=[record], freeze_gates_at=None, recalibrate_bn=False).train()
+    late = {n: p for n, p in model.named_parameters() if ".taps_scores" in n}
+    assert all(model.peft_config[a].freeze_gates_at is None for a in model.peft_config)
+    assert any(not torch.equal(late[n], record.params[n]) for n in late)  # step 5 moved them

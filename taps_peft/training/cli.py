@@ -164,7 +164,7 @@ def _train(accelerator: Any, args: TrainArgs) -> dict[str, Any]:
     defaults = {k: v for k, v in (("score_lr", args.score_lr), ("lam_warmup", args.lam_warmup)) if v is not None}
     config = TAPSConfig(
         lam=args.lam, tau=args.tau, score_init=args.score_init, target_modules=args.target_modules, r=args.r,
-        alpha=args.alpha, **defaults,
+        alpha=args.alpha, freeze_gates_at=args.freeze_gates_at or None, **defaults,  # 0: fixed at once below
         base_model_info={"name": args.model.partition(":")[2] or args.model, "pretrained": pretrained,
                          "seed": None if pretrained else args.seed, "model_kwargs": args.model_kwargs or None,
                          "weights": weights_name(args.weights)},

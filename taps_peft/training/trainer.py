@@ -214,6 +214,8 @@ class TAPSTrainer(Trainer):
                 "parameters for PEFT models), or pass freeze_gates_at=None."
             )
         self.freeze_gates_at, self.recalibrate_bn = freeze_gates_at, recalibrate_bn
+        for config in unwrap_taps_model(self.model).peft_config.values():  # the model's schedule fixes them then too
+            config.freeze_gates_at = freeze_gates_at or None  # (0: training_step fixes them at once)
         if not any(isinstance(cb, TAPSCallback) for cb in self.callback_handler.callbacks):
             # first, so that reporting integrations and the progress bar see the TAPS values
             self.callback_handler.callbacks.insert(0, TAPSCallback(log=taps_logging))

@@ -213,7 +213,7 @@ def step_scores(model: TAPSModel, optimizer: Optional[torch.optim.Optimizer] = N
         if gates_fixed(config, step):  # the rest of training keeps the gates as they are: the scores' grads go
             for p in trainable:
                 p.grad = None
-                state[p]["step"] = step + 1  # the count of optimizer steps goes on (the warm-up, the warning below)
+                state[p]["step"] = step + 1  # the count of optimizer steps goes on (note_score_step reads it)
             continue
         if missing:
             _warn_missing_penalty(model)
