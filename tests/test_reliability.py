@@ -298,7 +298,7 @@ def test_second_adapter_with_bad_targets_leaves_the_first_alone(vit_base, images
 
 def _rebind(d):
     """Bind the config to the (edited) weights, as if one save had written both: the load's structural checks run."""
-    from taps_peft.tuner.saved import tensors_digest
+    from taps_peft.trust.load import tensors_digest
 
     config = json.loads((d / "adapter_config.json").read_text())
     config["weights_digest"] = tensors_digest(load_file(d / WEIGHTS).values())

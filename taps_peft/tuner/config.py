@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
 import re
-import warnings
-import weakref
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..hub import atomic_write, temporary_name
-from .saved import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, tensors_digest
 
 
 @dataclass
@@ -216,125 +209,24 @@ class TAPSConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
-        adapter with its name and a damaged file with its path. The config remembers where it was read from, so that
-        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base, and
-        a refused load leaves the model as it was; reused for a new adapter (``get_peft_model``), only its folder's
-        weights must be readable."""
-        where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
-            pretrained_model_name_or_path)
-        try:
-            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"The adapter config '{os.path.join(where, CONFIG_NAME)}' is not valid JSON ({err}): the file is "
-                "damaged. Save the adapter again (or restore the file)."
-            ) from None
-        if not isinstance(config, TAPSConfig):
-            kind = getattr(config.peft_type, "value", config.peft_type)
-            raise ValueError(
-                f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
-                f"peft_type={kind!r}): load it with its own PEFT method."
-            )
-        pending = _interrupted_save(where, config.weights_digest)
-        if pending is not None:  # a save killed between its two replacements: its weights are in place, and its config
-            config = cls.from_peft_type(**cls.check_kwargs(**{**cls._split_kwargs(kwargs)[1], **pending}))
-        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
-               if kwargs.get(k) is not None}
-        config._source = {"model_id": str(pretrained_model_name_or_path), "subfolder": subfolder, "hub": hub}
-        return config
+        """PEFT's ``PeftConfig.from_pretrained``, refusing another method's adapter and a damaged file; the load of its
+        weights is then checked against this config and the base (``taps_peft.trust``)."""
+        from ..trust.digest import read_config
 
-    def _saved_from(self, model: Any, adapter_name: str) -> None:
-        """Note that ``model`` is saving this config's adapter (called by ``TAPSModel._get_adapter_state_dict``, which
-        PEFT's ``save_pretrained`` calls just before it saves the config): the next ``save_pretrained`` of this config
-        then writes the TAPS model card beside it. Kept as a weak reference, and never copied or pickled."""
-        self.__dict__["_card_source"] = (weakref.ref(model), adapter_name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_card_source", None)  # a weak reference to a model: not the config's to copy or pickle
-        return state
+        return read_config(cls, pretrained_model_name_or_path, subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """PEFT's ``PeftConfig.save_pretrained``, written atomically, with ``weights_digest`` set to the digest of the
-        ``adapter_model.safetensors`` beside it (PEFT's ``save_pretrained`` writes the weights, then calls this), so a
-        later load can tell that config and weights belong to one save. Within ``PeftModel.save_pretrained`` it then
-        writes the TAPS model card (``README.md``; a README you wrote keeps its text around the TAPS section)."""
-        folder = Path(save_directory)
-        if folder.is_file():
-            raise ValueError(f"Cannot save into '{folder}': it is a file, not a folder. Choose another path.")
-        folder.mkdir(parents=True, exist_ok=True)
-        weights, pickle = folder / WEIGHTS_NAME, folder / "adapter_model.bin"
-        if pickle.exists() and (not weights.exists() or pickle.stat().st_mtime_ns >= weights.stat().st_mtime_ns):
-            raise ValueError(
-                f"'{pickle}' is a pickle (save_pretrained(safe_serialization=False)): TAPS adapters are loaded from "
-                "safetensors only, and taps_peft never unpickles. Save again without safe_serialization=False."
-            )
-        output = self.to_dict()
-        output = {k: sorted(v) if isinstance(v, set) else v for k, v in output.items()}
-        for key in ("r", "alpha"):  # full-size deltas: the file stays as it was before low-rank deltas existed
-            if output.get(key, 0) is None:
-                del output[key]
-        auto_mapping = kwargs.pop("auto_mapping_dict", None)
-        if auto_mapping is not None:
-            output["auto_mapping"] = auto_mapping
-        output["weights_digest"] = adapter_digest(_file_digest(weights), output) if weights.exists() else None
-        atomic_write(folder / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
-        model, adapter_name = self.__dict__.pop("_card_source", (lambda: None, None))
-        model = model()
-        if model is not None and weights.exists() and _card_readable(model):
-            from ..hub.card import save_model_card
+        """PEFT's ``PeftConfig.save_pretrained``, written atomically and bound to the weights beside it by
+        ``weights_digest``; within ``PeftModel.save_pretrained`` it also writes the TAPS model card
+        (``taps_peft.trust.digest.write_config``)."""
+        from ..trust.digest import write_config
 
-            save_model_card(model, folder, adapter_name=adapter_name)
-
-
-def _interrupted_save(folder: str, digest: Optional[str]) -> Optional[dict[str, Any]]:
-    """The config of a save killed after it replaced the weights and before the config (``save_adapter`` puts the new
-    config under its temporary name ``.adapter_config.json.taps-tmp`` first): its attributes when that file is a whole
-    TAPS config of another save, bound to the weights now in ``folder``; else None (the config in place holds)."""
-    pending, weights = temporary_name(Path(folder) / CONFIG_NAME), Path(folder) / WEIGHTS_NAME
-    if not (pending.is_file() and weights.is_file()):
-        return None
-    try:
-        attrs = json.loads(pending.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # a config write killed part-way: not a save
-        return None
-    if not (isinstance(attrs, dict) and attrs.get("peft_type") == PeftType.TAPS.value
-            and attrs.get("weights_digest") not in (None, digest)):
-        return None
-    try:
-        if adapter_digest(_file_digest(weights), attrs) != attrs["weights_digest"]:
-            return None  # killed before the weights were replaced: the folder holds the old save, whole
-    except Exception:  # a damaged weights file: the load itself says so
-        return None
-    warnings.warn(
-        f"A save into '{folder}' was interrupted after it wrote the adapter's weights and before its "
-        f"{CONFIG_NAME}: loading the adapter it saved (its config from '{pending.name}'). Save again to complete the "
-        "folder.", stacklevel=3,
-    )
-    return attrs
+        write_config(self, save_directory, **kwargs)
 
 
 _NUMERIC_FIELDS = ("lam", "tau", "score_init", "score_lr", "lam_warmup", "total_step", "freeze_gates_at",
                    "budget_layers", "budget_mib", "budget_rate", "r", "alpha")
 _FIELD_NAMES = frozenset(f.name for f in fields(TAPSConfig))
-
-
-def _card_readable(model: Any) -> bool:
-    """Whether the card can be built from ``model`` here: a PeftModel whose scores are whole (under FSDP2 reading a
-    sharded score is a collective, which the saving process alone must not start: PEFT's card stays)."""
-    from peft import PeftModel
-
-    from .layer import TAPSLayer, _is_sharded
-
-    return isinstance(model, PeftModel) and not any(
-        _is_sharded(p) for m in model.modules() if isinstance(m, TAPSLayer) for p in m.taps_scores.values())
-
-
-def _file_digest(path: Path) -> str:
-    from safetensors.torch import load_file
-
-    return tensors_digest(load_file(str(path)).values())
 
 
 def _check_names(name: str, value: object, fix: str, allow_empty: bool) -> Optional[Union[str, set[str]]]:

@@ -12,7 +12,6 @@ layer unchanged.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
@@ -391,50 +390,36 @@ class Conv(_TAPSModule):
 
 
 _HALF = (torch.float16, torch.bfloat16)
+DELTA_PARAMS = ("taps_delta", "taps_A", "taps_B")  # a layer's delta: full-size, or low-rank factors (TAPSConfig.r)
 
 
-def upcast(module: nn.Module) -> None:
-    """Make a 16-bit module compute in fp32 between its 16-bit neighbours: its tensors become fp32, and while it is
-    called its floating inputs are cast to its own dtype and its output back to the input's (decided at each call, so
-    a later ``model.to(dtype)`` / ``.float()`` keeps working). ``remove_upcast`` takes the hooks off again."""
-    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype in _HALF]
-    if not tensors:
-        return
-    for t in tensors:
-        t.data = t.data.float()
-    module.__dict__["_taps_upcast"] = (module.register_forward_pre_hook(_cast_inputs),
-                                       module.register_forward_hook(_cast_output))
+def delta_shapes(base: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """The delta parameters an adapter with ``config`` gives the (base) layer ``base``, with their shapes: a full
+    delta, or factors A and B where ``config.r`` is set and the layer fits.
+
+    Example:
+        >>> delta_shapes(nn.Linear(32, 16), TAPSConfig(r=4))  # doctest: +SKIP
+        {'taps_A': (4, 32), 'taps_B': (16, 4)}
+    """
+    if lowrank.lowrank_fits(base, getattr(config, "r", None)):
+        a, b = lowrank.factor_shapes(base.weight.shape, config.r)
+        return {"taps_A": a, "taps_B": b}
+    return {"taps_delta": tuple(base.weight.shape)}
 
 
-def remove_upcast(module: nn.Module) -> None:
-    """Take ``upcast``'s hooks off ``module`` and its children (``unload`` / ``merge_and_unload`` return plain
-    modules), and give each upcast module the dtype of the rest of the model again when that is 16-bit: without its
-    hooks an fp32 head between bf16 layers would fail on its first input (a ``.float()`` model stays fp32)."""
-    upcast_modules = [m for m in module.modules() if "_taps_upcast" in m.__dict__]
-    inside = {id(t) for m in upcast_modules for t in m.parameters()}
-    dtypes = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in inside)
-    dtype = dtypes.most_common(1)[0][0] if dtypes else None
-    for m in upcast_modules:
-        for handle in m.__dict__.pop("_taps_upcast"):
-            handle.remove()
-        if dtype in _HALF:
-            m.to(dtype)
-
-
-def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
-    own = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-    first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-    module.__dict__["_taps_output_dtype"] = None if first is None else first.dtype
-    if own is None or first is None or first.dtype == own:
-        return args
-    return tuple(a.to(own) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-
-
-def _cast_output(module: nn.Module, args: tuple, output: Any) -> Any:
-    dtype = module.__dict__.pop("_taps_output_dtype", None)
-    if dtype is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
-        return output
-    return output.to(dtype)
+def restart_delta(layer: TAPSLayer, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The values a layer's absent (unsaved) delta takes for an adapter that may train: zeros, or for factors B = 0
+    and A drawn afresh as LoRA's (reproducibly; A = B = 0 would never learn), so the delta is zero either way. In the
+    dtype of what the layer holds for the adapter (its base weight's when nothing)."""
+    weight = layer.get_base_layer().weight
+    shapes = delta_shapes(layer.get_base_layer(), config)
+    held = [getattr(layer, p)[adapter_name] for p in DELTA_PARAMS if adapter_name in getattr(layer, p)]
+    dtype = held[0].dtype if held else weight.dtype
+    if "taps_delta" in shapes:
+        return {"taps_delta": torch.zeros(shapes["taps_delta"], dtype=dtype, device=weight.device)}
+    scale = lowrank.layer_scale(weight, config.r, config.alpha)
+    a, b = lowrank.init_factors(weight, config.r, scale, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return {"taps_A": a, "taps_B": b}
 
 
 def host_values(tensors: list[torch.Tensor]) -> list[float]:

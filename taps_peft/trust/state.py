@@ -1,0 +1,30 @@
+"""What trust remembers about a ``TAPSConfig`` object between PEFT's calls (where it was read from, the adapter it is
+saving), kept beside the config, never on it: a config stays PEFT's plain dataclass to copy, pickle and compare."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+_notes: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
+
+
+def notes(config: Any) -> dict[str, Any]:
+    """The notes kept for ``config`` (empty at first; dropped when the config is collected).
+
+    Example:
+        >>> notes(config)["source"] = {"model_id": "runs/birds", "subfolder": None, "hub": {}}  # doctest: +SKIP
+    """
+    key = id(config)
+    entry = _notes.get(key)
+    if entry is None or entry[0]() is not config:
+        entry = _notes[key] = (weakref.ref(config, lambda _, key=key, table=_notes: table.pop(key, None)), {})
+    return entry[1]
+
+
+def move_notes(old: Any, new: Any) -> None:
+    """Hand ``old``'s notes to ``new`` (a copy that takes its place, as the tuner's copy of a config does)."""
+    entry = _notes.get(id(old))
+    if entry is not None and entry[0]() is old and entry[1]:
+        notes(new).update(entry[1])
+        entry[1].clear()
