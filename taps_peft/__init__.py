@@ -17,7 +17,7 @@ from .hub.export import export_lora
 from .hub.save import push_to_hub, save_adapter
 from .report import print_taps_summary, taps_layer_report, taps_summary, taps_training_plan
 from .tuner import Conv, Linear, TAPSConfig, TAPSLayer, TAPSModel
-from .tuner.scores import step_scores
+from .scores import step_scores
 from .trust import BaseModelMismatchWarning
 from .tuner.registration import register as _register
 

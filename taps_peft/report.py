@@ -14,8 +14,8 @@ from typing import Any, Optional
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .tuner.layer import TAPSLayer, _full_tensor, host_values
-from .tuner.model import taps_layers, tuner_modules
+from .tuner.layer import TAPSLayer, _full_tensor
+from .tuner.model import host_values, taps_layers, tuner_modules
 
 
 def _adapter(model: nn.Module, adapter_name: Optional[str]) -> str:

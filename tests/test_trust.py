@@ -932,8 +932,8 @@ def test_peft_s_own_lora_conversion_takes_the_linear_layers_it_supports():
 # ----- an adversarial review's findings, one test each -----
 
 
-def test_a_dtype_change_after_the_upcast_and_merge_and_unload_leave_no_hook(images):
-    model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # fp32 head and norm copies
+def test_a_dtype_change_and_merge_and_unload_leave_no_hook(images):
+    model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # fp32 deltas, bf16 head and norm copies
     x = images.to(torch.bfloat16)
     assert model(x).dtype == torch.bfloat16
     model.to(torch.bfloat16)  # even to the dtype it has

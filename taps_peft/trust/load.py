@@ -412,7 +412,7 @@ def undo_injection(tuner: Any, adapter_name: str, before: dict[str, Any]) -> Non
     The first adapter of a model gives the user's base back exactly."""
     from ..batchnorm import release_norms
     from ..tuner.model import tuner_modules
-    from ..tuner.scores import remove_loss_hook
+    from ..scores import remove_loss_hook
 
     tuner.delete_adapter(adapter_name)
     for name, module in tuner_modules(tuner.model, with_names=True):

@@ -20,7 +20,7 @@ class TAPSConfig(PeftConfig):
     Each targeted layer gets a full-size delta ``dW`` (with ``r``: ``dW = (alpha / r) * B @ A``) and a scalar score
     ``s``; the layer computes with ``W = W_base + 1[s >= tau] * dW``. Training penalises ``(lam / L) * sum(|s|)``,
     so a larger ``lam`` keeps more layers shared with the base; TAPS applies the penalty and moves the scores itself
-    at every step of any torch optimizer that holds them (``tuner.scores``), so a training loop needs no TAPS code.
+    at every step of any torch optimizer that holds them (``taps_peft.scores``), so a training loop needs no TAPS code.
     Only layers whose score passes ``tau`` are task-specific.
 
     Example:
@@ -41,7 +41,7 @@ class TAPSConfig(PeftConfig):
         score_init: Initial score of every layer; above ``tau`` so every layer starts active (paper: 0.15).
         score_lr: Step size of the scores: TAPS moves them itself with Adam at this learning rate at every step of
             the optimizer that holds them (times that optimizer's schedule, as a ratio), whatever the optimizer and
-            its learning rate (``tuner.scores``).
+            its learning rate (``taps_peft.scores``).
         lam_warmup: Fraction of training over which ``lam`` ramps linearly from 0, so gates are judged on deltas
             that have settled. Needs ``total_step`` (``TAPSTrainer``, ``TAPSCallback`` and ``taps-peft train`` set it);
             without it ``lam`` applies in full, with a warning.

@@ -420,39 +420,3 @@ def restart_delta(layer: TAPSLayer, config: Any, adapter_name: str) -> dict[str,
     scale = lowrank.layer_scale(weight, config.r, config.alpha)
     a, b = lowrank.init_factors(weight, config.r, scale, generator=torch.Generator().manual_seed(0), dtype=dtype)
     return {"taps_A": a, "taps_B": b}
-
-
-def host_values(tensors: list[torch.Tensor]) -> list[float]:
-    """The values of 1-element tensors, read in one device-to-host transfer."""
-    if not tensors:
-        return []
-    device = tensors[0].device
-    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
-
-
-def read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
-    """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
-    and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
-    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not _is_sharded(m.taps_scores[a])]
-    if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
-        return {}
-    gates: dict[TAPSLayer, dict[str, bool]] = {}
-    for (m, a), value in zip(pairs, host_values([m.taps_scores[a] for m, a in pairs])):
-        gates.setdefault(m, {})[a] = value >= m.taps_tau[a]
-    return gates
-
-
-def adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
-
-
-def route_samples(wrapper: nn.Module, args: tuple, output: torch.Tensor, adapter_names: list[str]):
-    """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
-    original module). Heads and norms are cheap next to the gated layers."""
-    check_batch_names(output, adapter_names)
-    out = output.clone()
-    for name, rows in sample_groups(adapter_names, output.device):
-        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
-        out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
-    return out

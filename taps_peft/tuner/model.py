@@ -17,11 +17,10 @@ from torch import nn
 
 from .. import trust
 from ..batchnorm import freeze_norm, frozen_batchnorms, release_norms
-from . import scores
+from .. import scores
 from .config import TAPSConfig
 from .layer import (
-    _CONV, _HALF, DELTA_PARAMS, Conv, Linear, TAPSLayer, adapter_names_pre_forward_hook, read_gates, restart_delta,
-    route_samples,
+    _CONV, _HALF, DELTA_PARAMS, Conv, Linear, TAPSLayer, _is_sharded, check_batch_names, restart_delta, sample_groups,
 )
 from .targets import resolve_targets
 
@@ -53,7 +52,7 @@ class TAPSModel(BaseTuner):
         scores.bind_loss_hook(self)
 
     def _init_scores(self) -> None:
-        """How the scores learn (``tuner.scores``): the optimizer-step hook sees this model; the Adam state of an
+        """How the scores learn (``taps_peft.scores``): the optimizer-step hook sees this model; the Adam state of an
         optimizer of another kind (``step_scores(model)``) and the steps done per adapter live here."""
         self.__dict__.setdefault("score_state", defaultdict(dict))
         self.__dict__.setdefault("_score_steps", {})
@@ -159,7 +158,7 @@ class TAPSModel(BaseTuner):
         compiling = torch.compiler.is_compiling()
         self._penalty_in_output = self._penalty_taken = False
         if self.training and torch.is_grad_enabled() and not compiling:
-            self._check_scores_step(layers)
+            scores.check_step(self, layers)
         try:
             gates = {} if compiling else read_gates(layers, names)
             for layer, layer_gates in gates.items():
@@ -295,7 +294,7 @@ class TAPSModel(BaseTuner):
         return found
 
     def note_score_step(self, adapter_name: str, step: int) -> None:
-        """The optimizer steps the adapter's scores have taken, which lam's warm-up ramp follows: ``tuner.scores`` notes
+        """The optimizer steps the adapter's scores have taken, which lam's warm-up ramp follows: ``taps_peft.scores`` notes
         each step; a resumed run notes where it resumed (``TAPSCallback`` and ``taps-peft train`` do)."""
         self._score_steps[adapter_name] = step
         config = self.peft_config[adapter_name]
@@ -313,7 +312,7 @@ class TAPSModel(BaseTuner):
         """The paper's penalty ``(lam_t / L) * sum_i |s_i|`` over the active adapters (``lam_t``: ``lam`` on its
         warm-up ramp). A model that computes its own loss (a transformers model given ``labels``) has it added to
         ``outputs.loss`` in training already (then this gives its value, without a gradient); a loop that computes
-        the loss itself adds it (``tuner.scores``).
+        the loss itself adds it (``taps_peft.scores``).
 
         Example:
             >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty()  # doctest: +SKIP
@@ -332,28 +331,6 @@ class TAPSModel(BaseTuner):
         if torch.is_grad_enabled() and self.training:
             self._penalty_taken = True  # in this forward's loss (TAPSTrainer then adds nothing)
         return scores.penalty(self)
-
-    def _check_scores_step(self, layers: list[TAPSLayer]) -> None:
-        """Warn once when an optimizer step moved this model's weights but not its trainable scores: the optimizer
-        does not hold them, or is not a ``torch.optim.Optimizer`` (its step runs no hook). Host-side counters only."""
-        watched = next((p for m in layers for a in m.active_adapters if a in m.taps_scores and
-                        m.taps_scores[a].requires_grad for p in m.adapter_params(a)[:-1] if p.requires_grad), None)
-        if watched is None:
-            self._watch = None
-            return
-        now = (id(watched), watched._version, sum(self._score_steps.values()))
-        before, self._watch = self._watch, now
-        if before is None or before[0] != now[0] or before[1] == now[1] or before[2] != now[2]:
-            return
-        if "unseen-step" not in self._warned:
-            self._warned.add("unseen-step")
-            warnings.warn(
-                "TAPS: an optimizer step updated the adapter's weights but not its scores, so the gates did not learn "
-                "and the penalty did not act. Build the optimizer over all trainable parameters, scores included "
-                "(e.g. torch.optim.AdamW(model.parameters(), lr=...)); with an optimizer that is not a "
-                "torch.optim.Optimizer, call taps_peft.step_scores(model) just before its step.",
-                stacklevel=3,
-            )
 
 
 def tuner_modules(model: nn.Module, with_names: bool = False) -> list[Any]:
@@ -385,3 +362,40 @@ def taps_layers(model: nn.Module) -> list[tuple[str, TAPSLayer]]:
     return [(n, m) for n, m in tuner_modules(root, with_names=True) if isinstance(m, TAPSLayer)]
 
 
+# ----- one forward's helpers: the gates read on the host, sample routing in mixed-task batches -----
+
+
+def host_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of 1-element tensors, read in one device-to-host transfer."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
+
+
+def read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
+    """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
+    and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
+    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not _is_sharded(m.taps_scores[a])]
+    if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
+        return {}
+    gates: dict[TAPSLayer, dict[str, bool]] = {}
+    for (m, a), value in zip(pairs, host_values([m.taps_scores[a] for m, a in pairs])):
+        gates.setdefault(m, {})[a] = value >= m.taps_tau[a]
+    return gates
+
+
+def adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def route_samples(wrapper: nn.Module, args: tuple, output: torch.Tensor, adapter_names: list[str]):
+    """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
+    original module). Heads and norms are cheap next to the gated layers."""
+    check_batch_names(output, adapter_names)
+    out = output.clone()
+    for name, rows in sample_groups(adapter_names, output.device):
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
+    return out
