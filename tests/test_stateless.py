@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import taps_peft
 from taps_peft import TAPSConfig, TAPSLayer
-from conftest import HANG, logits, optimizer_for, tiny_resnet, tiny_timm_vit
+from conftest import HANG, logits, optimizer_for, tiny_hf_vit, tiny_resnet, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,22 @@ def test_an_inference_forward_reads_the_gates_once_whatever_the_depth(images):
             model(images)
         counts.append(counter.reads)
     assert counts == [["tolist"], ["tolist"]]
+
+
+@pytest.mark.parametrize("make", [tiny_timm_vit, tiny_resnet, tiny_hf_vit], ids=["vit", "resnet", "hf-vit"])
+def test_a_forward_never_forms_a_weight_through_layer_weight(make, images, monkeypatch):
+    """``layer.weight`` (the gated weight, for parents that read it instead of calling the layer: timm's EVA) is never
+    read by a forward of a model whose parents call their layers, in training or inference: it costs those forwards
+    nothing (docs/performance.md has the zoo's counts)."""
+    reads = []
+    read = TAPSLayer.weight.fget
+    monkeypatch.setattr(TAPSLayer, "weight", property(lambda layer: reads.append(layer) or read(layer)))
+    model = get_peft_model(make(), TAPSConfig())
+    for mode, grad in (("train", True), ("eval", False)):
+        getattr(model, mode)()
+        with torch.set_grad_enabled(grad):
+            model(pixel_values=images) if make is tiny_hf_vit else model(images)
+    assert reads == []
 
 
 # ----- outputs never stale -----
