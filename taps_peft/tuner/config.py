@@ -167,45 +167,17 @@ class TAPSConfig(PeftConfig):
     def _checked(self, name: str, value: Any) -> Any:
         """``value`` checked for the numeric field ``name`` (against the other fields where it depends on them) and
         normalised to a Python number; a ``ValueError`` naming field, value and fix otherwise."""
-        if name == "lam":
-            return _check_number("lam", value, "a finite float >= 0, e.g. lam=0.5", lambda v: v >= 0)
-        if name == "tau":
-            return _check_number("tau", value, "a finite float > 0, e.g. tau=0.1", lambda v: v > 0)
-        if name == "score_init":
-            return _check_number("score_init", value, f"a finite float >= tau ({self.tau}) so layers start active, "
-                                 "e.g. 0.15 with tau=0.1", lambda v: v >= self.tau)
-        if name == "score_lr":
-            return _check_number("score_lr", value, "a finite float > 0, e.g. score_lr=1e-2", lambda v: v > 0)
-        if name == "lam_warmup":
-            return _check_number("lam_warmup", value, "a fraction of training in [0, 1), e.g. lam_warmup=0.5",
-                                 lambda v: 0 <= v < 1)
-        if name == "total_step":
-            return _check_int("total_step", value, 1, "an int >= 1 (optimizer steps) or None")
-        if name == "freeze_gates_at":
-            return None if value is None else _check_number(
-                "freeze_gates_at", value, "a fraction of training in (0, 1], e.g. freeze_gates_at=0.8, or None",
-                lambda v: 0 < v <= 1)
-        if name == "budget_layers":
-            return _check_int("budget_layers", value, 1, "an int >= 1 (layers) or None")
-        if name == "budget_mib":
-            return None if value is None else _check_number("budget_mib", value, "a float > 0 or None",
-                                                            lambda v: v > 0)
-        if name == "budget_rate":
-            return _check_number("budget_rate", value, "a float > 0, e.g. 0.05", lambda v: v > 0)
-        if name == "r":
-            return _check_int("r", value, 1, "an int >= 1 (the rank of each gated delta, e.g. r=8), or None for "
-                              "full-size deltas")
-        if name == "alpha":
-            if value is None:
-                return None
-            if self.r is None:
-                raise ValueError(
-                    f"TAPSConfig.alpha={value!r} is set without r: alpha scales low-rank deltas (alpha / r). "
-                    "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
-                )
-            return _check_number("alpha", value, "a finite float > 0 (scaling alpha / r), or None for alpha = r",
-                                 lambda v: v > 0)
-        raise KeyError(name)
+        if name == "alpha" and value is not None and self.r is None:
+            raise ValueError(
+                f"TAPSConfig.alpha={value!r} is set without r: alpha scales low-rank deltas (alpha / r). "
+                "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
+            )
+        ok, fix = _RULES[name]
+        if value is None and "None" in fix:
+            return None
+        if ok is int:
+            return _check_int(name, value, 1, fix)
+        return _check_number(name, value, fix.format(tau=self.tau), lambda v: ok(v, self))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
@@ -224,6 +196,21 @@ class TAPSConfig(PeftConfig):
         write_config(self, save_directory, **kwargs)
 
 
+# Each numeric field: its test (``int``: an int >= 1) and the fix a refusal names ("None" in it: None is allowed).
+_RULES: dict[str, tuple[Any, str]] = {
+    "lam": (lambda v, c: v >= 0, "a finite float >= 0, e.g. lam=0.5"),
+    "tau": (lambda v, c: v > 0, "a finite float > 0, e.g. tau=0.1"),
+    "score_init": (lambda v, c: v >= c.tau, "a finite float >= tau ({tau}) so layers start active, e.g. 0.15 with tau=0.1"),
+    "score_lr": (lambda v, c: v > 0, "a finite float > 0, e.g. score_lr=1e-2"),
+    "lam_warmup": (lambda v, c: 0 <= v < 1, "a fraction of training in [0, 1), e.g. lam_warmup=0.5"),
+    "total_step": (int, "an int >= 1 (optimizer steps) or None"),
+    "freeze_gates_at": (lambda v, c: 0 < v <= 1, "a fraction of training in (0, 1], e.g. freeze_gates_at=0.8, or None"),
+    "budget_layers": (int, "an int >= 1 (layers) or None"),
+    "budget_mib": (lambda v, c: v > 0, "a float > 0 or None"),
+    "budget_rate": (lambda v, c: v > 0, "a float > 0, e.g. 0.05"),
+    "r": (int, "an int >= 1 (the rank of each gated delta, e.g. r=8), or None for full-size deltas"),
+    "alpha": (lambda v, c: v > 0, "a finite float > 0 (scaling alpha / r), or None for alpha = r"),
+}
 _NUMERIC_FIELDS = ("lam", "tau", "score_init", "score_lr", "lam_warmup", "total_step", "freeze_gates_at",
                    "budget_layers", "budget_mib", "budget_rate", "r", "alpha")
 _FIELD_NAMES = frozenset(f.name for f in fields(TAPSConfig))
