@@ -15,9 +15,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from .. import trust
+from .. import scores, trust
 from ..batchnorm import freeze_norm, frozen_batchnorms, release_norms
-from .. import scores
 from .config import TAPSConfig
 from .layer import (
     _CONV, _HALF, DELTA_PARAMS, Conv, Linear, TAPSLayer, _is_sharded, check_batch_names, restart_delta, sample_groups,
@@ -156,19 +155,22 @@ class TAPSModel(BaseTuner):
         names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
         gates: dict[TAPSLayer, dict[str, bool]] = {}
         compiling = torch.compiler.is_compiling()
-        self._penalty_in_output = self._penalty_taken = False
+        self.__dict__.update(_penalty_in_output=False, _penalty_taken=False)
         if self.training and torch.is_grad_enabled() and not compiling:
             scores.check_step(self, layers)
-        try:
+        routing = layers if adapter_names is not None else []
+        try:  # plain attributes, set in __dict__: nn.Module.__setattr__ would cost ~10 calls per layer and forward
             gates = {} if compiling else read_gates(layers, names)
             for layer, layer_gates in gates.items():
-                layer._gates = layer_gates
-            for layer in layers:
-                layer._routing = adapter_names is not None
+                layer.__dict__["_gates"] = layer_gates
+            for layer in routing:
+                layer.__dict__["_routing"] = True
             yield
         finally:
-            for layer in layers:
-                layer._gates, layer._routing = None, False
+            for layer in gates:
+                layer.__dict__["_gates"] = None
+            for layer in routing:
+                layer.__dict__["_routing"] = False
             for handle in handles:
                 handle.remove()
 
