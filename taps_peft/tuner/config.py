@@ -69,11 +69,10 @@ class TAPSConfig(PeftConfig):
         budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per optimizer step.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
-        base_model_info: What the adapter knows of its base (recorded when the adapter is injected, the fingerprint
-            again when it is saved: library, architecture, name, number of classes, a fingerprint of the base tensors
-            it depends on). Set ``name`` and ``pretrained`` (and for a random init ``seed``, for custom shapes
+        base_model_info: What the adapter knows of its base (recorded when it is saved: library, architecture, name,
+            number of classes, a fingerprint of the base tensors it depends on). Set ``name`` and ``pretrained`` (and for a random init ``seed``, for custom shapes
             ``model_kwargs``, for local weights ``weights``) so the model card can show how to rebuild the base;
-            loading onto a base with other weights warns (see ``tuner.identity``).
+            loading onto a base with other weights warns (see ``taps_peft.trust.identity``).
         task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
         weights_digest: Written by ``save_pretrained``: the digest of the ``adapter_model.safetensors`` saved with this
             config and of the config fields that change its outputs (``r``, ``alpha``, ``tau``, ``target_modules``,
