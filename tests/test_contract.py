@@ -87,8 +87,8 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @pytest.mark.parametrize("dtype", sorted(HALF))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_16_bit_merge_and_unload_and_unload_return_a_model_that_runs(family, dtype, how):
-    """PEFT's default ``autocast_adapter_dtype=True`` makes the head and norm copies of a 16-bit base compute in fp32;
-    the plain model ``merge_and_unload`` / ``unload`` returns has the base dtype everywhere and gives the adapter's
+    """With PEFT's default ``autocast_adapter_dtype=True`` the deltas of a 16-bit base are fp32 (head and norm copies
+    keep the base dtype, as LoRA's); the plain model ``merge_and_unload`` / ``unload`` returns has the base dtype everywhere and gives the adapter's
     outputs (``unload``: those with every gate closed, as it drops the deltas and keeps the head and norm copies)."""
     from peft.utils.other import ModulesToSaveWrapper
 

@@ -1051,3 +1051,57 @@ def test_non_floating_tensors_and_save_adapter_s_links_and_names(tmp_path):
     taps_peft.save_adapter(model, folder)
     assert (folder / "README.md").is_symlink() and "TAPS adapter for" in elsewhere.read_text()
     assert "# mine" in elsewhere.read_text()
+
+
+# ----- what the load remembers: on the tuner per adapter, never on the config object (review of issue 24) -----
+
+
+def test_a_copied_config_is_checked_in_full_and_a_refused_load_is_undone(tmp_path):
+    """A copy of a config read with from_pretrained (deepcopy, pickle) binds its load as the config does: weights of
+    another save are refused, and a load refused after injection leaves the base plain; the same config refuses
+    again on a second try."""
+    import pickle
+
+    base = tiny_timm_vit()
+    get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "a")
+    get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "b" / "adapter_model.safetensors", tmp_path / "a" / "adapter_model.safetensors")
+    config = TAPSConfig.from_pretrained(tmp_path / "a")
+    for attempt in (copy.deepcopy(config), pickle.loads(pickle.dumps(config)), config, config):
+        fresh = copy.deepcopy(base)
+        with pytest.raises(ValueError, match="mixes two saves"):
+            PeftModel.from_pretrained(fresh, tmp_path / "a", config=attempt)
+        assert not any(isinstance(m, TAPSLayer) for m in fresh.modules())
+    get_peft_model(tiny_timm_vit(num_classes=5), TAPSConfig()).save_pretrained(tmp_path / "five")
+    other = tiny_timm_vit(num_classes=7)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="does not fit"):
+        PeftModel.from_pretrained(other, tmp_path / "five", config=copy.deepcopy(TAPSConfig.from_pretrained(
+            tmp_path / "five")))
+    assert unchanged(before, other)
+
+
+def test_a_model_built_from_a_read_config_is_freed_and_its_identity_stays_its_own(tmp_path):
+    """Nothing global holds a model whose config was read with from_pretrained; a new adapter built from a loaded
+    adapter's config records its own base, and the loaded one keeps the base it was trained on."""
+    import gc
+    import weakref
+
+    get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "a")
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig.from_pretrained(tmp_path / "a"))
+    ref = weakref.ref(model.base_model.model)
+    del model
+    gc.collect()
+    assert ref() is None
+    with pytest.warns(BaseModelMismatchWarning):
+        loaded = PeftModel.from_pretrained(tiny_timm_vit(), tmp_path / "a")  # another random base
+    trained_on = TAPSConfig.from_pretrained(tmp_path / "a").base_model_info["fingerprint"]
+    new_base = tiny_timm_vit()
+    fresh = get_peft_model(new_base, loaded.peft_config["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        fresh.save_pretrained(tmp_path / "fresh")
+    assert TAPSConfig.from_pretrained(tmp_path / "fresh").base_model_info["fingerprint"] != trained_on
+    with pytest.warns(BaseModelMismatchWarning, match="identity of the base it was trained on"):
+        loaded.save_pretrained(tmp_path / "again")
+    assert TAPSConfig.from_pretrained(tmp_path / "again").base_model_info["fingerprint"] == trained_on

@@ -16,9 +16,9 @@ Example:
 from .digest import read_config, saving, write_config
 from .identity import BaseModelMismatchWarning, record_at_save
 from .load import after_injection, before_injection, check_adapter_name, check_load, prepare_load
-from .state import move_notes, notes
+from .state import copy_notes, notes
 
 __all__ = [
     "BaseModelMismatchWarning", "after_injection", "before_injection", "check_adapter_name", "check_load",
-    "move_notes", "notes", "prepare_load", "read_config", "record_at_save", "saving", "write_config",
+    "copy_notes", "notes", "prepare_load", "read_config", "record_at_save", "saving", "write_config",
 ]

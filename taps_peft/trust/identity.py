@@ -30,7 +30,6 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..tuner.targets import find_head, plain_modules, saved_modules
-from .state import notes
 
 _SAMPLES, _TOLERANCE = 1024, 0.01
 
@@ -183,13 +182,14 @@ def base_fingerprint(model: nn.Module, config: Any) -> Optional[dict[str, list[f
 _USER_INFO = ("name", "pretrained", "seed", "model_kwargs", "weights")  # what a script may record about the base
 
 
-def record_at_save(config: Any, model: nn.Module, adapter_name: str) -> None:
+def record_at_save(config: Any, model: nn.Module, adapter_name: str, kept: bool) -> None:
     """At save (PEFT's state-dict hook): record the base as it is now in ``config.base_model_info`` (its description
     and fingerprint, keeping what the script recorded: name, pretrained, seed, ...), the base the deltas were trained
-    against. An adapter loaded onto another base than its own keeps the base it was trained on, with a warning."""
+    against. An adapter loaded onto another base than its own (``kept``) keeps the base it was trained on, with a
+    warning."""
     info = dict(config.base_model_info or {})
     now = {**describe_base(model, find_head(model)), "fingerprint": base_fingerprint(model, config)}
-    if notes(config).get("kept_identity"):
+    if kept:
         differ = differing_tensors(info.get("fingerprint") or {}, now["fingerprint"] or {})
         warnings.warn(
             f"TAPS adapter '{adapter_name}' is saved with the identity of the base it was trained on "

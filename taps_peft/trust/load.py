@@ -181,19 +181,21 @@ def check_readable(model: nn.Module, config: Any) -> Optional[str]:
     return path
 
 
-def spend_binding(model: nn.Module, config: Any, adapter_name: str) -> Optional[dict]:
-    """Whether this load is the one a config read with ``TAPSConfig.from_pretrained`` was injected for: the config is
-    bound to a saved adapter's weights and the adapter's tensors are as injection left them. Returns what the load
-    checks (the file and ``weights_digest``), else None. The binding serves one load only: once the adapter changed (it
-    trained, or loaded), a later load (a Trainer resuming, ``set_peft_model_state_dict``) is not compared with it."""
-    note = notes(config)
-    if note.pop("source", None) is None:
+def spend_binding(tuner: Any, config: Any, adapter_name: str) -> Optional[dict]:
+    """Whether this load is the one an injection for a saved adapter's config (``weights_digest`` set: read with
+    ``TAPSConfig.from_pretrained``, or a copy of one) was made for, with the adapter's tensors as injection left them.
+    Returns what the load checks (``weights_digest``, the file when known, the injection to undo), else None. The
+    binding serves one load only: once the adapter changed (it trained, or loaded), a later load (a Trainer resuming,
+    ``set_peft_model_state_dict``) is not compared with it."""
+    entry = tuner.__dict__.get("_taps_loads", {}).pop(adapter_name, None) if tuner is not None else None
+    digest = config.weights_digest
+    if entry is None or not digest:
         return None
-    untouched = note.pop("versions", None) in (None, adapter_versions(model, adapter_name))
-    path, digest, config.weights_digest = note.pop("weights_path", None), config.weights_digest, None
-    if not untouched or path is None:
+    config.weights_digest = None
+    if entry["versions"] != adapter_versions(tuner.model, adapter_name):
         return None
-    return {"path": path, "digest": digest}
+    path = notes(config).pop("weights_path", None) or "the folder it is loaded from"
+    return {"path": path, "digest": digest, "injected": entry["injected"]}
 
 
 def check_first_load(model: nn.Module, config: Any, adapter_name: str, state_dict: dict, binding: dict) -> None:
@@ -203,19 +205,19 @@ def check_first_load(model: nn.Module, config: Any, adapter_name: str, state_dic
     (a mismatch warns: :class:`BaseModelMismatchWarning`; the adapter then keeps the trained-on base's identity)."""
     tensors = {k.replace(f".modules_to_save.{adapter_name}.", "."): v for k, v in state_dict.items()}  # as saved
     check_finite(tensors, binding["path"])
-    if binding["digest"]:
-        try:
-            check_digest(binding["digest"], tensors_digest(tensors.values()), config, binding["path"])
-        except ValueError as err:
-            if "mixes two saves" not in str(err):
-                raise
-            raise ValueError(f"{err} (To load other weights into a model built from a config read with "
-                             "TAPSConfig.from_pretrained, build it from dataclasses.replace(config).)") from None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        check_digest(binding["digest"], tensors_digest(tensors.values()), config, binding["path"])
+    except ValueError as err:
+        if "mixes two saves" not in str(err):
+            raise
+        raise ValueError(f"{err} (To load other weights into a model built from a config read with "
+                         "TAPSConfig.from_pretrained, build it from dataclasses.replace(config, weights_digest=None).)"
+                         ) from None
+    base = model.get_base_model()
     check_saved_adapter(base, config, tensors)
     now = {"fingerprint": base_fingerprint(base, config)}
     if check_identity(config.base_model_info or {}, now, adapter_name):
-        notes(config)["kept_identity"] = True  # see identity.record_at_save
+        model.base_model.__dict__.setdefault("_kept_identity", set()).add(adapter_name)  # see record_at_save
 
 
 def adapter_versions(model: nn.Module, adapter_name: str) -> tuple[int, ...]:
@@ -383,27 +385,34 @@ def check_adapter_name(name: Any) -> str:
 def prepare_load(model: nn.Module, config: Any) -> None:
     """``TAPSModel._prepare_adapter_config``: for a config read with ``TAPSConfig.from_pretrained`` (a saved adapter
     may be loading), its weights file must be readable by PEFT (:func:`check_readable`) before any module is replaced;
-    the path is kept for the load's checks."""
+    the path is kept for the load's messages."""
     path = check_readable(model, config)
     if path is not None:
         notes(config)["weights_path"] = path
 
 
-def before_injection(model: nn.Module, config: Any) -> None:
-    """Note what an injection for a config read with ``TAPSConfig.from_pretrained`` changes in ``model`` besides its
-    modules, to undo it if the load fails (:func:`undo_injection`); nothing for any other config."""
-    if notes(config).get("source") is not None:
-        notes(config)["injected"] = {"grads": [(p, p.requires_grad) for p in model.parameters()],
-                                     "modes": [(m, m.training) for m in model.modules()],
-                                     "peft_config": "peft_config" in vars(model),
-                                     "input_grads": bool(getattr(model, "_require_grads_hooks", None))}
+def before_injection(tuner: Any, model: nn.Module, adapter_name: str, config: Any) -> None:
+    """Before PEFT injects ``adapter_name``: for a saved adapter's config (``weights_digest`` set), note on the tuner
+    what the injection changes in ``model`` besides its modules, to undo it if the load fails (:func:`undo_injection`).
+    Kept on the tuner, per adapter (copied and pickled with the model); dropped by its load or the next injection."""
+    loads = tuner.__dict__.setdefault("_taps_loads", {})
+    loads.pop(adapter_name, None)
+    tuner.__dict__.setdefault("_kept_identity", set()).discard(adapter_name)  # a new adapter under an old name
+    if config.weights_digest:
+        loads[adapter_name] = {"injected": {"grads": [(p, p.requires_grad) for p in model.parameters()],
+                                            "modes": [(m, m.training) for m in model.modules()],
+                                            "peft_config": "peft_config" in vars(model),
+                                            "input_grads": bool(getattr(model, "_require_grads_hooks", None))}}
 
 
-def after_injection(model: nn.Module, config: Any, adapter_name: str) -> None:
-    """Right after injection and PEFT's dtype cast: note the adapter's tensor versions, so its first load can tell
-    it is the first (:func:`spend_binding`)."""
-    if notes(config).get("source") is not None:
-        notes(config)["versions"] = adapter_versions(model, adapter_name)
+def after_injection(tuner: Any, adapter_name: str, injected: bool) -> None:
+    """After PEFT's injection: note the adapter's tensor versions, so its first load can tell it is the first
+    (:func:`spend_binding`); an injection that failed leaves nothing behind."""
+    entry = tuner.__dict__.get("_taps_loads", {}).get(adapter_name)
+    if entry is not None and not injected:
+        del tuner.__dict__["_taps_loads"][adapter_name]
+    elif entry is not None:
+        entry["versions"] = adapter_versions(tuner.model, adapter_name)
 
 
 def undo_injection(tuner: Any, adapter_name: str, before: dict[str, Any]) -> None:
@@ -438,19 +447,17 @@ def undo_injection(tuner: Any, adapter_name: str, before: dict[str, Any]) -> Non
 
 
 def check_load(model: nn.Module, config: Any, adapter_name: str, state_dict: dict, remap: Any) -> dict:
-    """``TAPSModel._remap_adapter_state_dict_for_load``: the load a config read with ``TAPSConfig.from_pretrained``
-    was injected for is checked against that save (:func:`check_first_load`); ``remap`` (PEFT's key mapping) runs, and
-    weights that are not this adapter's are refused (:func:`check_loaded_state`), all before anything is loaded. If a
-    check fails the injection is undone: ``PeftModel.from_pretrained`` leaves the base as it was, ``load_adapter``
-    adds no adapter."""
+    """``TAPSModel._remap_adapter_state_dict_for_load``: the load a saved adapter's config was injected for is checked
+    against that save (:func:`check_first_load`); ``remap`` (PEFT's key mapping) runs, and weights that are not this
+    adapter's are refused (:func:`check_loaded_state`), all before anything is loaded. If a check fails the injection
+    is undone: ``PeftModel.from_pretrained`` leaves the base as it was, ``load_adapter`` adds no adapter."""
     tuner = getattr(model, "base_model", None)
-    injected = notes(config).pop("injected", None)
-    binding = spend_binding(model, config, adapter_name)
+    binding = spend_binding(tuner, config, adapter_name)
     try:
         if binding is not None:
             check_first_load(model, config, adapter_name, state_dict, binding)
         return check_loaded_state(model, config, adapter_name, remap(state_dict))
     except Exception:
-        if binding is not None and injected is not None and tuner is not None:
-            undo_injection(tuner, adapter_name, injected)
+        if binding is not None:
+            undo_injection(tuner, adapter_name, binding["injected"])
         raise

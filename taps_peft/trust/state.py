@@ -1,5 +1,7 @@
-"""What trust remembers about a ``TAPSConfig`` object between PEFT's calls (where it was read from, the adapter it is
-saving), kept beside the config, never on it: a config stays PEFT's plain dataclass to copy, pickle and compare."""
+"""What trust remembers about a ``TAPSConfig`` object between PEFT's calls (where it was read from, the model saving
+it), kept beside the config, never on it: a config stays PEFT's plain dataclass to copy, pickle and compare. Only
+hints live here: a copy of a config without them is still checked in full when its weights load (``trust.load``), it
+only misses the check of the file before injection. What belongs to a loaded adapter is kept on the tuner."""
 
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ def notes(config: Any) -> dict[str, Any]:
     return entry[1]
 
 
-def move_notes(old: Any, new: Any) -> None:
-    """Hand ``old``'s notes to ``new`` (a copy that takes its place, as the tuner's copy of a config does)."""
+def copy_notes(old: Any, new: Any) -> None:
+    """Give ``new`` (a copy of ``old``, as the tuner's copy of a config) ``old``'s notes of where it was read from."""
     entry = _notes.get(id(old))
-    if entry is not None and entry[0]() is old and entry[1]:
-        notes(new).update(entry[1])
-        entry[1].clear()
+    if entry is not None and entry[0]() is old and "source" in entry[1]:
+        notes(new)["source"] = entry[1]["source"]

@@ -70,13 +70,14 @@ class TAPSModel(BaseTuner):
         trust.check_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
         self.peft_config[adapter_name] = copy.deepcopy(config)
-        trust.move_notes(config, self.peft_config[adapter_name])
-        trust.before_injection(model, self.peft_config[adapter_name])  # a saved adapter may be loading
+        trust.copy_notes(config, self.peft_config[adapter_name])
+        trust.before_injection(self, model, adapter_name, config)  # a saved adapter may be loading
+        injected = False
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except BaseException:
-            trust.notes(self.peft_config[adapter_name]).pop("injected", None)
-            raise
+            injected = True
+        finally:
+            trust.after_injection(self, adapter_name, injected)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
                 parent, _, child = name.rpartition(".")
@@ -117,8 +118,6 @@ class TAPSModel(BaseTuner):
                 for param in layer.adapter_params(adapter_name):  # deltas and factors (a score is always fp32)
                     if param.dtype in _HALF:
                         param.data = param.data.float()
-        if adapter_name in self.peft_config:
-            trust.after_injection(self.model, self.peft_config[adapter_name], adapter_name)
 
     def _keep_base_norms_frozen(self) -> None:
         """BatchNorm layers without trainable parameters (the shared base's, when ``train_norms=False``) stay in eval
@@ -207,7 +206,8 @@ class TAPSModel(BaseTuner):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, TAPSModel):
-            trust.record_at_save(config, tuner.model, adapter_name)
+            kept = adapter_name in tuner.__dict__.get("_kept_identity", ())  # loaded onto another base than its own
+            trust.record_at_save(config, tuner.model, adapter_name, kept)
         trust.saving(config, model, adapter_name)
         if config.save_inactive_deltas:
             return selected
@@ -230,10 +230,9 @@ class TAPSModel(BaseTuner):
         remap = partial(super()._remap_adapter_state_dict_for_load, model, config, adapter_name)
         return trust.check_load(model, config, adapter_name, state_dict, remap)
 
-    # ----- PEFT's adapter management, visiting only the tuner modules -----
-    # PEFT's set_adapter / merge_adapter / unmerge_adapter walk every module, including each adapter's head and norm
-    # copies, and touch every adapter in every layer: with 50 adapters loaded a switch took 9.0 ms instead of 0.8 ms
-    # (benchmarks/bench_switch.py). These versions do the same work on the tuner modules only.
+    # ----- PEFT's adapter management: set_adapter visits only the tuner modules, names are checked -----
+    # PEFT's set_adapter walks every module, including each adapter's head and norm copies, and touches every adapter in
+    # every layer: with 50 adapters loaded a switch took 9.0 ms instead of 0.8 ms (benchmarks/bench_switch.py).
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's ``set_adapter``, in a time that does not grow with the adapters loaded; unknown names are refused."""
