@@ -109,7 +109,7 @@ class _Backpropagated(torch.autograd.Function):
 @torch.compiler.disable  # lam changes every step: kept out of compiled graphs (no recompile)
 def penalty(model: TAPSModel) -> torch.Tensor:
     """``(lam_t / L) * sum_i |s_i|`` over the model's active adapters (``model.taps_penalty()``)."""
-    from .tuner.layer import _full_tensor
+    from .tuner.layer import full_tensor
 
     total, adapters = None, []
     by_adapter = model.scores_by_adapter()
@@ -118,7 +118,7 @@ def penalty(model: TAPSModel) -> torch.Tensor:
         if not found:
             continue
         lam = lam_at(model.peft_config[name], model._score_steps.get(name, 0))
-        term = torch.cat([_full_tensor(s).reshape(1) for s in found]).abs().sum() * (lam / len(found))
+        term = torch.cat([full_tensor(s).reshape(1) for s in found]).abs().sum() * (lam / len(found))
         total = term if total is None else total + term
         adapters.append(name)
     if total is None:

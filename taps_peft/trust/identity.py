@@ -7,7 +7,7 @@
   warns with :class:`BaseModelMismatchWarning`); never at injection.
 - ``weights_digest`` (in ``adapter_config.json``): a digest of the tensors in ``adapter_model.safetensors`` and of the
   config fields that change outputs (``r``, ``alpha``, ``tau``, ``target_modules``, ``exclude_modules``), written by
-  ``TAPSConfig.save_pretrained`` right after PEFT wrote the weights (``trust.digest``). Loading refuses a config and
+  ``TAPSConfig.save_pretrained`` right after PEFT wrote the weights (``trust.saves``). Loading refuses a config and
   weights that come from two different saves, and a config edited after the save.
 
 The fingerprint samples up to 1024 values of each tensor spread over all of it (a golden-ratio stride coprime with the

@@ -11,7 +11,8 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.utils.other import ModulesToSaveWrapper
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..tuner.layer import DELTA_PARAMS, TAPSLayer, delta_shapes, restart_delta
 from ..tuner.targets import planned_targets, plain_modules, saved_modules
-from .digest import WEIGHTS_NAME, check_digest, tensors_digest
+from .saves import WEIGHTS_NAME, check_digest, tensors_digest
 from .identity import base_fingerprint, check_identity
 from .state import notes
 _PREFIX = "base_model.model."  # PEFT's prefix of every key in a PeftModel's state dict
@@ -391,28 +392,25 @@ def prepare_load(model: nn.Module, config: Any) -> None:
         notes(config)["weights_path"] = path
 
 
-def before_injection(tuner: Any, model: nn.Module, adapter_name: str, config: Any) -> None:
-    """Before PEFT injects ``adapter_name``: for a saved adapter's config (``weights_digest`` set), note on the tuner
-    what the injection changes in ``model`` besides its modules, to undo it if the load fails (:func:`undo_injection`).
-    Kept on the tuner, per adapter (copied and pickled with the model); dropped by its load or the next injection."""
+@contextmanager
+def injecting(tuner: Any, model: nn.Module, adapter_name: str, config: Any) -> Iterator[None]:
+    """Around PEFT's injection of ``adapter_name``: for a saved adapter's config (``weights_digest`` set), note on the
+    tuner what the injection changes in ``model`` besides its modules, to undo it if the load fails
+    (:func:`undo_injection`), and the adapter's tensor versions after it, so its first load can tell it is the first
+    (:func:`spend_binding`). Kept on the tuner, per adapter (copied and pickled with the model); dropped by its load,
+    the next injection under that name, or a failed injection."""
     loads = tuner.__dict__.setdefault("_taps_loads", {})
     loads.pop(adapter_name, None)
     tuner.__dict__.setdefault("_kept_identity", set()).discard(adapter_name)  # a new adapter under an old name
-    if config.weights_digest:
-        loads[adapter_name] = {"injected": {"grads": [(p, p.requires_grad) for p in model.parameters()],
-                                            "modes": [(m, m.training) for m in model.modules()],
-                                            "peft_config": "peft_config" in vars(model),
-                                            "input_grads": bool(getattr(model, "_require_grads_hooks", None))}}
-
-
-def after_injection(tuner: Any, adapter_name: str, injected: bool) -> None:
-    """After PEFT's injection: note the adapter's tensor versions, so its first load can tell it is the first
-    (:func:`spend_binding`); an injection that failed leaves nothing behind."""
-    entry = tuner.__dict__.get("_taps_loads", {}).get(adapter_name)
-    if entry is not None and not injected:
-        del tuner.__dict__["_taps_loads"][adapter_name]
-    elif entry is not None:
-        entry["versions"] = adapter_versions(tuner.model, adapter_name)
+    if not config.weights_digest:
+        yield
+        return
+    injected = {"grads": [(p, p.requires_grad) for p in model.parameters()],
+                "modes": [(m, m.training) for m in model.modules()],
+                "peft_config": "peft_config" in vars(model),
+                "input_grads": bool(getattr(model, "_require_grads_hooks", None))}
+    yield
+    loads[adapter_name] = {"injected": injected, "versions": adapter_versions(tuner.model, adapter_name)}
 
 
 def undo_injection(tuner: Any, adapter_name: str, before: dict[str, Any]) -> None:

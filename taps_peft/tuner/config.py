@@ -182,15 +182,15 @@ class TAPSConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's ``PeftConfig.from_pretrained``, refusing another method's adapter and a damaged file; the load of its
         weights is then checked against this config and the base (``taps_peft.trust``)."""
-        from ..trust.digest import read_config
+        from ..trust.saves import read_config
 
         return read_config(cls, pretrained_model_name_or_path, subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's ``PeftConfig.save_pretrained``, written atomically and bound to the weights beside it by
         ``weights_digest``; within ``PeftModel.save_pretrained`` it also writes the TAPS model card
-        (``taps_peft.trust.digest.write_config``)."""
-        from ..trust.digest import write_config
+        (``taps_peft.trust.saves.write_config``)."""
+        from ..trust.saves import write_config
 
         write_config(self, save_directory, **kwargs)
 

@@ -30,14 +30,14 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor: an FSDP2 parameter outside its module's forward."""
     return hasattr(t, "full_tensor")
 
 
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` whole: a sharded parameter gathered (a collective: every rank must call it), anything else as is."""
-    return t.full_tensor() if _is_sharded(t) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def sample_groups(adapter_names: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
@@ -173,7 +173,7 @@ class TAPSLayer(BaseTunerLayer):
 
     def is_active(self, adapter_name: str) -> bool:
         """Whether the layer is task-specific for ``adapter_name`` (score >= tau); reads the score on the host."""
-        score = _full_tensor(self.taps_scores[adapter_name]).detach()
+        score = full_tensor(self.taps_scores[adapter_name]).detach()
         return bool(score.float().item() >= self.taps_tau[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -371,7 +371,7 @@ class _TAPSModule(nn.Module, TAPSLayer):
         scores = {name: p.data for name, p in self.taps_scores.items()}
         super()._apply(fn, recurse)
         for name, p in self.taps_scores.items():
-            if p.dtype != torch.float32 and not _is_sharded(p):
+            if p.dtype != torch.float32 and not is_sharded(p):
                 p.data = scores[name].to(p.device)
         if self._unmerged_weight is not None:  # the base weight set aside while merged follows the model too
             self._unmerged_weight = fn(self._unmerged_weight)

@@ -19,7 +19,7 @@ from .. import scores, trust
 from ..batchnorm import freeze_norm, frozen_batchnorms, release_norms
 from .config import TAPSConfig
 from .layer import (
-    _CONV, _HALF, DELTA_PARAMS, Conv, Linear, TAPSLayer, _is_sharded, check_batch_names, restart_delta, sample_groups,
+    _CONV, _HALF, DELTA_PARAMS, Conv, Linear, TAPSLayer, is_sharded, check_batch_names, restart_delta, sample_groups,
 )
 from .targets import resolve_targets
 
@@ -71,13 +71,8 @@ class TAPSModel(BaseTuner):
         config = self.peft_config[adapter_name]
         self.peft_config[adapter_name] = copy.deepcopy(config)
         trust.copy_notes(config, self.peft_config[adapter_name])
-        trust.before_injection(self, model, adapter_name, config)  # a saved adapter may be loading
-        injected = False
-        try:
+        with trust.injecting(self, model, adapter_name, config):  # a saved adapter may be loading
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            injected = True
-        finally:
-            trust.after_injection(self, adapter_name, injected)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
                 parent, _, child = name.rpartition(".")
@@ -377,7 +372,7 @@ def host_values(tensors: list[torch.Tensor]) -> list[float]:
 def read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
     """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
     and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
-    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not _is_sharded(m.taps_scores[a])]
+    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not is_sharded(m.taps_scores[a])]
     if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
         return {}
     gates: dict[TAPSLayer, dict[str, bool]] = {}

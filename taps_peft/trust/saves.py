@@ -1,4 +1,4 @@
-"""How a save binds its files to each other: ``weights_digest`` in ``adapter_config.json`` is the digest of the tensors
+"""A save's files and how they are bound to each other: ``weights_digest`` in ``adapter_config.json`` is the digest of the tensors
 in ``adapter_model.safetensors`` and of the config fields that change outputs, written by ``TAPSConfig.save_pretrained``
 right after PEFT wrote the weights (:func:`write_config`). Reading a config (:func:`read_config`) remembers where it came
 from (``trust.state``), so the load of its weights can check them against it (``trust.load``): a config and weights of
@@ -19,12 +19,13 @@ from typing import Any, Iterable, Optional
 
 import torch
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import CONFIG_NAME as PEFT_CONFIG_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 
 from ..hub import atomic_write, temporary_name
 from .state import notes
 
-WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+WEIGHTS_NAME, CONFIG_NAME = SAFETENSORS_WEIGHTS_NAME, PEFT_CONFIG_NAME  # PEFT's file names
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
@@ -193,8 +194,8 @@ def _card_readable(model: Any) -> bool:
     sharded score is a collective, which the saving process alone must not start: PEFT's card stays)."""
     from peft import PeftModel
 
-    from ..tuner.layer import TAPSLayer, _is_sharded
+    from ..tuner.layer import TAPSLayer, is_sharded
 
     return isinstance(model, PeftModel) and not any(
-        _is_sharded(p) for m in model.modules() if isinstance(m, TAPSLayer) for p in m.taps_scores.values())
+        is_sharded(p) for m in model.modules() if isinstance(m, TAPSLayer) for p in m.taps_scores.values())
 
