@@ -19,12 +19,19 @@ first, with a line per finished run:
    head-only (a converged L2 logistic regression on the frozen base's pooled features), PEFT LoRA r 8 and AdaLoRA
    (average rank 8) on the convs LoRA can hold (PEFT refuses depthwise ones; head and BatchNorm layers trained). All
    but the probe end with re-estimated BatchNorm statistics.
-4. Settings: ``--select`` trains every method with each of the same number of settings per method (a grid over the
-   learning rate, and lam for TAPS; C for the probe) on the training split and scores them on the validation split;
-   it writes ``selection.json``. The best is chosen, for TAPS among the settings with k/L <= 0.5 and for TAPS r8
-   among those whose adapter is no larger than LoRA's (each one's goal), when any is. The job reads the chosen
-   settings from ``--selection`` (default: the committed ``pretrained_selection.json`` beside this script, made by
-   ``--select`` with seed 0).
+4. Settings: ``--select`` trains every method with each of the same number of settings per method (4 learning rates
+   on grids of the same density, the TAPS methods at a fixed lam; C for the probe) on the training split and scores
+   them on the validation split; it writes ``selection.json``. The best is chosen, for TAPS among the settings with
+   k/L <= 0.5 and for TAPS r8 among those whose adapter is no larger than LoRA's (each one's goal), when any is. The
+   job reads the chosen settings from ``--selection`` (default: the committed ``pretrained_selection.json`` beside
+   this script, made by ``--select`` with seed 0 on an earlier grid: TAPS 2 lrs x 2 lams); ``--per-seed-selection``
+   selects in the run itself on its own seed's validation split (the multi-seed tables' protocol: no seed reuses
+   another's choice).
+   ``--fixed-layers`` (not in the default job, to keep it within 5 minutes: 12 more runs per task) adds, after TAPS
+   on each task, fine-tuning of the same number k of layers TAPS opened there, chosen by rule in module order: the
+   last k, the first k, k at random (seeded); TAPS's deltas, norms, head and recipe on exactly those layers, gates
+   fixed open, each rule's lr chosen on this seed's validation split among TAPS's lrs (results.json:
+   ``fixed_layers``).
 5. Prints per task each method's test accuracy, TAPS's active layers k/L and adapter size, the means over the hard
    tasks and over the controls, and each method's adapter bytes; writes ``results.json`` (with the ``protocol``, the
    goals and the sizes), ``details.json``, ``layer_map.png``, ``accuracy_vs_size.png`` and each TAPS adapter
@@ -34,6 +41,7 @@ first, with a line per finished run:
     python examples/pretrained_demo.py [--out runs/pretrained] [--seed 0] [--quick]
     python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (4x the job)
     python examples/pretrained_demo.py --tasks "cluttered digits" digits
+    python examples/pretrained_demo.py --seed 1 --per-seed-selection --fixed-layers --tasks "digit rotation"
     python examples/pretrained_demo.py --lam-sweep 0.05 0.1 0.2 0.5 1 --tasks "digit rotation"   # TAPS only
     python examples/pretrained_demo.py --model resnet18 --weights resnet18.safetensors   # any local weights file
 """

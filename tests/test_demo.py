@@ -177,7 +177,8 @@ def test_pretrained_demo_fixed_layers_and_per_seed_selection(tmp_path, monkeypat
 
     base, _ = module.setup(module.parse_args(["--quick", "--tasks", "textures"]))
     layers = module.default_targets(base, module.find_head(base))
-    assert module.fixed_layers(base, "last", 5, 0) == layers[-5:] and module.fixed_layers(base, "first", 5, 0) == layers[:5]
+    assert module.fixed_layers(base, "last", 5, 0) == layers[-5:]
+    assert module.fixed_layers(base, "first", 5, 0) == layers[:5]
     pick = module.fixed_layers(base, "random", 5, 0)
     assert len(set(pick)) == 5 and pick == [n for n in layers if n in pick]  # module order
     fixed = json.loads((tmp_path / "details.json").read_text())["tasks"]["textures"]["fixed_layers"]
