@@ -740,7 +740,7 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> 
                                                    for m in methods))
     fixed = {name: r for name, r in results.items() if "fixed_layers" in r}
     if fixed:
-        print(f"\nfixed layers: TAPS's k layers chosen by rule, each rule's lr chosen on validation (test accuracy)")
+        print("\nfixed layers: TAPS's k layers chosen by rule, each rule's lr chosen on validation (test accuracy)")
         print(f"{'task':<18} {'k':>6} {'TAPS':>7} " + " ".join(f"{rule:>7}" for rule in RULES))
         for name, r in fixed.items():
             print(f"{name:<18} {r['fixed_layers_k']:>3}/{r['total_layers']:<2} {r['taps']:>7.3f} "
