@@ -17,8 +17,8 @@ from .hub.export import export_lora
 from .hub.save import push_to_hub, save_adapter
 from .report import print_taps_summary, taps_layer_report, taps_summary, taps_training_plan
 from .tuner import Conv, Linear, TAPSConfig, TAPSLayer, TAPSModel
-from .tuner.scores import step_scores
-from .tuner.identity import BaseModelMismatchWarning
+from .scores import step_scores
+from .trust import BaseModelMismatchWarning
 from .tuner.registration import register as _register
 
 _register()

@@ -1,8 +1,10 @@
-"""Re-estimating a task's BatchNorm statistics after training, without changing any weight: torch's
-``torch.optim.swa_utils.update_bn`` on the task's own BatchNorm layers only."""
+"""BatchNorm and TAPS: re-estimating a task's statistics after training, without changing any weight (torch's
+``torch.optim.swa_utils.update_bn`` on the task's own BatchNorm layers only), and keeping the shared base's frozen
+BatchNorm layers in eval mode (``freeze_norm``)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -101,3 +103,43 @@ class _Selected(nn.Module):
 
     def forward(self, batch: Any) -> Any:
         return self._run(self._model, batch)
+
+
+def _frozen_norm_train(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` of a frozen base BatchNorm layer (``freeze_norm``): it stays in eval mode while none of its
+    parameters trains."""
+    return nn.Module.train(module, mode and any(p.requires_grad for p in module.parameters()))
+
+
+def freeze_norm(module: nn.Module) -> None:
+    """Keep a BatchNorm layer of the shared base in eval mode by itself: ``nn.Module.train`` sets each module's mode
+    through its ``train``, which this module overrides (an instance attribute: copied and pickled with the module,
+    no forward cost). ``release_norms`` takes the override off."""
+    vars(module)["train"] = partial(_frozen_norm_train, module)
+    module.eval()
+
+
+def release_norms(model: nn.Module) -> None:
+    """Take ``freeze_norm``'s override off every module of ``model``."""
+    for module in model.modules():
+        override = vars(module).get("train")
+        if isinstance(override, partial) and override.func is _frozen_norm_train:
+            del vars(module)["train"]
+
+
+def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The base's BatchNorm layers with running statistics and no trainable parameter; the per-task copies inside
+    the head/norm wrappers are the adapters' own and keep the mode they are given."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, ModulesToSaveWrapper):
+            stack.append(module.original_module)
+            continue
+        if (
+            isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+            and not any(p.requires_grad for p in module.parameters())
+        ):
+            found.append(module)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return found

@@ -1,6 +1,6 @@
 """Budgets: instead of a fixed ``lam``, at most ``budget_layers`` active layers or ``budget_mib`` MiB of active deltas
 (``TAPSConfig``); :func:`adapt_lam` moves ``lam`` by dual ascent towards the budget. TAPS calls it itself once per
-optimizer step, just before it applies the penalty (``tuner.scores``), in every training loop.
+optimizer step, just before it applies the penalty (``taps_peft.scores``), in every training loop.
 
 Example:
     >>> model = get_peft_model(vit, TAPSConfig(budget_layers=8))  # doctest: +SKIP
@@ -31,7 +31,7 @@ def budget_usage(model: nn.Module, adapter_name: Optional[str] = None) -> dict[s
 def adapt_lam(model: nn.Module, adapter_name: Optional[str] = None) -> Optional[float]:
     """One dual-ascent step on the adapter's ``lam`` for each budget it has (one host read of the gates): up while the
     active layers exceed the budget, down (to 0 at least) while they are within it. Returns the new ``lam`` (None
-    without a budget: nothing is read or changed). TAPS calls it at every optimizer step (``tuner.scores``).
+    without a budget: nothing is read or changed). TAPS calls it at every optimizer step (``taps_peft.scores``).
 
     Example:
         >>> adapt_lam(model)  # doctest: +SKIP

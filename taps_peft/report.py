@@ -14,8 +14,8 @@ from typing import Any, Optional
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .tuner.layer import TAPSLayer, _full_tensor, host_values
-from .tuner.model import taps_layers, tuner_modules
+from .tuner.layer import TAPSLayer, full_tensor
+from .tuner.model import host_values, taps_layers, tuner_modules
 
 
 def _adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
@@ -40,7 +40,7 @@ def taps_layer_report(model: nn.Module, adapter_name: Optional[str] = None) -> l
     """
     adapter_name = _adapter(model, adapter_name)
     layers = [(n, m) for n, m in taps_layers(model) if adapter_name in m.taps_scores]
-    scores = host_values([_full_tensor(m.taps_scores[adapter_name]) for _, m in layers])
+    scores = host_values([full_tensor(m.taps_scores[adapter_name]) for _, m in layers])
     rows = []
     for (name, layer), score in zip(layers, scores):
         held = [p[adapter_name] for p in (layer.taps_delta, layer.taps_A) if adapter_name in p]

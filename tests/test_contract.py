@@ -87,8 +87,8 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @pytest.mark.parametrize("dtype", sorted(HALF))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_16_bit_merge_and_unload_and_unload_return_a_model_that_runs(family, dtype, how):
-    """PEFT's default ``autocast_adapter_dtype=True`` makes the head and norm copies of a 16-bit base compute in fp32;
-    the plain model ``merge_and_unload`` / ``unload`` returns has the base dtype everywhere and gives the adapter's
+    """With PEFT's default ``autocast_adapter_dtype=True`` the deltas of a 16-bit base are fp32 (head and norm copies
+    keep the base dtype, as LoRA's); the plain model ``merge_and_unload`` / ``unload`` returns has the base dtype everywhere and gives the adapter's
     outputs (``unload``: those with every gate closed, as it drops the deltas and keeps the head and norm copies)."""
     from peft.utils.other import ModulesToSaveWrapper
 
@@ -165,13 +165,20 @@ def test_activation_checkpointing_gives_the_same_gradients(family, dtype):
 
 @pytest.mark.parametrize("autocast, expected", [(True, torch.float32), (False, torch.bfloat16)])
 def test_autocast_adapter_dtype_is_honoured_and_small_updates_survive_on_bf16(autocast, expected):
-    """PEFT's ``autocast_adapter_dtype``: True (its default) keeps deltas and the head/norm copies in fp32 on a bf16
-    base, so 100 updates of 1e-4 add up (in bf16 they round away); False keeps the base dtype (half the bytes)."""
+    """PEFT's ``autocast_adapter_dtype``: True (its default) keeps deltas in fp32 on a bf16 base, so 100 updates of
+    1e-4 add up (in bf16 they round away); False keeps the base dtype (half the bytes). The head and norm copies keep
+    the base dtype either way, exactly as LoRA's ``modules_to_save`` on the same base."""
+    from peft import LoraConfig
+
     model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig(), autocast_adapter_dtype=autocast)
+    lora = get_peft_model(tiny_timm_vit().to(torch.bfloat16), LoraConfig(target_modules=["qkv"], modules_to_save=["head"]),
+                          autocast_adapter_dtype=autocast)
     layer = model.base_model.taps_layers()[0][1]
     delta = layer.taps_delta["default"]
     head = model.base_model.model.head.modules_to_save["default"]
-    assert delta.dtype == expected and head.weight.dtype == expected and layer.taps_scores["default"].dtype == torch.float32
+    lora_head = lora.base_model.model.head.modules_to_save["default"]
+    assert delta.dtype == expected and layer.taps_scores["default"].dtype == torch.float32
+    assert head.weight.dtype == lora_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
         delta.fill_(0.05)
         for _ in range(100):
@@ -180,21 +187,19 @@ def test_autocast_adapter_dtype_is_honoured_and_small_updates_survive_on_bf16(au
         assert delta.float().mean().item() == pytest.approx(0.06, abs=1e-6)
     else:
         assert delta.float().mean().item() == pytest.approx(0.05, abs=1e-3)  # each 1e-4 rounds away in bf16
-    out = model(_images("bf16"))  # an fp32 head between bf16 layers hands back bf16
+    out = model(_images("bf16"))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
-def test_fp16_base_trains_with_grad_scaler():
-    """The standard AMP recipe on an fp16 base: every trainable tensor is fp32, so the GradScaler unscales them."""
+def test_amp_trains_with_grad_scaler():
+    """The standard AMP recipe (an fp32 model under fp16 autocast, a GradScaler) trains deltas, scores and head."""
     import torch.nn.functional as F
 
-    
     torch.manual_seed(0)
-    model = get_peft_model(tiny_resnet().half(), TAPSConfig()).train()
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    model = get_peft_model(tiny_resnet(), TAPSConfig()).train()
     optimizer = optimizer_for(model, torch.optim.AdamW, lr=1e-2, score_lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    x, y = _images("fp32").half(), torch.arange(4) % 5
+    x, y = _images("fp32"), torch.arange(4) % 5
     before = model.base_model.taps_layers()[0][1].taps_delta["default"].clone()
     losses = []
     for step in range(4):

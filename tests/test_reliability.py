@@ -298,7 +298,7 @@ def test_second_adapter_with_bad_targets_leaves_the_first_alone(vit_base, images
 
 def _rebind(d):
     """Bind the config to the (edited) weights, as if one save had written both: the load's structural checks run."""
-    from taps_peft.tuner.saved import tensors_digest
+    from taps_peft.trust.load import tensors_digest
 
     config = json.loads((d / "adapter_config.json").read_text())
     config["weights_digest"] = tensors_digest(load_file(d / WEIGHTS).values())
@@ -642,7 +642,7 @@ def test_bf16_save_load_and_merge_unmerge_are_exact(family, tmp_path, images):
     for key, value in unloaded.state_dict().items():
         if key.rpartition(".")[0] not in saved:
             assert torch.equal(value, original[key]), key
-    with torch.no_grad():  # a bf16 model that runs: the fp32 head and norm copies are bf16 again
+    with torch.no_grad():  # a bf16 model that runs
         torch.testing.assert_close(logits(unloaded.eval(), x), closed, rtol=0, atol=0.05)
 
 

@@ -1,4 +1,4 @@
-"""How the scores learn in any loop (taps_peft.tuner.scores): the penalty's gradient and the scores' own Adam step at
+"""How the scores learn in any loop (taps_peft.scores): the penalty's gradient and the scores' own Adam step at
 every step of whatever torch optimizer holds them; its schedule (lam warm-up, lr ratio); gradient accumulation, a
 GradScaler, optimizers that do not hold the scores, and the hook's lifetime."""
 
@@ -252,7 +252,7 @@ sys.path.insert(0, "tests")
 from conftest import tiny_resnet, tiny_timm_vit
 import taps_peft
 from peft import LoraConfig, get_peft_model
-from taps_peft.tuner.scores import hook_installed
+from taps_peft.scores import hook_installed
 
 def lora_run():
     torch.manual_seed(0)

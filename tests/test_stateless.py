@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import taps_peft
 from taps_peft import TAPSConfig, TAPSLayer
-from conftest import HANG, logits, optimizer_for, tiny_resnet, tiny_timm_vit
+from conftest import HANG, logits, optimizer_for, tiny_hf_vit, tiny_resnet, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,6 +134,22 @@ def test_an_inference_forward_reads_the_gates_once_whatever_the_depth(images):
     assert counts == [["tolist"], ["tolist"]]
 
 
+@pytest.mark.parametrize("make", [tiny_timm_vit, tiny_resnet, tiny_hf_vit], ids=["vit", "resnet", "hf-vit"])
+def test_a_forward_never_forms_a_weight_through_layer_weight(make, images, monkeypatch):
+    """``layer.weight`` (the gated weight, for parents that read it instead of calling the layer: timm's EVA) is never
+    read by a forward of a model whose parents call their layers, in training or inference: it costs those forwards
+    nothing (docs/performance.md has the zoo's counts)."""
+    reads = []
+    read = TAPSLayer.weight.fget
+    monkeypatch.setattr(TAPSLayer, "weight", property(lambda layer: reads.append(layer) or read(layer)))
+    model = get_peft_model(make(), TAPSConfig())
+    for mode, grad in (("train", True), ("eval", False)):
+        getattr(model, mode)()
+        with torch.set_grad_enabled(grad):
+            model(pixel_values=images) if make is tiny_hf_vit else model(images)
+    assert reads == []
+
+
 # ----- outputs never stale -----
 
 
@@ -238,7 +254,7 @@ _GLOBAL_HOOKS = textwrap.dedent("""
 
 def test_import_and_use_leave_no_global_hook_but_the_score_step_and_lora_untouched():
     """Importing taps_peft installs no torch global hook; building, saving and loading TAPS models install exactly
-    one, torch's optimizer-step pre-hook through which TAPS steps its scores (tuner.scores; it lives while a TAPS
+    one, torch's optimizer-step pre-hook through which TAPS steps its scores (taps_peft.scores; it lives while a TAPS
     model does: tests/test_scores.py), and replace no PeftModel method (on the class or an instance): PEFT's own save
     and load run."""
     out = subprocess.run([sys.executable, "-c", _GLOBAL_HOOKS], capture_output=True, text=True, timeout=HANG,
@@ -252,7 +268,7 @@ def test_import_and_use_leave_no_global_hook_but_the_score_step_and_lora_untouch
 
 def test_the_package_patches_nothing_of_peft_or_torch():
     """No source of taps_peft inspects stack frames, registers global hooks or assigns PeftModel methods; the one
-    global hook is torch's public optimizer-step pre-hook, in tuner/scores.py only."""
+    global hook is torch's public optimizer-step pre-hook, in taps_peft/scores.py only."""
     import re as _re
 
     forbidden = _re.compile(r"_getframe|register_module_(module_)?registration_hook|register_optimizer_step_post"
@@ -316,7 +332,7 @@ def test_an_interrupted_gate_read_leaves_no_hook_behind(images, monkeypatch):
     with torch.no_grad(), pytest.raises(KeyboardInterrupt):
         model(images, adapter_names=["default", "__base__", "default", "__base__"])
     monkeypatch.undo()
-    from taps_peft.tuner.scores import LossHook
+    from taps_peft.scores import LossHook
 
     left = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
     assert [type(h) for h in left] == [LossHook]  # only the penalty's permanent hook on the wrapped model

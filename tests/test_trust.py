@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import taps_peft
 from taps_peft import BaseModelMismatchWarning, TAPSConfig, TAPSLayer
-from taps_peft.tuner.saved import tensors_digest
+from taps_peft.trust.load import tensors_digest
 from conftest import HANG, MODELS, logits, tiny_hf_vit, tiny_timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_the_identity_of_an_llm_sized_layer_is_exact_and_fast(tmp_path):
     (a float32 linspace index broke at this size; the cost is measured in docs/performance.md, not asserted here)."""
     from torch import nn
 
-    from taps_peft.tuner.identity import base_tensors, fingerprint
+    from taps_peft.trust.identity import base_tensors, fingerprint
 
     class Block(nn.Module):
         def __init__(self):
@@ -932,8 +932,8 @@ def test_peft_s_own_lora_conversion_takes_the_linear_layers_it_supports():
 # ----- an adversarial review's findings, one test each -----
 
 
-def test_a_dtype_change_after_the_upcast_and_merge_and_unload_leave_no_hook(images):
-    model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # fp32 head and norm copies
+def test_a_dtype_change_and_merge_and_unload_leave_no_hook(images):
+    model = get_peft_model(tiny_timm_vit().to(torch.bfloat16), TAPSConfig())  # fp32 deltas, bf16 head and norm copies
     x = images.to(torch.bfloat16)
     assert model(x).dtype == torch.bfloat16
     model.to(torch.bfloat16)  # even to the dtype it has
@@ -990,17 +990,16 @@ def test_a_load_keeps_the_identity_of_the_base_it_was_trained_on(tmp_path):
         PeftModel.from_pretrained(resnet(seed=1), tmp_path / "b")
 
 
-def test_a_base_changed_after_wrapping_is_caught_at_save(tmp_path):
-    """The identity is computed again at save: a base edited after ``get_peft_model`` warns at save, and the adapter
-    records the base as it is then, so loading it onto the base as it was before the edit warns."""
+def test_a_base_changed_after_wrapping_is_caught_at_load(tmp_path):
+    """The identity is computed at save, not at injection: a base edited after ``get_peft_model`` is recorded as it is
+    at save (the base the deltas were trained against), so loading onto the base as it was before the edit warns."""
     base = tiny_timm_vit()
     before_edit = copy.deepcopy(base)
     model = get_peft_model(base, TAPSConfig(init_weights=False))
     with torch.no_grad():
         model.get_base_model().pos_embed.add_(1.0)  # ungated: the deltas now work against another base
     after_edit = copy.deepcopy(model).unload()
-    with pytest.warns(BaseModelMismatchWarning, match="changed after the adapter was injected"):
-        model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     with pytest.warns(BaseModelMismatchWarning, match="this base has other weights in 1 tensor"):
         PeftModel.from_pretrained(before_edit, tmp_path)
     with warnings.catch_warnings():
@@ -1052,3 +1051,57 @@ def test_non_floating_tensors_and_save_adapter_s_links_and_names(tmp_path):
     taps_peft.save_adapter(model, folder)
     assert (folder / "README.md").is_symlink() and "TAPS adapter for" in elsewhere.read_text()
     assert "# mine" in elsewhere.read_text()
+
+
+# ----- what the load remembers: on the tuner per adapter, never on the config object (review of issue 24) -----
+
+
+def test_a_copied_config_is_checked_in_full_and_a_refused_load_is_undone(tmp_path):
+    """A copy of a config read with from_pretrained (deepcopy, pickle) binds its load as the config does: weights of
+    another save are refused, and a load refused after injection leaves the base plain; the same config refuses
+    again on a second try."""
+    import pickle
+
+    base = tiny_timm_vit()
+    get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "a")
+    get_peft_model(copy.deepcopy(base), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "b" / "adapter_model.safetensors", tmp_path / "a" / "adapter_model.safetensors")
+    config = TAPSConfig.from_pretrained(tmp_path / "a")
+    for attempt in (copy.deepcopy(config), pickle.loads(pickle.dumps(config)), config, config):
+        fresh = copy.deepcopy(base)
+        with pytest.raises(ValueError, match="mixes two saves"):
+            PeftModel.from_pretrained(fresh, tmp_path / "a", config=attempt)
+        assert not any(isinstance(m, TAPSLayer) for m in fresh.modules())
+    get_peft_model(tiny_timm_vit(num_classes=5), TAPSConfig()).save_pretrained(tmp_path / "five")
+    other = tiny_timm_vit(num_classes=7)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="does not fit"):
+        PeftModel.from_pretrained(other, tmp_path / "five", config=copy.deepcopy(TAPSConfig.from_pretrained(
+            tmp_path / "five")))
+    assert unchanged(before, other)
+
+
+def test_a_model_built_from_a_read_config_is_freed_and_its_identity_stays_its_own(tmp_path):
+    """Nothing global holds a model whose config was read with from_pretrained; a new adapter built from a loaded
+    adapter's config records its own base, and the loaded one keeps the base it was trained on."""
+    import gc
+    import weakref
+
+    get_peft_model(tiny_timm_vit(), TAPSConfig(init_weights=False)).save_pretrained(tmp_path / "a")
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig.from_pretrained(tmp_path / "a"))
+    ref = weakref.ref(model.base_model.model)
+    del model
+    gc.collect()
+    assert ref() is None
+    with pytest.warns(BaseModelMismatchWarning):
+        loaded = PeftModel.from_pretrained(tiny_timm_vit(), tmp_path / "a")  # another random base
+    trained_on = TAPSConfig.from_pretrained(tmp_path / "a").base_model_info["fingerprint"]
+    new_base = tiny_timm_vit()
+    fresh = get_peft_model(new_base, loaded.peft_config["default"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelMismatchWarning)
+        fresh.save_pretrained(tmp_path / "fresh")
+    assert TAPSConfig.from_pretrained(tmp_path / "fresh").base_model_info["fingerprint"] != trained_on
+    with pytest.warns(BaseModelMismatchWarning, match="identity of the base it was trained on"):
+        loaded.save_pretrained(tmp_path / "again")
+    assert TAPSConfig.from_pretrained(tmp_path / "again").base_model_info["fingerprint"] == trained_on

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import temporary_name
 from ..tuner.layer import _CONV
-from ..tuner.saved import WEIGHTS_NAME, adapter_digest, tensors_digest
+from ..trust.saves import WEIGHTS_NAME, adapter_digest, tensors_digest
 from ..tuner.targets import saved_modules
 from .card import save_export_card
 

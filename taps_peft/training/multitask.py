@@ -142,10 +142,7 @@ def train_joint(
         opt.add_param_group({"params": shared, "lr": lr if base_lr is None else base_lr, "weight_decay": weight_decay})
     _run(_accelerator(accelerator), model, opt, _loaders(tasks, batch_size, seed), names, steps,
          model.set_adapter, loss_fn, model.taps_penalty, schedule)  # the active task's penalty
-    model.set_adapter(names[0])
-    if shared:  # the base changed: the adapters now belong to the trained base
-        for t in names:
-            model.base_model.record_base_identity(t)
+    model.set_adapter(names[0])  # a save records the base as it is then (trained here with the adapters)
     return model
 
 

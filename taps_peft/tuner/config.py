@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
 import re
-import warnings
-import weakref
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..hub import atomic_write, temporary_name
-from .saved import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, tensors_digest
 
 
 @dataclass
@@ -27,7 +20,7 @@ class TAPSConfig(PeftConfig):
     Each targeted layer gets a full-size delta ``dW`` (with ``r``: ``dW = (alpha / r) * B @ A``) and a scalar score
     ``s``; the layer computes with ``W = W_base + 1[s >= tau] * dW``. Training penalises ``(lam / L) * sum(|s|)``,
     so a larger ``lam`` keeps more layers shared with the base; TAPS applies the penalty and moves the scores itself
-    at every step of any torch optimizer that holds them (``tuner.scores``), so a training loop needs no TAPS code.
+    at every step of any torch optimizer that holds them (``taps_peft.scores``), so a training loop needs no TAPS code.
     Only layers whose score passes ``tau`` are task-specific.
 
     Example:
@@ -48,7 +41,7 @@ class TAPSConfig(PeftConfig):
         score_init: Initial score of every layer; above ``tau`` so every layer starts active (paper: 0.15).
         score_lr: Step size of the scores: TAPS moves them itself with Adam at this learning rate at every step of
             the optimizer that holds them (times that optimizer's schedule, as a ratio), whatever the optimizer and
-            its learning rate (``tuner.scores``).
+            its learning rate (``taps_peft.scores``).
         lam_warmup: Fraction of training over which ``lam`` ramps linearly from 0, so gates are judged on deltas
             that have settled. Needs ``total_step`` (``TAPSTrainer``, ``TAPSCallback`` and ``taps-peft train`` set it);
             without it ``lam`` applies in full, with a warning.
@@ -76,11 +69,10 @@ class TAPSConfig(PeftConfig):
         budget_rate: Step of the dual ascent: ``lam += budget_rate * (used / budget - 1)`` per optimizer step.
         save_inactive_deltas: ``save_pretrained`` also writes the deltas of inactive layers (a resumable training
             checkpoint: a gate that reopens keeps its delta). Default: only active deltas, the adapter to ship.
-        base_model_info: What the adapter knows of its base (recorded when the adapter is injected, the fingerprint
-            again when it is saved: library, architecture, name, number of classes, a fingerprint of the base tensors
-            it depends on). Set ``name`` and ``pretrained`` (and for a random init ``seed``, for custom shapes
+        base_model_info: What the adapter knows of its base (recorded when it is saved: library, architecture, name,
+            number of classes, a fingerprint of the base tensors it depends on). Set ``name`` and ``pretrained`` (and for a random init ``seed``, for custom shapes
             ``model_kwargs``, for local weights ``weights``) so the model card can show how to rebuild the base;
-            loading onto a base with other weights warns (see ``tuner.identity``).
+            loading onto a base with other weights warns (see ``taps_peft.trust.identity``).
         task_info: What the adapter was trained for, shown in its model card: ``dataset``, ``labels``, ``metrics``.
         weights_digest: Written by ``save_pretrained``: the digest of the ``adapter_model.safetensors`` saved with this
             config and of the config fields that change its outputs (``r``, ``alpha``, ``tau``, ``target_modules``,
@@ -174,167 +166,53 @@ class TAPSConfig(PeftConfig):
     def _checked(self, name: str, value: Any) -> Any:
         """``value`` checked for the numeric field ``name`` (against the other fields where it depends on them) and
         normalised to a Python number; a ``ValueError`` naming field, value and fix otherwise."""
-        if name == "lam":
-            return _check_number("lam", value, "a finite float >= 0, e.g. lam=0.5", lambda v: v >= 0)
-        if name == "tau":
-            return _check_number("tau", value, "a finite float > 0, e.g. tau=0.1", lambda v: v > 0)
-        if name == "score_init":
-            return _check_number("score_init", value, f"a finite float >= tau ({self.tau}) so layers start active, "
-                                 "e.g. 0.15 with tau=0.1", lambda v: v >= self.tau)
-        if name == "score_lr":
-            return _check_number("score_lr", value, "a finite float > 0, e.g. score_lr=1e-2", lambda v: v > 0)
-        if name == "lam_warmup":
-            return _check_number("lam_warmup", value, "a fraction of training in [0, 1), e.g. lam_warmup=0.5",
-                                 lambda v: 0 <= v < 1)
-        if name == "total_step":
-            return _check_int("total_step", value, 1, "an int >= 1 (optimizer steps) or None")
-        if name == "freeze_gates_at":
-            return None if value is None else _check_number(
-                "freeze_gates_at", value, "a fraction of training in (0, 1], e.g. freeze_gates_at=0.8, or None",
-                lambda v: 0 < v <= 1)
-        if name == "budget_layers":
-            return _check_int("budget_layers", value, 1, "an int >= 1 (layers) or None")
-        if name == "budget_mib":
-            return None if value is None else _check_number("budget_mib", value, "a float > 0 or None",
-                                                            lambda v: v > 0)
-        if name == "budget_rate":
-            return _check_number("budget_rate", value, "a float > 0, e.g. 0.05", lambda v: v > 0)
-        if name == "r":
-            return _check_int("r", value, 1, "an int >= 1 (the rank of each gated delta, e.g. r=8), or None for "
-                              "full-size deltas")
-        if name == "alpha":
-            if value is None:
-                return None
-            if self.r is None:
-                raise ValueError(
-                    f"TAPSConfig.alpha={value!r} is set without r: alpha scales low-rank deltas (alpha / r). "
-                    "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
-                )
-            return _check_number("alpha", value, "a finite float > 0 (scaling alpha / r), or None for alpha = r",
-                                 lambda v: v > 0)
-        raise KeyError(name)
+        if name == "alpha" and value is not None and self.r is None:
+            raise ValueError(
+                f"TAPSConfig.alpha={value!r} is set without r: alpha scales low-rank deltas (alpha / r). "
+                "Set r too (e.g. r=8, alpha=16), or leave alpha unset."
+            )
+        ok, fix = _RULES[name]
+        if value is None and "None" in fix:
+            return None
+        if ok is int:
+            return _check_int(name, value, 1, fix)
+        return _check_number(name, value, fix.format(tau=self.tau), lambda v: ok(v, self))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """PEFT's ``PeftConfig.from_pretrained`` (reads ``adapter_config.json`` only), refusing another method's
-        adapter with its name and a damaged file with its path. The config remembers where it was read from, so that
-        loading its weights (``PeftModel.from_pretrained``, ``load_adapter``) checks them against it and the base, and
-        a refused load leaves the model as it was; reused for a new adapter (``get_peft_model``), only its folder's
-        weights must be readable."""
-        where = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
-            pretrained_model_name_or_path)
-        try:
-            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"The adapter config '{os.path.join(where, CONFIG_NAME)}' is not valid JSON ({err}): the file is "
-                "damaged. Save the adapter again (or restore the file)."
-            ) from None
-        if not isinstance(config, TAPSConfig):
-            kind = getattr(config.peft_type, "value", config.peft_type)
-            raise ValueError(
-                f"The adapter at '{where}' is a {kind} adapter, not TAPS (its adapter_config.json says "
-                f"peft_type={kind!r}): load it with its own PEFT method."
-            )
-        pending = _interrupted_save(where, config.weights_digest)
-        if pending is not None:  # a save killed between its two replacements: its weights are in place, and its config
-            config = cls.from_peft_type(**cls.check_kwargs(**{**cls._split_kwargs(kwargs)[1], **pending}))
-        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
-               if kwargs.get(k) is not None}
-        config._source = {"model_id": str(pretrained_model_name_or_path), "subfolder": subfolder, "hub": hub}
-        return config
+        """PEFT's ``PeftConfig.from_pretrained``, refusing another method's adapter and a damaged file; the load of its
+        weights is then checked against this config and the base (``taps_peft.trust``)."""
+        from ..trust.saves import read_config
 
-    def _saved_from(self, model: Any, adapter_name: str) -> None:
-        """Note that ``model`` is saving this config's adapter (called by ``TAPSModel._get_adapter_state_dict``, which
-        PEFT's ``save_pretrained`` calls just before it saves the config): the next ``save_pretrained`` of this config
-        then writes the TAPS model card beside it. Kept as a weak reference, and never copied or pickled."""
-        self.__dict__["_card_source"] = (weakref.ref(model), adapter_name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_card_source", None)  # a weak reference to a model: not the config's to copy or pickle
-        return state
+        return read_config(cls, pretrained_model_name_or_path, subfolder, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """PEFT's ``PeftConfig.save_pretrained``, written atomically, with ``weights_digest`` set to the digest of the
-        ``adapter_model.safetensors`` beside it (PEFT's ``save_pretrained`` writes the weights, then calls this), so a
-        later load can tell that config and weights belong to one save. Within ``PeftModel.save_pretrained`` it then
-        writes the TAPS model card (``README.md``; a README you wrote keeps its text around the TAPS section)."""
-        folder = Path(save_directory)
-        if folder.is_file():
-            raise ValueError(f"Cannot save into '{folder}': it is a file, not a folder. Choose another path.")
-        folder.mkdir(parents=True, exist_ok=True)
-        weights, pickle = folder / WEIGHTS_NAME, folder / "adapter_model.bin"
-        if pickle.exists() and (not weights.exists() or pickle.stat().st_mtime_ns >= weights.stat().st_mtime_ns):
-            raise ValueError(
-                f"'{pickle}' is a pickle (save_pretrained(safe_serialization=False)): TAPS adapters are loaded from "
-                "safetensors only, and taps_peft never unpickles. Save again without safe_serialization=False."
-            )
-        output = self.to_dict()
-        output = {k: sorted(v) if isinstance(v, set) else v for k, v in output.items()}
-        for key in ("r", "alpha"):  # full-size deltas: the file stays as it was before low-rank deltas existed
-            if output.get(key, 0) is None:
-                del output[key]
-        auto_mapping = kwargs.pop("auto_mapping_dict", None)
-        if auto_mapping is not None:
-            output["auto_mapping"] = auto_mapping
-        output["weights_digest"] = adapter_digest(_file_digest(weights), output) if weights.exists() else None
-        atomic_write(folder / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
-        model, adapter_name = self.__dict__.pop("_card_source", (lambda: None, None))
-        model = model()
-        if model is not None and weights.exists() and _card_readable(model):
-            from ..hub.card import save_model_card
+        """PEFT's ``PeftConfig.save_pretrained``, written atomically and bound to the weights beside it by
+        ``weights_digest``; within ``PeftModel.save_pretrained`` it also writes the TAPS model card
+        (``taps_peft.trust.saves.write_config``)."""
+        from ..trust.saves import write_config
 
-            save_model_card(model, folder, adapter_name=adapter_name)
+        write_config(self, save_directory, **kwargs)
 
 
-def _interrupted_save(folder: str, digest: Optional[str]) -> Optional[dict[str, Any]]:
-    """The config of a save killed after it replaced the weights and before the config (``save_adapter`` puts the new
-    config under its temporary name ``.adapter_config.json.taps-tmp`` first): its attributes when that file is a whole
-    TAPS config of another save, bound to the weights now in ``folder``; else None (the config in place holds)."""
-    pending, weights = temporary_name(Path(folder) / CONFIG_NAME), Path(folder) / WEIGHTS_NAME
-    if not (pending.is_file() and weights.is_file()):
-        return None
-    try:
-        attrs = json.loads(pending.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # a config write killed part-way: not a save
-        return None
-    if not (isinstance(attrs, dict) and attrs.get("peft_type") == PeftType.TAPS.value
-            and attrs.get("weights_digest") not in (None, digest)):
-        return None
-    try:
-        if adapter_digest(_file_digest(weights), attrs) != attrs["weights_digest"]:
-            return None  # killed before the weights were replaced: the folder holds the old save, whole
-    except Exception:  # a damaged weights file: the load itself says so
-        return None
-    warnings.warn(
-        f"A save into '{folder}' was interrupted after it wrote the adapter's weights and before its "
-        f"{CONFIG_NAME}: loading the adapter it saved (its config from '{pending.name}'). Save again to complete the "
-        "folder.", stacklevel=3,
-    )
-    return attrs
-
-
+# Each numeric field: its test (``int``: an int >= 1) and the fix a refusal names ("None" in it: None is allowed).
+_RULES: dict[str, tuple[Any, str]] = {
+    "lam": (lambda v, c: v >= 0, "a finite float >= 0, e.g. lam=0.5"),
+    "tau": (lambda v, c: v > 0, "a finite float > 0, e.g. tau=0.1"),
+    "score_init": (lambda v, c: v >= c.tau, "a finite float >= tau ({tau}) so layers start active, e.g. 0.15 with tau=0.1"),
+    "score_lr": (lambda v, c: v > 0, "a finite float > 0, e.g. score_lr=1e-2"),
+    "lam_warmup": (lambda v, c: 0 <= v < 1, "a fraction of training in [0, 1), e.g. lam_warmup=0.5"),
+    "total_step": (int, "an int >= 1 (optimizer steps) or None"),
+    "freeze_gates_at": (lambda v, c: 0 < v <= 1, "a fraction of training in (0, 1], e.g. freeze_gates_at=0.8, or None"),
+    "budget_layers": (int, "an int >= 1 (layers) or None"),
+    "budget_mib": (lambda v, c: v > 0, "a float > 0 or None"),
+    "budget_rate": (lambda v, c: v > 0, "a float > 0, e.g. 0.05"),
+    "r": (int, "an int >= 1 (the rank of each gated delta, e.g. r=8), or None for full-size deltas"),
+    "alpha": (lambda v, c: v > 0, "a finite float > 0 (scaling alpha / r), or None for alpha = r"),
+}
 _NUMERIC_FIELDS = ("lam", "tau", "score_init", "score_lr", "lam_warmup", "total_step", "freeze_gates_at",
                    "budget_layers", "budget_mib", "budget_rate", "r", "alpha")
 _FIELD_NAMES = frozenset(f.name for f in fields(TAPSConfig))
-
-
-def _card_readable(model: Any) -> bool:
-    """Whether the card can be built from ``model`` here: a PeftModel whose scores are whole (under FSDP2 reading a
-    sharded score is a collective, which the saving process alone must not start: PEFT's card stays)."""
-    from peft import PeftModel
-
-    from .layer import TAPSLayer, _is_sharded
-
-    return isinstance(model, PeftModel) and not any(
-        _is_sharded(p) for m in model.modules() if isinstance(m, TAPSLayer) for p in m.taps_scores.values())
-
-
-def _file_digest(path: Path) -> str:
-    from safetensors.torch import load_file
-
-    return tensors_digest(load_file(str(path)).values())
 
 
 def _check_names(name: str, value: object, fix: str, allow_empty: bool) -> Optional[Union[str, set[str]]]:

@@ -12,7 +12,6 @@ layer unchanged.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
@@ -31,14 +30,14 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor: an FSDP2 parameter outside its module's forward."""
     return hasattr(t, "full_tensor")
 
 
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` whole: a sharded parameter gathered (a collective: every rank must call it), anything else as is."""
-    return t.full_tensor() if _is_sharded(t) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def sample_groups(adapter_names: list[str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
@@ -174,7 +173,7 @@ class TAPSLayer(BaseTunerLayer):
 
     def is_active(self, adapter_name: str) -> bool:
         """Whether the layer is task-specific for ``adapter_name`` (score >= tau); reads the score on the host."""
-        score = _full_tensor(self.taps_scores[adapter_name]).detach()
+        score = full_tensor(self.taps_scores[adapter_name]).detach()
         return bool(score.float().item() >= self.taps_tau[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -372,7 +371,7 @@ class _TAPSModule(nn.Module, TAPSLayer):
         scores = {name: p.data for name, p in self.taps_scores.items()}
         super()._apply(fn, recurse)
         for name, p in self.taps_scores.items():
-            if p.dtype != torch.float32 and not _is_sharded(p):
+            if p.dtype != torch.float32 and not is_sharded(p):
                 p.data = scores[name].to(p.device)
         if self._unmerged_weight is not None:  # the base weight set aside while merged follows the model too
             self._unmerged_weight = fn(self._unmerged_weight)
@@ -391,83 +390,33 @@ class Conv(_TAPSModule):
 
 
 _HALF = (torch.float16, torch.bfloat16)
+DELTA_PARAMS = ("taps_delta", "taps_A", "taps_B")  # a layer's delta: full-size, or low-rank factors (TAPSConfig.r)
 
 
-def upcast(module: nn.Module) -> None:
-    """Make a 16-bit module compute in fp32 between its 16-bit neighbours: its tensors become fp32, and while it is
-    called its floating inputs are cast to its own dtype and its output back to the input's (decided at each call, so
-    a later ``model.to(dtype)`` / ``.float()`` keeps working). ``remove_upcast`` takes the hooks off again."""
-    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype in _HALF]
-    if not tensors:
-        return
-    for t in tensors:
-        t.data = t.data.float()
-    module.__dict__["_taps_upcast"] = (module.register_forward_pre_hook(_cast_inputs),
-                                       module.register_forward_hook(_cast_output))
+def delta_shapes(base: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """The delta parameters an adapter with ``config`` gives the (base) layer ``base``, with their shapes: a full
+    delta, or factors A and B where ``config.r`` is set and the layer fits.
+
+    Example:
+        >>> delta_shapes(nn.Linear(32, 16), TAPSConfig(r=4))  # doctest: +SKIP
+        {'taps_A': (4, 32), 'taps_B': (16, 4)}
+    """
+    if lowrank.lowrank_fits(base, getattr(config, "r", None)):
+        a, b = lowrank.factor_shapes(base.weight.shape, config.r)
+        return {"taps_A": a, "taps_B": b}
+    return {"taps_delta": tuple(base.weight.shape)}
 
 
-def remove_upcast(module: nn.Module) -> None:
-    """Take ``upcast``'s hooks off ``module`` and its children (``unload`` / ``merge_and_unload`` return plain
-    modules), and give each upcast module the dtype of the rest of the model again when that is 16-bit: without its
-    hooks an fp32 head between bf16 layers would fail on its first input (a ``.float()`` model stays fp32)."""
-    upcast_modules = [m for m in module.modules() if "_taps_upcast" in m.__dict__]
-    inside = {id(t) for m in upcast_modules for t in m.parameters()}
-    dtypes = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in inside)
-    dtype = dtypes.most_common(1)[0][0] if dtypes else None
-    for m in upcast_modules:
-        for handle in m.__dict__.pop("_taps_upcast"):
-            handle.remove()
-        if dtype in _HALF:
-            m.to(dtype)
-
-
-def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
-    own = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-    first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-    module.__dict__["_taps_output_dtype"] = None if first is None else first.dtype
-    if own is None or first is None or first.dtype == own:
-        return args
-    return tuple(a.to(own) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-
-
-def _cast_output(module: nn.Module, args: tuple, output: Any) -> Any:
-    dtype = module.__dict__.pop("_taps_output_dtype", None)
-    if dtype is None or not isinstance(output, torch.Tensor) or not output.is_floating_point():
-        return output
-    return output.to(dtype)
-
-
-def host_values(tensors: list[torch.Tensor]) -> list[float]:
-    """The values of 1-element tensors, read in one device-to-host transfer."""
-    if not tensors:
-        return []
-    device = tensors[0].device
-    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
-
-
-def read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
-    """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
-    and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
-    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not _is_sharded(m.taps_scores[a])]
-    if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
-        return {}
-    gates: dict[TAPSLayer, dict[str, bool]] = {}
-    for (m, a), value in zip(pairs, host_values([m.taps_scores[a] for m, a in pairs])):
-        gates.setdefault(m, {})[a] = value >= m.taps_tau[a]
-    return gates
-
-
-def adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
-
-
-def route_samples(wrapper: nn.Module, args: tuple, output: torch.Tensor, adapter_names: list[str]):
-    """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
-    original module). Heads and norms are cheap next to the gated layers."""
-    check_batch_names(output, adapter_names)
-    out = output.clone()
-    for name, rows in sample_groups(adapter_names, output.device):
-        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
-        out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
-    return out
+def restart_delta(layer: TAPSLayer, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The values a layer's absent (unsaved) delta takes for an adapter that may train: zeros, or for factors B = 0
+    and A drawn afresh as LoRA's (reproducibly; A = B = 0 would never learn), so the delta is zero either way. In the
+    dtype of what the layer holds for the adapter (its base weight's when nothing)."""
+    weight = layer.get_base_layer().weight
+    shapes = delta_shapes(layer.get_base_layer(), config)
+    held = [getattr(layer, p)[adapter_name] for p in DELTA_PARAMS if adapter_name in getattr(layer, p)]
+    dtype = held[0].dtype if held else weight.dtype
+    if "taps_delta" in shapes:
+        return {"taps_delta": torch.zeros(shapes["taps_delta"], dtype=dtype, device=weight.device)}
+    scale = lowrank.layer_scale(weight, config.r, config.alpha)
+    a, b = lowrank.init_factors(weight, config.r, scale, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return {"taps_A": a, "taps_B": b}

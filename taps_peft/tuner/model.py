@@ -1,5 +1,5 @@
-"""`TAPSModel`: the PEFT tuner that injects TAPS layers, checks saved adapters before they touch a module, and owns
-the paper's penalty."""
+"""`TAPSModel`: the PEFT tuner that injects TAPS layers and owns the paper's penalty. Its save/load hooks hand saved
+adapters to ``taps_peft.trust``, which checks them before they touch a module."""
 
 from __future__ import annotations
 
@@ -8,27 +8,20 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, onload_layer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from . import scores
+from .. import scores, trust
+from ..batchnorm import freeze_norm, frozen_batchnorms, release_norms
 from .config import TAPSConfig
-from .identity import base_info, check_base_at_save
 from .layer import (
-    _CONV, _HALF, Conv, Linear, TAPSLayer, _full_tensor, adapter_names_pre_forward_hook, read_gates, remove_upcast,
-    route_samples, upcast,
+    _CONV, _HALF, DELTA_PARAMS, Conv, Linear, TAPSLayer, is_sharded, check_batch_names, restart_delta, sample_groups,
 )
-from .saved import (
-    DELTA_PARAMS, adapter_versions, check_adapter_name, check_first_load, check_loaded_state, check_readable,
-    restart_delta, spend_binding,
-)
-from .targets import find_head, resolve_targets
-
-_USER_INFO = ("name", "pretrained", "seed", "model_kwargs", "weights")  # what a script may record about the base
+from .targets import resolve_targets
 
 
 class TAPSModel(BaseTuner):
@@ -58,7 +51,7 @@ class TAPSModel(BaseTuner):
         scores.bind_loss_hook(self)
 
     def _init_scores(self) -> None:
-        """How the scores learn (``tuner.scores``): the optimizer-step hook sees this model; the Adam state of an
+        """How the scores learn (``taps_peft.scores``): the optimizer-step hook sees this model; the Adam state of an
         optimizer of another kind (``step_scores(model)``) and the steps done per adapter live here."""
         self.__dict__.setdefault("score_state", defaultdict(dict))
         self.__dict__.setdefault("_score_steps", {})
@@ -74,17 +67,12 @@ class TAPSModel(BaseTuner):
         matches ``modules_to_save`` by name suffix ("norm" also wraps e.g. timm's ``attn.norm``, an Identity), wrappers
         around modules without state are replaced by the module, and the base's frozen BatchNorm layers keep eval mode by
         themselves (``freeze_norm``: no forward may move the base's statistics)."""
-        check_adapter_name(adapter_name)
-        self.__dict__.get("_kept_identity", set()).discard(adapter_name)  # a new adapter under an old name
-        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
-        injections = self.__dict__.setdefault("_taps_injections", {})
-        if getattr(self.peft_config[adapter_name], "_source", None) is not None:  # a saved adapter may be loading
-            injections[adapter_name] = self._before_injection(model)
-        try:
+        trust.check_adapter_name(adapter_name)
+        config = self.peft_config[adapter_name]
+        self.peft_config[adapter_name] = copy.deepcopy(config)
+        trust.copy_notes(config, self.peft_config[adapter_name])
+        with trust.injecting(self, model, adapter_name, config):  # a saved adapter may be loading
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except BaseException:
-            injections.pop(adapter_name, None)
-            raise
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.original_module.state_dict():
                 parent, _, child = name.rpartition(".")
@@ -92,61 +80,11 @@ class TAPSModel(BaseTuner):
         self._keep_base_norms_frozen()
 
     def _prepare_adapter_config(self, peft_config: TAPSConfig, model_config: dict) -> TAPSConfig:
-        """Resolve the targets, head and norms and record the base's identity, all checked before PEFT replaces a
-        module. For a config read with ``TAPSConfig.from_pretrained`` (a saved adapter may be loading, or its config
-        be reused for a new adapter), its weights file must be readable by PEFT (``check_readable``); the load
-        checks the rest and keeps the identity of the base the adapter was trained on (``check_first_load``)."""
-        model = self.model
-        head = resolve_targets(model, peft_config)
-        now = base_info(model, peft_config, head)
-        saved_info = dict(peft_config.base_model_info or {})
-        peft_config.base_model_info = {**now, **{k: saved_info[k] for k in _USER_INFO if k in saved_info}}
-        peft_config.base_model_info.setdefault("name", now.get("architecture"))
-        path = check_readable(model, peft_config)
-        if path is not None:
-            peft_config._weights_path, peft_config._saved_identity = path, saved_info
+        """Resolve the targets, head and norms, checked before PEFT replaces a module; a config read with
+        ``TAPSConfig.from_pretrained`` also has its weights file checked as readable (``trust.prepare_load``)."""
+        resolve_targets(self.model, peft_config)
+        trust.prepare_load(self.model, peft_config)
         return peft_config
-
-    @staticmethod
-    def _before_injection(model: nn.Module) -> dict[str, Any]:
-        """What an injection changes in ``model`` besides its modules, to undo it (``_undo_injection``)."""
-        return {"grads": [(p, p.requires_grad) for p in model.parameters()],
-                "modes": [(m, m.training) for m in model.modules()],
-                "peft_config": "peft_config" in vars(model),
-                "input_grads": bool(getattr(model, "_require_grads_hooks", None))}
-
-    def _undo_injection(self, adapter_name: str, before: dict[str, Any]) -> None:
-        """Remove an adapter whose load failed after PEFT injected it: PEFT's ``delete_adapter``, then every TAPS
-        layer and head/norm wrapper left without an adapter is its module again, and flags, modes and attributes are
-        as ``before``. The first adapter of a model gives the user's base back exactly."""
-        self.delete_adapter(adapter_name)
-        for name, module in tuner_modules(self.model, with_names=True):
-            if isinstance(module, TAPSLayer) and not module.taps_scores:
-                original = module.get_base_layer()
-            elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
-                original = module.original_module
-            else:
-                continue
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, original)
-        for param, flag in before["grads"]:
-            param.requires_grad_(flag)
-        for module, mode in before["modes"]:
-            module.training = mode
-        if not self.peft_config:
-            scores.remove_loss_hook(self.model)
-            release_norms(self.model)
-            if not before["peft_config"]:
-                vars(self.model).pop("peft_config", None)
-            if not before["input_grads"] and getattr(self.model, "_require_grads_hooks", None):
-                self.model.disable_input_require_grads()
-
-    def record_base_identity(self, adapter_name: str) -> None:
-        """Record the base as it is now in the adapter's ``base_model_info`` (done at injection; call it again when
-        the base itself was trained, as joint training does)."""
-        self._check_known(adapter_name, "record the base of")
-        config = self.peft_config[adapter_name]
-        config.base_model_info = {**(config.base_model_info or {}), **base_info(self.model, config, find_head(self.model))}
 
     def _create_and_replace(
         self,
@@ -167,25 +105,14 @@ class TAPSModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT's ``autocast_adapter_dtype``: with ``True``, the adapter's fp16/bf16 deltas become fp32 (as LoRA's
-        weights), and so do its head and norm copies, which then compute in fp32 and hand their output back in the
-        base dtype (a ``GradScaler`` refuses fp16 trainable parameters). Done in place: a frozen adapter stays frozen
-        (PEFT's own cast makes new, trainable parameters). PEFT calls it right after injecting an adapter: a config
-        read with ``from_pretrained`` then notes its tensors' versions, so its first load can tell it is the first."""
+        """PEFT's ``autocast_adapter_dtype``: with ``True``, the adapter's fp16/bf16 deltas become fp32, as LoRA's
+        weights; head and norm copies keep the base dtype, as LoRA's ``modules_to_save``. Done in place, so a frozen
+        adapter stays frozen (PEFT's own cast makes new, trainable parameters; docs/peft-upstream.md)."""
         if autocast_adapter_dtype:
-            self._upcast(adapter_name)
-        config = self.peft_config.get(adapter_name)
-        if getattr(config, "_source", None) is not None:
-            config._versions = adapter_versions(self.model, adapter_name)
-
-    def _upcast(self, adapter_name: str) -> None:
-        for _, layer in taps_layers(self.model):
-            for param in layer.adapter_params(adapter_name):  # deltas and factors (a score is always fp32)
-                if param.dtype in _HALF:
-                    param.data = param.data.float()
-        for wrapper in tuner_modules(self.model):
-            if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
-                upcast(wrapper.modules_to_save[adapter_name])
+            for _, layer in taps_layers(self.model):
+                for param in layer.adapter_params(adapter_name):  # deltas and factors (a score is always fp32)
+                    if param.dtype in _HALF:
+                        param.data = param.data.float()
 
     def _keep_base_norms_frozen(self) -> None:
         """BatchNorm layers without trainable parameters (the shared base's, when ``train_norms=False``) stay in eval
@@ -196,7 +123,7 @@ class TAPSModel(BaseTuner):
             if isinstance(wrapper, ModulesToSaveWrapper):
                 for module in wrapper.modules_to_save.values():
                     release_norms(module)
-        for module in _frozen_batchnorms(self.model):
+        for module in frozen_batchnorms(self.model):
             freeze_norm(module)
 
     # ----- one forward: host gates read once, mixed-task batches -----
@@ -222,19 +149,22 @@ class TAPSModel(BaseTuner):
         names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
         gates: dict[TAPSLayer, dict[str, bool]] = {}
         compiling = torch.compiler.is_compiling()
-        self._penalty_in_output = self._penalty_taken = False
+        self.__dict__.update(_penalty_in_output=False, _penalty_taken=False)
         if self.training and torch.is_grad_enabled() and not compiling:
-            self._check_scores_step(layers)
-        try:
+            scores.check_step(self, layers)
+        routing = layers if adapter_names is not None else []
+        try:  # plain attributes, set in __dict__: nn.Module.__setattr__ would cost ~10 calls per layer and forward
             gates = {} if compiling else read_gates(layers, names)
             for layer, layer_gates in gates.items():
-                layer._gates = layer_gates
-            for layer in layers:
-                layer._routing = adapter_names is not None
+                layer.__dict__["_gates"] = layer_gates
+            for layer in routing:
+                layer.__dict__["_routing"] = True
             yield
         finally:
-            for layer in layers:
-                layer._gates, layer._routing = None, False
+            for layer in gates:
+                layer.__dict__["_gates"] = None
+            for layer in routing:
+                layer.__dict__["_routing"] = False
             for handle in handles:
                 handle.remove()
 
@@ -266,12 +196,14 @@ class TAPSModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection, minus each delta (or factors A, B) whose score (read from the state dict itself) is below
-        tau, unless ``config.save_inactive_deltas`` (resumable training checkpoints)."""
+        tau, unless ``config.save_inactive_deltas`` (resumable training checkpoints). The base is recorded as it is now
+        and the config binds itself to these weights when PEFT saves it next (``taps_peft.trust``)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tuner = getattr(model, "base_model", None)
-        if isinstance(tuner, TAPSModel):  # the identity saved is the base as it is now
-            check_base_at_save(config, tuner.model, adapter_name, adapter_name in tuner.__dict__.get("_kept_identity", ()))
-        config._saved_from(model, adapter_name)  # PEFT's save_pretrained saves this config next: it writes the card
+        if isinstance(tuner, TAPSModel):
+            kept = adapter_name in tuner.__dict__.get("_kept_identity", ())  # loaded onto another base than its own
+            trust.record_at_save(config, tuner.model, adapter_name, kept)
+        trust.saving(config, model, adapter_name)
         if config.save_inactive_deltas:
             return selected
         scores = f".taps_scores.{adapter_name}"
@@ -288,29 +220,14 @@ class TAPSModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key mapping, then the TAPS checks of ``tuner.saved.check_loaded_state``: weights that are not this
-        adapter's are refused before anything is loaded. The load a config read with ``TAPSConfig.from_pretrained``
-        was injected for is checked first against that save (``check_first_load``), and if any check fails the
-        injection is undone (``_undo_injection``): ``PeftModel.from_pretrained`` leaves the user's base as it was,
-        ``load_adapter`` adds no adapter."""
-        tuner = getattr(model, "base_model", None)
-        tuner = tuner if isinstance(tuner, TAPSModel) else None
-        injected = tuner.__dict__.get("_taps_injections", {}).pop(adapter_name, None) if tuner is not None else None
-        binding = spend_binding(model, config, adapter_name)
-        try:
-            if binding is not None:
-                check_first_load(model, config, adapter_name, state_dict, binding)
-            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            return check_loaded_state(model, config, adapter_name, remapped)
-        except Exception:
-            if binding is not None and injected is not None:
-                tuner._undo_injection(adapter_name, injected)
-            raise
+        """PEFT's key mapping, inside the checks of ``taps_peft.trust.check_load``: weights that are not this
+        adapter's are refused before anything is loaded, and a refused load leaves the model as it was."""
+        remap = partial(super()._remap_adapter_state_dict_for_load, model, config, adapter_name)
+        return trust.check_load(model, config, adapter_name, state_dict, remap)
 
-    # ----- PEFT's adapter management, visiting only the tuner modules -----
-    # PEFT's set_adapter / merge_adapter / unmerge_adapter walk every module, including each adapter's head and norm
-    # copies, and touch every adapter in every layer: with 50 adapters loaded a switch took 9.0 ms instead of 0.8 ms
-    # (benchmarks/bench_switch.py). These versions do the same work on the tuner modules only.
+    # ----- PEFT's adapter management: set_adapter visits only the tuner modules, names are checked -----
+    # PEFT's set_adapter walks every module, including each adapter's head and norm copies, and touches every adapter in
+    # every layer: with 50 adapters loaded a switch took 9.0 ms instead of 0.8 ms (benchmarks/bench_switch.py).
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's ``set_adapter``, in a time that does not grow with the adapters loaded; unknown names are refused."""
@@ -326,36 +243,22 @@ class TAPSModel(BaseTuner):
             module.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """PEFT's ``merge_adapter``, visiting only the TAPS layers (not the per-task head/norm copies)."""
-        self._check_merge_allowed()
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``; an unknown name is refused (PEFT skips it silently; docs/peft-upstream.md)."""
         if adapter_names is not None:
             self._check_known(adapter_names, "merge")
-        for _, layer in taps_layers(self.model):
-            with onload_layer(layer):
-                layer.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+        super().merge_adapter(adapter_names, safe_merge)
 
-    def unmerge_adapter(self) -> None:
-        """PEFT's ``unmerge_adapter``, visiting only the TAPS layers."""
-        for _, layer in taps_layers(self.model):
-            with onload_layer(layer):
-                layer.unmerge()
-
-    def _unload_and_optionally_merge(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
-        """PEFT's ``unload`` / ``merge_and_unload`` (unknown names refused); the plain model it returns carries none
-        of the dtype hooks of ``autocast_adapter_dtype``."""
+    def _unload_and_optionally_merge(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
+        """PEFT's ``unload`` / ``merge_and_unload`` (unknown names refused); the plain model it returns keeps no TAPS
+        hook (the penalty's loss hook, the base BatchNorm layers' eval-mode lock). PEFT has no hook for this cleanup
+        (docs/peft-upstream.md)."""
         if adapter_names is not None:
             self._check_known(adapter_names, "merge")
         model = super()._unload_and_optionally_merge(*args, adapter_names=adapter_names, **kwargs)
-        remove_upcast(model)
         release_norms(model)
         scores.remove_loss_hook(model)
         return model
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's ``delete_adapter``; an unknown name is refused naming the loaded ones."""
-        self._check_known(adapter_name, "delete")
-        super().delete_adapter(adapter_name)
 
     # ----- the paper's penalty -----
 
@@ -387,7 +290,7 @@ class TAPSModel(BaseTuner):
         return found
 
     def note_score_step(self, adapter_name: str, step: int) -> None:
-        """The optimizer steps the adapter's scores have taken, which lam's warm-up ramp follows: ``tuner.scores`` notes
+        """The optimizer steps the adapter's scores have taken, which lam's warm-up ramp follows: ``taps_peft.scores`` notes
         each step; a resumed run notes where it resumed (``TAPSCallback`` and ``taps-peft train`` do)."""
         self._score_steps[adapter_name] = step
         config = self.peft_config[adapter_name]
@@ -405,7 +308,7 @@ class TAPSModel(BaseTuner):
         """The paper's penalty ``(lam_t / L) * sum_i |s_i|`` over the active adapters (``lam_t``: ``lam`` on its
         warm-up ramp). A model that computes its own loss (a transformers model given ``labels``) has it added to
         ``outputs.loss`` in training already (then this gives its value, without a gradient); a loop that computes
-        the loss itself adds it (``tuner.scores``).
+        the loss itself adds it (``taps_peft.scores``).
 
         Example:
             >>> loss = F.cross_entropy(model(x), y) + model.taps_penalty()  # doctest: +SKIP
@@ -424,68 +327,6 @@ class TAPSModel(BaseTuner):
         if torch.is_grad_enabled() and self.training:
             self._penalty_taken = True  # in this forward's loss (TAPSTrainer then adds nothing)
         return scores.penalty(self)
-
-    def _check_scores_step(self, layers: list[TAPSLayer]) -> None:
-        """Warn once when an optimizer step moved this model's weights but not its trainable scores: the optimizer
-        does not hold them, or is not a ``torch.optim.Optimizer`` (its step runs no hook). Host-side counters only."""
-        watched = next((p for m in layers for a in m.active_adapters if a in m.taps_scores and
-                        m.taps_scores[a].requires_grad for p in m.adapter_params(a)[:-1] if p.requires_grad), None)
-        if watched is None:
-            self._watch = None
-            return
-        now = (id(watched), watched._version, sum(self._score_steps.values()))
-        before, self._watch = self._watch, now
-        if before is None or before[0] != now[0] or before[1] == now[1] or before[2] != now[2]:
-            return
-        if "unseen-step" not in self._warned:
-            self._warned.add("unseen-step")
-            warnings.warn(
-                "TAPS: an optimizer step updated the adapter's weights but not its scores, so the gates did not learn "
-                "and the penalty did not act. Build the optimizer over all trainable parameters, scores included "
-                "(e.g. torch.optim.AdamW(model.parameters(), lr=...)); with an optimizer that is not a "
-                "torch.optim.Optimizer, call taps_peft.step_scores(model) just before its step.",
-                stacklevel=3,
-            )
-
-
-def _frozen_norm_train(module: nn.Module, mode: bool = True) -> nn.Module:
-    """``train`` of a frozen base BatchNorm layer (``freeze_norm``): it stays in eval mode while none of its
-    parameters trains."""
-    return nn.Module.train(module, mode and any(p.requires_grad for p in module.parameters()))
-
-
-def freeze_norm(module: nn.Module) -> None:
-    """Keep a BatchNorm layer of the shared base in eval mode by itself: ``nn.Module.train`` sets each module's mode
-    through its ``train``, which this module overrides (an instance attribute: copied and pickled with the module,
-    no forward cost). ``release_norms`` takes the override off."""
-    vars(module)["train"] = partial(_frozen_norm_train, module)
-    module.eval()
-
-
-def release_norms(model: nn.Module) -> None:
-    """Take ``freeze_norm``'s override off every module of ``model``."""
-    for module in model.modules():
-        override = vars(module).get("train")
-        if isinstance(override, partial) and override.func is _frozen_norm_train:
-            del vars(module)["train"]
-
-
-def _frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
-    """The base's BatchNorm layers with running statistics and no trainable parameter; the per-task copies inside
-    the head/norm wrappers are the adapters' own and keep the mode they are given."""
-    found, stack = [], [model]
-    while stack:
-        module = stack.pop()
-        if isinstance(module, ModulesToSaveWrapper):
-            stack.append(module.original_module)
-            continue
-        if (
-            isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-            and not any(p.requires_grad for p in module.parameters())
-        ):
-            found.append(module)
-        stack.extend(m for m in module._modules.values() if m is not None)
-    return found
 
 
 def tuner_modules(model: nn.Module, with_names: bool = False) -> list[Any]:
@@ -517,3 +358,40 @@ def taps_layers(model: nn.Module) -> list[tuple[str, TAPSLayer]]:
     return [(n, m) for n, m in tuner_modules(root, with_names=True) if isinstance(m, TAPSLayer)]
 
 
+# ----- one forward's helpers: the gates read on the host, sample routing in mixed-task batches -----
+
+
+def host_values(tensors: list[torch.Tensor]) -> list[float]:
+    """The values of 1-element tensors, read in one device-to-host transfer."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.cat([t.detach().float().reshape(1).to(device) for t in tensors]).tolist()
+
+
+def read_gates(layers: list[TAPSLayer], names: list[str]) -> dict[TAPSLayer, dict[str, bool]]:
+    """The gates of ``names`` in every layer, read in one transfer; none while the gates are learning (grad enabled
+    and a trainable score) or sharded (FSDP2: the layer's forward sees them whole)."""
+    pairs = [(m, a) for m in layers for a in names if a in m.taps_scores and not is_sharded(m.taps_scores[a])]
+    if not pairs or (torch.is_grad_enabled() and any(m.taps_scores[a].requires_grad for m, a in pairs)):
+        return {}
+    gates: dict[TAPSLayer, dict[str, bool]] = {}
+    for (m, a), value in zip(pairs, host_values([m.taps_scores[a] for m, a in pairs])):
+        gates.setdefault(m, {})[a] = value >= m.taps_tau[a]
+    return gates
+
+
+def adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def route_samples(wrapper: nn.Module, args: tuple, output: torch.Tensor, adapter_names: list[str]):
+    """Forward hook: recompute a head/norm output so each sample uses its own task's copy (``__base__``: the
+    original module). Heads and norms are cheap next to the gated layers."""
+    check_batch_names(output, adapter_names)
+    out = output.clone()
+    for name, rows in sample_groups(adapter_names, output.device):
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        out.index_copy_(0, rows, module(args[0].index_select(0, rows), *args[1:]))
+    return out

@@ -2,13 +2,13 @@
 
 - ``base_model_info`` (in ``TAPSConfig``): the library, architecture, name and classes of the base, and a fingerprint
   of every base tensor the adapter depends on (gated and ungated weights, biases, norms, BatchNorm statistics; not the
-  head and norms the adapter replaces with its own). Recorded when the adapter is injected and computed again when it
-  is saved (a base changed in between is recorded as it is at save, with a warning); checked when a saved adapter is
-  loaded (a base with other weights warns with :class:`BaseModelMismatchWarning`).
+  head and norms the adapter replaces with its own). Computed when the adapter is saved (:func:`record_at_save`: the
+  base the deltas were trained against, as it is then) and when a saved adapter is loaded (a base with other weights
+  warns with :class:`BaseModelMismatchWarning`); never at injection.
 - ``weights_digest`` (in ``adapter_config.json``): a digest of the tensors in ``adapter_model.safetensors`` and of the
   config fields that change outputs (``r``, ``alpha``, ``tau``, ``target_modules``, ``exclude_modules``), written by
-  ``TAPSConfig.save_pretrained`` right after PEFT wrote the weights. Loading refuses a config and weights that come from
-  two different saves, and a config edited after the save.
+  ``TAPSConfig.save_pretrained`` right after PEFT wrote the weights (``trust.saves``). Loading refuses a config and
+  weights that come from two different saves, and a config edited after the save.
 
 The fingerprint samples up to 1024 values of each tensor spread over all of it (a golden-ratio stride coprime with the
 tensor's size, in integer arithmetic: exact for any size, and not lined up with the layout)
@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .targets import plain_modules, saved_modules
+from ..tuner.targets import find_head, plain_modules, saved_modules
 
 _SAMPLES, _TOLERANCE = 1024, 0.01
 
@@ -172,12 +172,6 @@ def check_identity(saved: dict[str, Any], now: dict[str, Any], adapter_name: str
     return True
 
 
-def base_info(model: nn.Module, config: Any, head: Optional[str]) -> dict[str, Any]:
-    """What the tuner reads off the base: its description and the fingerprint of the tensors the adapter depends on
-    (all but those of the modules it saves its own copy of)."""
-    return {**describe_base(model, head), "fingerprint": base_fingerprint(model, config)}
-
-
 def base_fingerprint(model: nn.Module, config: Any) -> Optional[dict[str, list[float]]]:
     """The fingerprint of the base tensors an adapter with ``config`` depends on in ``model`` (all but those of the
     modules it saves its own copy of), as they are now."""
@@ -185,31 +179,23 @@ def base_fingerprint(model: nn.Module, config: Any) -> Optional[dict[str, list[f
     return fingerprint(base_tensors(model, skip=replaced))
 
 
-def check_base_at_save(config: Any, model: nn.Module, adapter_name: str, kept: bool) -> None:
-    """At save: the base as it is now against the one the adapter records. A base changed after injection (weights
-    loaded or edited, then trained on) is recorded as it is now, the base the deltas were trained against, with a
-    warning; an adapter loaded onto another base than its own (``kept``) keeps the base it was trained on, also with
-    a warning. Nothing when either fingerprint is unknown."""
-    info = config.base_model_info or {}
-    recorded, now = info.get("fingerprint"), base_fingerprint(model, config)
-    if not isinstance(recorded, dict) or not isinstance(now, dict):
-        return
-    differ = differing_tensors(recorded, now)
-    if not differ:
-        return
-    name = info.get("name") or info.get("architecture")
+_USER_INFO = ("name", "pretrained", "seed", "model_kwargs", "weights")  # what a script may record about the base
+
+
+def record_at_save(config: Any, model: nn.Module, adapter_name: str, kept: bool) -> None:
+    """At save (PEFT's state-dict hook): record the base as it is now in ``config.base_model_info`` (its description
+    and fingerprint, keeping what the script recorded: name, pretrained, seed, ...), the base the deltas were trained
+    against. An adapter loaded onto another base than its own (``kept``) keeps the base it was trained on, with a
+    warning."""
+    info = dict(config.base_model_info or {})
+    now = {**describe_base(model, find_head(model)), "fingerprint": base_fingerprint(model, config)}
     if kept:
+        differ = differing_tensors(info.get("fingerprint") or {}, now["fingerprint"] or {})
         warnings.warn(
-            f"TAPS adapter '{adapter_name}' is saved with the identity of the base it was trained on (`{name}`), not "
-            f"of this base, which has other weights in {len(differ)} tensor(s) (e.g. `{differ[0]}`).",
-            BaseModelMismatchWarning, stacklevel=4,
+            f"TAPS adapter '{adapter_name}' is saved with the identity of the base it was trained on "
+            f"(`{info.get('name') or info.get('architecture')}`), not of this base, which has other weights in "
+            f"{len(differ)} tensor(s) (e.g. `{differ[0] if differ else '?'}`).", BaseModelMismatchWarning, stacklevel=4,
         )
         return
-    warnings.warn(
-        f"The base of TAPS adapter '{adapter_name}' changed after the adapter was injected: {len(differ)} tensor(s) "
-        f"differ (e.g. `{differ[0]}`). The adapter is saved with the identity of the base as it is now (the base its "
-        "deltas were trained against), so loading it onto the base as it was before warns. If the change was a "
-        "mistake, restore the base and train again.",
-        BaseModelMismatchWarning, stacklevel=4,
-    )
-    config.base_model_info = {**info, "fingerprint": now}
+    config.base_model_info = {**now, **{k: info[k] for k in _USER_INFO if k in info}}
+    config.base_model_info.setdefault("name", now.get("architecture"))

@@ -38,7 +38,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 if TYPE_CHECKING:
-    from .model import TAPSModel
+    from .tuner.model import TAPSModel
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's defaults, as the scores had them in AdamW
 _models: "weakref.WeakSet[TAPSModel]" = weakref.WeakSet()
@@ -109,7 +109,7 @@ class _Backpropagated(torch.autograd.Function):
 @torch.compiler.disable  # lam changes every step: kept out of compiled graphs (no recompile)
 def penalty(model: TAPSModel) -> torch.Tensor:
     """``(lam_t / L) * sum_i |s_i|`` over the model's active adapters (``model.taps_penalty()``)."""
-    from .layer import _full_tensor
+    from .tuner.layer import full_tensor
 
     total, adapters = None, []
     by_adapter = model.scores_by_adapter()
@@ -118,7 +118,7 @@ def penalty(model: TAPSModel) -> torch.Tensor:
         if not found:
             continue
         lam = lam_at(model.peft_config[name], model._score_steps.get(name, 0))
-        term = torch.cat([_full_tensor(s).reshape(1) for s in found]).abs().sum() * (lam / len(found))
+        term = torch.cat([full_tensor(s).reshape(1) for s in found]).abs().sum() * (lam / len(found))
         total = term if total is None else total + term
         adapters.append(name)
     if total is None:
@@ -192,7 +192,7 @@ def step_scores(model: TAPSModel, optimizer: Optional[torch.optim.Optimizer] = N
         >>> taps_peft.step_scores(model)  # doctest: +SKIP
         >>> deepspeed_engine.step()  # doctest: +SKIP
     """
-    from ..budget import adapt_lam
+    from .budget import adapt_lam
 
     # only adapters trained in this step (not frozen gates, not an idle task of joint training)
     training = {a: s for a, s in model.scores_by_adapter().items() if any(p.grad is not None for p in s)}
@@ -279,3 +279,26 @@ def _adam(params: list[torch.Tensor], state: MutableMapping, added: float, lr: f
     torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** t) for t in steps])
     for p in params:
         p.grad = None
+
+
+def check_step(model: TAPSModel, layers: list) -> None:
+    """Warn once when an optimizer step moved this model's weights but not its trainable scores: the optimizer
+    does not hold them, or is not a ``torch.optim.Optimizer`` (its step runs no hook). Host-side counters only."""
+    watched = next((p for m in layers for a in m.active_adapters if a in m.taps_scores and
+                    m.taps_scores[a].requires_grad for p in m.adapter_params(a)[:-1] if p.requires_grad), None)
+    if watched is None:
+        model._watch = None
+        return
+    now = (id(watched), watched._version, sum(model._score_steps.values()))
+    before, model._watch = model._watch, now
+    if before is None or before[0] != now[0] or before[1] == now[1] or before[2] != now[2]:
+        return
+    if "unseen-step" not in model._warned:
+        model._warned.add("unseen-step")
+        warnings.warn(
+            "TAPS: an optimizer step updated the adapter's weights but not its scores, so the gates did not learn "
+            "and the penalty did not act. Build the optimizer over all trainable parameters, scores included "
+            "(e.g. torch.optim.AdamW(model.parameters(), lr=...)); with an optimizer that is not a "
+            "torch.optim.Optimizer, call taps_peft.step_scores(model) just before its step.",
+            stacklevel=4,
+        )

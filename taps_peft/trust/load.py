@@ -1,107 +1,31 @@
-"""Saved adapters: their files, how a save binds config and weights together, and the checks a load makes: for a
-config read with ``TAPSConfig.from_pretrained``, what PEFT's own reader needs, before any module is replaced
-(``check_readable``: the header only); then, in PEFT's ``_remap_adapter_state_dict_for_load`` hook, the tensors PEFT
-read, before any is loaded (``check_first_load``, ``check_loaded_state``). A failure there makes the tuner undo the
-injection, so a failed load leaves the model as it was."""
+"""The checks a load makes, entered through the tuner's PEFT hooks: for a config read with
+``TAPSConfig.from_pretrained``, what PEFT's own reader needs, before any module is replaced (:func:`prepare_load`: the
+file's header only); then, in PEFT's ``_remap_adapter_state_dict_for_load`` hook, the tensors PEFT read, before any is
+loaded (:func:`check_load`). A failure there undoes the injection (:func:`undo_injection`), so a failed load leaves the
+model as it was.
+
+Example:
+    >>> PeftModel.from_pretrained(base, "runs/birds")  # checked here, through TAPSModel's hooks  # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .identity import check_identity
-from .layer import TAPSLayer
-from .lowrank import factor_shapes, init_factors, layer_scale, lowrank_fits
-from .targets import planned_targets, plain_modules, saved_modules
-
-WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+from ..tuner.layer import DELTA_PARAMS, TAPSLayer, delta_shapes, restart_delta
+from ..tuner.targets import planned_targets, plain_modules, saved_modules
+from .saves import WEIGHTS_NAME, check_digest, tensors_digest
+from .identity import base_fingerprint, check_identity
+from .state import notes
 _PREFIX = "base_model.model."  # PEFT's prefix of every key in a PeftModel's state dict
-DELTA_PARAMS = ("taps_delta", "taps_A", "taps_B")  # a layer's delta: full-size, or low-rank factors (TAPSConfig.r)
 _DELTA_SUFFIXES = tuple(f".{p}" for p in DELTA_PARAMS)
 _LAYER_SUFFIXES = (*_DELTA_SUFFIXES, ".taps_scores")
-
-
-def delta_shapes(base: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
-    """The delta parameters an adapter with ``config`` gives the (base) layer ``base``, with their shapes: a full
-    delta, or factors A and B where ``config.r`` is set and the layer fits.
-
-    Example:
-        >>> delta_shapes(nn.Linear(32, 16), TAPSConfig(r=4))  # doctest: +SKIP
-        {'taps_A': (4, 32), 'taps_B': (16, 4)}
-    """
-    if lowrank_fits(base, getattr(config, "r", None)):
-        a, b = factor_shapes(base.weight.shape, config.r)
-        return {"taps_A": a, "taps_B": b}
-    return {"taps_delta": tuple(base.weight.shape)}
-
-
-def restart_delta(layer: TAPSLayer, config: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The values a layer's absent (unsaved) delta takes for an adapter that may train: zeros, or for factors B = 0
-    and A drawn afresh as LoRA's (reproducibly; A = B = 0 would never learn), so the delta is zero either way. In the
-    dtype of what the layer holds for the adapter (its base weight's when nothing)."""
-    weight = layer.get_base_layer().weight
-    shapes = delta_shapes(layer.get_base_layer(), config)
-    held = [getattr(layer, p)[adapter_name] for p in DELTA_PARAMS if adapter_name in getattr(layer, p)]
-    dtype = held[0].dtype if held else weight.dtype
-    if "taps_delta" in shapes:
-        return {"taps_delta": torch.zeros(shapes["taps_delta"], dtype=dtype, device=weight.device)}
-    scale = layer_scale(weight, config.r, config.alpha)
-    a, b = init_factors(weight, config.r, scale, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    return {"taps_A": a, "taps_B": b}
-
-
-def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
-    """A digest of a set of tensors (dtype, shape and bytes of each; their names and order do not matter, so the same
-    tensors give the same digest in a file and in the state dict PEFT hands to the tuner when loading)."""
-    parts = []
-    for t in tensors:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
-        parts.append(h.digest())
-    total = hashlib.blake2b(digest_size=16)
-    for part in sorted(parts):
-        total.update(part)
-    return total.hexdigest()
-
-
-# The config fields that change what a saved adapter computes: the delta form and scale, the gate threshold, the gated
-# layer set. ``weights_digest`` covers them with the tensors, so a hand-edited adapter_config.json is refused.
-DIGEST_FIELDS = ("r", "alpha", "tau", "target_modules", "exclude_modules")
-
-
-def adapter_digest(tensors: str, config: Any) -> str:
-    """``weights_digest``: ``<tensors>:<fields>``, the digest of the saved tensors (:func:`tensors_digest`) and one of
-    the config's :data:`DIGEST_FIELDS` (``config`` a TAPSConfig or its saved dict; sets and lists compare as sorted
-    lists)."""
-    def value(name: str) -> Any:
-        v = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        return sorted(v) if isinstance(v, (set, frozenset, list, tuple)) else v
-
-    fields = json.dumps({name: value(name) for name in DIGEST_FIELDS}, sort_keys=True)
-    return f"{tensors}:{hashlib.blake2b(fields.encode(), digest_size=16).hexdigest()}"
-
-
-def check_digest(recorded: str, tensors: str, config: Any, where: str) -> None:
-    """Refuse weights and a config that ``recorded`` (the config's ``weights_digest``) does not bind together: weights
-    of another save (:func:`mixed_save`), or config fields edited after the save. A digest of the weights alone (saved
-    before the config fields were covered) is checked against the weights only."""
-    saved_tensors, _, _ = recorded.partition(":")
-    if saved_tensors != tensors:
-        raise ValueError(mixed_save(where))
-    if ":" in recorded and recorded != adapter_digest(tensors, config):
-        raise ValueError(
-            f"The TAPS adapter at '{where}' has an adapter_config.json edited after it was saved: one of "
-            f"{', '.join(DIGEST_FIELDS)} differs from the values its weights were trained and saved with, so the "
-            "adapter would compute other outputs. Nothing was loaded; restore the saved adapter_config.json (or load "
-            "the adapter as saved, change the config in Python and train or save it again)."
-        )
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -233,7 +157,7 @@ def check_readable(model: nn.Module, config: Any) -> Optional[str]:
     and it names every tensor of the head and norm copies (PEFT looks those up before the hook). Only the header is
     read; the load itself checks the rest (``check_first_load``), so a config reused to train a new adapter on
     another base (another head size) is not refused. Returns the file's path, or None when there are no weights."""
-    path = source_weights(getattr(config, "_source", None), bool(config.weights_digest))
+    path = source_weights(notes(config).get("source"), bool(config.weights_digest))
     if path is None:
         return None
     modules = plain_modules(model)
@@ -258,44 +182,43 @@ def check_readable(model: nn.Module, config: Any) -> Optional[str]:
     return path
 
 
-def spend_binding(model: nn.Module, config: Any, adapter_name: str) -> Optional[dict]:
-    """Whether this load is the one a config read with ``TAPSConfig.from_pretrained`` was injected for: the config is
-    bound to a saved adapter's weights and the adapter's tensors are as injection left them. Returns what the load
-    checks (the file, ``weights_digest``, the base the adapter was trained on), else None. The binding serves one load
-    only: once the adapter changed (it trained, or loaded), a later load (a Trainer resuming,
+def spend_binding(tuner: Any, config: Any, adapter_name: str) -> Optional[dict]:
+    """Whether this load is the one an injection for a saved adapter's config (``weights_digest`` set: read with
+    ``TAPSConfig.from_pretrained``, or a copy of one) was made for, with the adapter's tensors as injection left them.
+    Returns what the load checks (``weights_digest``, the file when known, the injection to undo), else None. The
+    binding serves one load only: once the adapter changed (it trained, or loaded), a later load (a Trainer resuming,
     ``set_peft_model_state_dict``) is not compared with it."""
-    if getattr(config, "_source", None) is None:
+    entry = tuner.__dict__.get("_taps_loads", {}).pop(adapter_name, None) if tuner is not None else None
+    digest = config.weights_digest
+    if entry is None or not digest:
         return None
-    untouched = getattr(config, "_versions", None) in (None, adapter_versions(model, adapter_name))
-    path, saved = config.__dict__.pop("_weights_path", None), config.__dict__.pop("_saved_identity", None)
-    digest, config.weights_digest, config._source = config.weights_digest, None, None
-    if not untouched or path is None:
+    config.weights_digest = None
+    if entry["versions"] != adapter_versions(tuner.model, adapter_name):
         return None
-    return {"path": path, "digest": digest, "identity": saved}
+    path = notes(config).pop("weights_path", None) or "the folder it is loaded from"
+    return {"path": path, "digest": digest, "injected": entry["injected"]}
 
 
 def check_first_load(model: nn.Module, config: Any, adapter_name: str, state_dict: dict, binding: dict) -> None:
     """The checks of a saved adapter's load (``binding`` from :func:`spend_binding`), on the tensors PEFT read (the
     tuner's load hook): finite, the ones saved with the config (not a file replaced while it was read, or weights of
     another save), fitting ``model`` (``check_saved_adapter``), and a base with the weights the adapter was trained on
-    (a mismatch warns: :class:`BaseModelMismatchWarning`). The adapter then keeps the trained-on base's identity."""
+    (a mismatch warns: :class:`BaseModelMismatchWarning`; the adapter then keeps the trained-on base's identity)."""
     tensors = {k.replace(f".modules_to_save.{adapter_name}.", "."): v for k, v in state_dict.items()}  # as saved
     check_finite(tensors, binding["path"])
-    if binding["digest"]:
-        try:
-            check_digest(binding["digest"], tensors_digest(tensors.values()), config, binding["path"])
-        except ValueError as err:
-            if "mixes two saves" not in str(err):
-                raise
-            raise ValueError(f"{err} (To load other weights into a model built from a config read with "
-                             "TAPSConfig.from_pretrained, build it from dataclasses.replace(config).)") from None
-    check_saved_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model, config, tensors)
-    saved = binding["identity"]
-    if saved is not None:
-        if check_identity(saved, config.base_model_info or {}, adapter_name) and hasattr(model, "base_model"):
-            model.base_model.__dict__.setdefault("_kept_identity", set()).add(adapter_name)  # see check_base_at_save
-        if "fingerprint" in saved:
-            config.base_model_info["fingerprint"] = saved["fingerprint"]
+    try:
+        check_digest(binding["digest"], tensors_digest(tensors.values()), config, binding["path"])
+    except ValueError as err:
+        if "mixes two saves" not in str(err):
+            raise
+        raise ValueError(f"{err} (To load other weights into a model built from a config read with "
+                         "TAPSConfig.from_pretrained, build it from dataclasses.replace(config, weights_digest=None).)"
+                         ) from None
+    base = model.get_base_model()
+    check_saved_adapter(base, config, tensors)
+    now = {"fingerprint": base_fingerprint(base, config)}
+    if check_identity(config.base_model_info or {}, now, adapter_name):
+        model.base_model.__dict__.setdefault("_kept_identity", set()).add(adapter_name)  # see record_at_save
 
 
 def adapter_versions(model: nn.Module, adapter_name: str) -> tuple[int, ...]:
@@ -397,14 +320,6 @@ def _prefixed(model: nn.Module) -> bool:
     return any(n.startswith(_PREFIX) for n, _ in model.named_parameters())
 
 
-def mixed_save(where: str) -> str:
-    return (
-        f"The TAPS adapter at '{where}' mixes two saves: its adapter_config.json and its adapter_model.safetensors were "
-        "written by different save_pretrained calls (a save interrupted, a file copied from elsewhere, or the folder "
-        "rewritten while it was read). Nothing was loaded; save the adapter again (or load it once the save is done)."
-    )
-
-
 def source_weights(source: Optional[dict], saved_with_weights: bool) -> Optional[str]:
     """The local path of the weights of an adapter read by ``TAPSConfig.from_pretrained`` (a folder, or the same Hub
     revision, downloaded once: PEFT's own load then reads the cached file); None for a config saved on its own (no
@@ -463,3 +378,84 @@ def check_adapter_name(name: Any) -> str:
             "Use a plain name such as 'birds'."
         )
     return name
+
+
+# ----- entered from the tuner's PEFT hooks -----
+
+
+def prepare_load(model: nn.Module, config: Any) -> None:
+    """``TAPSModel._prepare_adapter_config``: for a config read with ``TAPSConfig.from_pretrained`` (a saved adapter
+    may be loading), its weights file must be readable by PEFT (:func:`check_readable`) before any module is replaced;
+    the path is kept for the load's messages."""
+    path = check_readable(model, config)
+    if path is not None:
+        notes(config)["weights_path"] = path
+
+
+@contextmanager
+def injecting(tuner: Any, model: nn.Module, adapter_name: str, config: Any) -> Iterator[None]:
+    """Around PEFT's injection of ``adapter_name``: for a saved adapter's config (``weights_digest`` set), note on the
+    tuner what the injection changes in ``model`` besides its modules, to undo it if the load fails
+    (:func:`undo_injection`), and the adapter's tensor versions after it, so its first load can tell it is the first
+    (:func:`spend_binding`). Kept on the tuner, per adapter (copied and pickled with the model); dropped by its load,
+    the next injection under that name, or a failed injection."""
+    loads = tuner.__dict__.setdefault("_taps_loads", {})
+    loads.pop(adapter_name, None)
+    tuner.__dict__.setdefault("_kept_identity", set()).discard(adapter_name)  # a new adapter under an old name
+    if not config.weights_digest:
+        yield
+        return
+    injected = {"grads": [(p, p.requires_grad) for p in model.parameters()],
+                "modes": [(m, m.training) for m in model.modules()],
+                "peft_config": "peft_config" in vars(model),
+                "input_grads": bool(getattr(model, "_require_grads_hooks", None))}
+    yield
+    loads[adapter_name] = {"injected": injected, "versions": adapter_versions(tuner.model, adapter_name)}
+
+
+def undo_injection(tuner: Any, adapter_name: str, before: dict[str, Any]) -> None:
+    """Remove an adapter whose load failed after PEFT injected it: PEFT's ``delete_adapter``, then every TAPS layer and
+    head/norm wrapper left without an adapter is its module again, and flags, modes and attributes are as ``before``.
+    The first adapter of a model gives the user's base back exactly."""
+    from ..batchnorm import release_norms
+    from ..tuner.model import tuner_modules
+    from ..scores import remove_loss_hook
+
+    tuner.delete_adapter(adapter_name)
+    for name, module in tuner_modules(tuner.model, with_names=True):
+        if isinstance(module, TAPSLayer) and not module.taps_scores:
+            original = module.get_base_layer()
+        elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+            original = module.original_module
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(tuner.model.get_submodule(parent), child, original)
+    for param, flag in before["grads"]:
+        param.requires_grad_(flag)
+    for module, mode in before["modes"]:
+        module.training = mode
+    if not tuner.peft_config:
+        remove_loss_hook(tuner.model)
+        release_norms(tuner.model)
+        if not before["peft_config"]:
+            vars(tuner.model).pop("peft_config", None)
+        if not before["input_grads"] and getattr(tuner.model, "_require_grads_hooks", None):
+            tuner.model.disable_input_require_grads()
+
+
+def check_load(model: nn.Module, config: Any, adapter_name: str, state_dict: dict, remap: Any) -> dict:
+    """``TAPSModel._remap_adapter_state_dict_for_load``: the load a saved adapter's config was injected for is checked
+    against that save (:func:`check_first_load`); ``remap`` (PEFT's key mapping) runs, and weights that are not this
+    adapter's are refused (:func:`check_loaded_state`), all before anything is loaded. If a check fails the injection
+    is undone: ``PeftModel.from_pretrained`` leaves the base as it was, ``load_adapter`` adds no adapter."""
+    tuner = getattr(model, "base_model", None)
+    binding = spend_binding(tuner, config, adapter_name)
+    try:
+        if binding is not None:
+            check_first_load(model, config, adapter_name, state_dict, binding)
+        return check_loaded_state(model, config, adapter_name, remap(state_dict))
+    except Exception:
+        if binding is not None:
+            undo_injection(tuner, adapter_name, binding["injected"])
+        raise
