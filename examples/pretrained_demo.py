@@ -19,12 +19,19 @@ first, with a line per finished run:
    head-only (a converged L2 logistic regression on the frozen base's pooled features), PEFT LoRA r 8 and AdaLoRA
    (average rank 8) on the convs LoRA can hold (PEFT refuses depthwise ones; head and BatchNorm layers trained). All
    but the probe end with re-estimated BatchNorm statistics.
-4. Settings: ``--select`` trains every method with each of the same number of settings per method (a grid over the
-   learning rate, and lam for TAPS; C for the probe) on the training split and scores them on the validation split;
-   it writes ``selection.json``. The best is chosen, for TAPS among the settings with k/L <= 0.5 and for TAPS r8
-   among those whose adapter is no larger than LoRA's (each one's goal), when any is. The job reads the chosen
-   settings from ``--selection`` (default: the committed ``pretrained_selection.json`` beside this script, made by
-   ``--select`` with seed 0).
+4. Settings: ``--select`` trains every method with each of the same number of settings per method (4 learning rates
+   on grids of the same density, the TAPS methods at a fixed lam; C for the probe) on the training split and scores
+   them on the validation split; it writes ``selection.json``. The best is chosen, for TAPS among the settings with
+   k/L <= 0.5 and for TAPS r8 among those whose adapter is no larger than LoRA's (each one's goal), when any is. The
+   job reads the chosen settings from ``--selection`` (default: the committed ``pretrained_selection.json`` beside
+   this script, made by ``--select`` with seed 0 on an earlier grid: TAPS 2 lrs x 2 lams); ``--per-seed-selection``
+   selects in the run itself on its own seed's validation split (the multi-seed tables' protocol: no seed reuses
+   another's choice).
+   ``--fixed-layers`` (not in the default job, to keep it within 5 minutes: 12 more runs per task) adds, after TAPS
+   on each task, fine-tuning of the same number k of layers TAPS opened there, chosen by rule in module order: the
+   last k, the first k, k at random (seeded); TAPS's deltas, norms, head and recipe on exactly those layers, gates
+   fixed open, each rule's lr chosen on this seed's validation split among TAPS's lrs (results.json:
+   ``fixed_layers``).
 5. Prints per task each method's test accuracy, TAPS's active layers k/L and adapter size, the means over the hard
    tasks and over the controls, and each method's adapter bytes; writes ``results.json`` (with the ``protocol``, the
    goals and the sizes), ``details.json``, ``layer_map.png``, ``accuracy_vs_size.png`` and each TAPS adapter
@@ -34,6 +41,7 @@ first, with a line per finished run:
     python examples/pretrained_demo.py [--out runs/pretrained] [--seed 0] [--quick]
     python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (4x the job)
     python examples/pretrained_demo.py --tasks "cluttered digits" digits
+    python examples/pretrained_demo.py --seed 1 --per-seed-selection --fixed-layers --tasks "digit rotation"
     python examples/pretrained_demo.py --lam-sweep 0.05 0.1 0.2 0.5 1 --tasks "digit rotation"   # TAPS only
     python examples/pretrained_demo.py --model resnet18 --weights resnet18.safetensors   # any local weights file
 """
@@ -75,16 +83,21 @@ LITE0 = "tf_efficientnet_lite0"
 SELECTION = Path(__file__).resolve().parent / "pretrained_selection.json"
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)  # task-specific in TAPS; LoRA trains them too
 METHODS = ("taps", "taps_lowrank", "full_ft", "head_only", "lora", "adalora")
-# The same number of settings per method, searched on the validation split (--select).
+# The same number of settings per method, searched on the validation split (--select): 4 learning rates each on a
+# grid of the same density (about x2 apart), one search round; the TAPS methods at a fixed lam (0.3: TAPS's choice on
+# both default hard tasks in the first search, where it tried 2 lrs x 2 lams; TAPS r8: 0.1, its choice on 3 of 4).
 GRIDS: dict[str, list[dict[str, float]]] = {
-    "taps": [{"lr": lr, "lam": lam} for lr in (2e-3, 5e-3) for lam in (0.1, 0.3)],
-    "taps_lowrank": [{"lr": lr, "lam": lam} for lr in (1e-2, 2e-2) for lam in (0.1, 0.3)],
+    "taps": [{"lr": lr, "lam": 0.3} for lr in (1e-3, 2e-3, 5e-3, 1e-2)],
+    "taps_lowrank": [{"lr": lr, "lam": 0.1} for lr in (5e-3, 1e-2, 2e-2, 4e-2)],
     "full_ft": [{"lr": lr} for lr in (1e-3, 2e-3, 4e-3, 8e-3)],
     "head_only": [{"C": c} for c in (0.01, 0.1, 1.0, 10.0)],
     "lora": [{"lr": lr} for lr in (2e-3, 5e-3, 1e-2, 2e-2)],
     "adalora": [{"lr": lr} for lr in (1e-2, 2e-2, 4e-2, 8e-2)],
 }
 GATED = ("taps", "taps_lowrank")  # the two TAPS methods (scores, gates, lam)
+# --fixed-layers: TAPS's k on a task, the k layers chosen by a rule, each rule with TAPS's learning-rate grid
+RULES = ("last", "first", "random")
+FIXED_GRID = [{"lr": setting["lr"]} for setting in GRIDS["taps"]]
 NAMES = {"taps": "TAPS", "taps_lowrank": "TAPS r8", "full_ft": "full FT", "head_only": "probe", "lora": "LoRA",
          "adalora": "AdaLoRA"}
 
@@ -307,6 +320,20 @@ def lora_targets(base: nn.Module) -> list[str]:
     return [n for n in default_targets(base, find_head(base)) if getattr(base.get_submodule(n), "groups", 1) == 1]
 
 
+def fixed_layers(base: nn.Module, rule: str, k: int, seed: int) -> list[str]:
+    """The ``k`` layers a fixed-layer rule fine-tunes, in module order (``default_targets``, TAPS's gated layers):
+    the last k, the first k, or k at random (a seeded choice)."""
+    layers = default_targets(base, find_head(base))
+    if rule == "last":
+        return layers[len(layers) - k:]
+    if rule == "first":
+        return layers[:k]
+    if rule == "random":
+        pick = torch.randperm(len(layers), generator=torch.Generator().manual_seed(seed))[:k]
+        return [layers[i] for i in sorted(pick.tolist())]
+    raise ValueError(f"unknown rule {rule!r}: one of {RULES}")
+
+
 @dataclass
 class Trained:
     score: Callable[[Data], float]  # accuracy on a split
@@ -356,8 +383,10 @@ def new_lora_model(method: str, base: nn.Module, classes: int, steps: int, args:
 
 
 def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, float], steps: int,
-               args: argparse.Namespace, on_step: Callable[[int], None], features: dict) -> Trained:
-    """Train ``method`` with ``setting`` on the training split."""
+               args: argparse.Namespace, on_step: Callable[[int], None], features: dict,
+               layers: Optional[list[str]] = None) -> Trained:
+    """Train ``method`` with ``setting`` on the training split (``"fixed"``: full-size deltas on exactly ``layers``,
+    with TAPS's machinery and recipe, every gate fixed open: lam 0, scores frozen)."""
     train = splits[0]
     classes = int(train[1].max()) + 1
     if method == "head_only":  # features of the frozen base computed once per task (``features``)
@@ -367,9 +396,14 @@ def fit_method(method: str, base: nn.Module, splits: Splits, setting: dict[str, 
         clf = LogisticRegression(C=setting["C"], max_iter=5000).fit(features[id(train[0])], train[1].numpy())
         on_step(steps)
         return Trained(lambda d: float(clf.score(features[id(d[0])], d[1].numpy())), own_bytes=0)
-    if method in GATED:
-        model = new_taps_model(base, classes, setting["lam"], args.seed, args.lowrank_r if method != "taps" else None,
-                               **{k: v for k, v in setting.items() if k not in ("lr", "lam")})  # TAPSConfig fields
+    if method in GATED or method == "fixed":
+        if method == "fixed":
+            model = new_taps_model(base, classes, 0.0, args.seed, target_modules=list(layers or []))
+            model.freeze_gates()  # every gate stays open (scores at score_init > tau, never stepped)
+        else:
+            model = new_taps_model(base, classes, setting["lam"], args.seed,
+                                   args.lowrank_r if method != "taps" else None,
+                                   **{k: v for k, v in setting.items() if k not in ("lr", "lam")})  # TAPSConfig fields
         train_taps(model, train, steps, setting["lr"], args, args.freeze_at, args.recalibrate_bn, on_step)
         summary = taps_peft.taps_summary(model)
         return Trained(lambda d: demo.accuracy(model, d), model, own_bytes(model),
@@ -421,6 +455,8 @@ class Run:
     test: bool = True  # also score the test split (--select scores validation only)
     rank: Optional[int] = None  # --sweep: LoRA's / TAPS r's rank instead of --lora-r / --lowrank-r
     save: bool = False  # save the TAPS adapter (with its card) and report its layers
+    rule: Optional[str] = None  # method "fixed": the rule that picks its k layers (RULES)
+    k: Optional[int] = None  # method "fixed": how many layers (TAPS's on the task)
 
 
 _worker: dict[str, Any] = {}  # per process: the job's args, base, tasks and the probe's features
@@ -440,13 +476,16 @@ def execute(run: Run) -> dict[str, Any]:
     if run.rank is not None:
         args = argparse.Namespace(**{**vars(args), "lora_r": run.rank, "lowrank_r": run.rank})
     steps = task_steps(run.task, len(splits[0][1]), args)
+    layers = fixed_layers(base, run.rule, run.k, args.seed) if run.method == "fixed" else None
     trained = fit_method(run.method, base, splits, run.setting, steps, args, lambda step: None,
-                         _worker["features"].setdefault(run.task, {}))
+                         _worker["features"].setdefault(run.task, {}), layers)
     out: dict[str, Any] = {"validation": trained.score(splits[1]), "bytes": trained.own_bytes, "k/L": trained.kl}
     if run.test:
         out["test"] = trained.score(splits[2])
-    if run.method in GATED:
+    if run.method in GATED or run.method == "fixed":
         out["summary"] = taps_peft.taps_summary(trained.model)
+    if layers is not None:
+        out["layers"] = layers
     if run.save:
         folder = args.out / run.task.replace(" ", "_")
         taps_peft.save_adapter(trained.model, folder)
@@ -557,7 +596,35 @@ def compare(base: nn.Module, tasks: dict[str, Splits], selection: dict[str, Any]
         result["sizes"] = sizes
         detail["plot_bytes"] = points
         results[name], details[name] = result, detail
+    if args.fixed_layers:
+        compare_fixed(tasks, results, details, args, base)
     return results, details
+
+
+def compare_fixed(tasks: dict[str, Splits], results: dict[str, Any], details: dict[str, Any],
+                  args: argparse.Namespace, base: nn.Module) -> None:
+    """``--fixed-layers``, after TAPS's runs: on each task, the k layers TAPS opened there chosen by each rule
+    (``RULES``), each rule trained with every learning rate of ``FIXED_GRID`` (TAPS's, the same number of settings)
+    and the one best on this seed's validation split reported (its test accuracy). Adds ``fixed_layers`` ({rule:
+    test accuracy}) and ``fixed_layers_k`` to each task's results, the validation rows and layers to its details."""
+    runs = [Run(name, "fixed", setting, rule=rule, k=results[name]["active_layers"])
+            for name in tasks if results[name]["active_layers"] > 0 for rule in RULES for setting in FIXED_GRID]
+    total = {name: results[name]["total_layers"] for name in tasks}
+    outs = iter(run_all(runs, args, base, tasks, lambda run, o: f"{run.task}, fixed layers ({run.rule} "
+                        f"{run.k}/{total[run.task]}) lr {run.setting['lr']:g}: validation {o['validation']:.3f}"))
+    for name in tasks:
+        k = results[name]["active_layers"]
+        if k == 0:  # TAPS kept every layer shared: no layer to fine-tune by rule
+            continue
+        results[name]["fixed_layers"], results[name]["fixed_layers_k"], detail = {}, k, {}
+        for rule in RULES:
+            rows = [(setting, next(outs)) for setting in FIXED_GRID]
+            assert all(o["summary"]["active_layers"] == k for _, o in rows), "a fixed-layer gate closed"
+            setting, best = max(rows, key=lambda row: row[1]["validation"])  # the first of equals: the lowest lr
+            results[name]["fixed_layers"][rule] = best["test"]  # the other settings' test scores are never read
+            detail[rule] = {"chosen": setting, "layers": best["layers"], "validation": [
+                {"setting": st, "accuracy": o["validation"]} for st, o in rows]}
+        details[name]["fixed_layers"] = detail
 
 
 def head_bytes(base: nn.Module, splits: Splits) -> int:
@@ -597,6 +664,13 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "TAPS >= full_ft - 0.01": {"value": h["taps"] - h["full_ft"], "met": h["taps"] >= h["full_ft"] - 0.01},
             "mean k/L <= 0.5": {"value": h.get("k/L"), "met": h.get("k/L") is not None and h["k/L"] <= 0.5},
         }
+    hard = [r for r in tasks if r["hard"] and "fixed_layers" in r]
+    if hard:  # --fixed-layers: each rule's mean over the hard tasks, TAPS's mean over the same tasks
+        rules = {rule: sum(r["fixed_layers"][rule] for r in hard) / len(hard) for rule in RULES}
+        taps, best = sum(r["taps"] for r in hard) / len(hard), max(rules, key=rules.get)
+        out["fixed_layers_hard"] = {"taps": taps, **rules}
+        out["goal_fixed_layers"] = {"TAPS >= best rule + 0.02": {
+            "best_rule": best, "value": taps - rules[best], "met": taps >= rules[best] + 0.02}}
     return out
 
 
@@ -615,11 +689,16 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                   "validation image uses; 'textures' on rows of the images no other split uses.",
         "selection": "per task and method, the setting with the best validation accuracy among the same number of "
                      f"settings per method ({len(GRIDS['taps'])}), each trained on the training split: "
-                     f"`python examples/pretrained_demo.py --select` (seed {selection.get('seed', 'n/a')}), read from "
-                     f"{selection.get('source', 'nowhere (every method ran its grid first setting)')}; for TAPS, the "
-                     "best among the settings that keep at most half the layers task-specific (k/L <= 0.5) on "
-                     "validation, and for TAPS r8 among those whose adapter is no larger than LoRA's, when any does",
-        "grids": GRIDS,
+                     + (f"chosen by this run on seed {args.seed}'s own validation split (--per-seed-selection: one "
+                        "search round per method, 4 learning rates each on grids of the same density, the TAPS "
+                        "methods at a fixed lam), so no other seed's split is involved"
+                        if selection.get("per_seed") else
+                        f"`python examples/pretrained_demo.py --select` (seed {selection.get('seed', 'n/a')}), read "
+                        f"from {selection.get('source', 'nowhere (every method ran its grid first setting)')}")
+                     + "; for TAPS, the best among the settings that keep at most half the layers task-specific (k/L "
+                     "<= 0.5) on validation, and for TAPS r8 among those whose adapter is no larger than LoRA's, "
+                     "when any does",
+        "grids": selection.get("grids", GRIDS),
         "head_only": "a linear probe: L2-regularised logistic regression (scikit-learn, lbfgs, max_iter 5000: "
                      "converged) on the frozen base's pooled features, C chosen on validation",
         "budget": "every method from the same pretrained weights and head init; per task the same optimizer steps "
@@ -628,6 +707,13 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                   f"{args.score_lr:g}, gates frozen after {args.freeze_at} of the steps; LoRA r {args.lora_r}, "
                   "alpha 2r; BatchNorm statistics re-estimated at the end (every method but the probe)",
         "image_size": args.size, "seed": args.seed,
+        **({"fixed_layers": "per task, the number k of layers TAPS opened on it (this run), chosen by rule in module "
+                            "order (taps_peft.tuner.targets.default_targets): the last k, the first k, k at random "
+                            f"(seed {args.seed}); full-size deltas on exactly those layers with TAPS's machinery and "
+                            "recipe (steps, schedule, norms and head trained, BatchNorm re-estimated), every gate "
+                            "fixed open (lam 0, scores frozen); each rule's learning rate chosen on this seed's "
+                            f"validation split among {[g['lr'] for g in FIXED_GRID]} (TAPS's grid), the chosen "
+                            "run's test accuracy reported"} if args.fixed_layers else {}),
     }
 
 
@@ -652,6 +738,16 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> 
     sizes = summary["all"]["bytes"]
     print(f"{'mean own bytes (KiB)':<26} " + " ".join(f"{sizes[m] / 1024:>7.0f}" if m in sizes else f"{'':>7}"
                                                    for m in methods))
+    fixed = {name: r for name, r in results.items() if "fixed_layers" in r}
+    if fixed:
+        print("\nfixed layers: TAPS's k layers chosen by rule, each rule's lr chosen on validation (test accuracy)")
+        print(f"{'task':<18} {'k':>6} {'TAPS':>7} " + " ".join(f"{rule:>7}" for rule in RULES))
+        for name, r in fixed.items():
+            print(f"{name:<18} {r['fixed_layers_k']:>3}/{r['total_layers']:<2} {r['taps']:>7.3f} "
+                  + " ".join(f"{r['fixed_layers'][rule]:>7.3f}" for rule in RULES))
+        if "fixed_layers_hard" in summary:
+            h = summary["fixed_layers_hard"]
+            print(f"{'mean, hard':<25} {h['taps']:>7.3f} " + " ".join(f"{h[rule]:>7.3f}" for rule in RULES))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -743,6 +839,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     p.add_argument("--select", action="store_true", help="run every method's grid on the validation split and write "
                    "selection.json (no test split is touched)")
     p.add_argument("--selection", type=Path, default=SELECTION, help="the settings chosen on validation")
+    p.add_argument("--per-seed-selection", action="store_true", help="choose every method's setting on this seed's "
+                   "own validation split first (as --select, in this run; writes selection.json), then compare: "
+                   "the protocol of the multi-seed tables (--selection is not read)")
+    p.add_argument("--fixed-layers", action="store_true", help="after TAPS on each task, fine-tune its number k of "
+                   "layers chosen by rule (the last k, the first k, k at random), each rule's lr chosen on this "
+                   "seed's validation split: results.json's fixed_layers (12 more runs per task; needs TAPS)")
     p.add_argument("--sweep", action="store_true", help="after the comparison, more points for accuracy_vs_size.png: "
                    "LoRA at r 2/4/16, TAPS at other lams, TAPS low-rank over r x lam (writes sweep.json)")
     p.add_argument("--lam-sweep", type=float, nargs="+", default=None, metavar="LAM",
@@ -760,6 +862,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
         args.steps, args.size, args.limit = 3, 32, 48
     if args.freeze_at >= 1:
         args.freeze_at = None
+    if args.fixed_layers and "taps" not in args.methods:
+        p.error("--fixed-layers takes k from TAPS's runs: keep taps in --methods")
     return args
 
 
@@ -830,7 +934,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"wrote {args.out}/selection.json ({timing()})")
         return selection
 
-    selection = read_selection(args)
+    if args.per_seed_selection:
+        selection = {"seed": args.seed, "grids": GRIDS, "config": config, "tasks": select(base, tasks, args)}
+        atomic_write(args.out / "selection.json", json.dumps(selection, indent=2))
+        selection.update(per_seed=True, source=f"this run (seed {args.seed}, {args.out}/selection.json)")
+        print_line(f"selected on seed {args.seed}'s validation split ({timing()})")
+    else:
+        selection = read_selection(args)
     results, details = compare(base, tasks, selection, args)
     summary = summarise(results)
     total_layers = next((r["total_layers"] for r in results.values() if "total_layers" in r), None)

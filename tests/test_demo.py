@@ -152,3 +152,41 @@ def test_pretrained_demo_selects_taps_lowrank_within_loras_bytes():
     assert module.within_goal("taps", {"k/L": 0.5}, lora)
     assert not module.within_goal("taps", {"k/L": 0.51}, lora)
     assert module.within_goal("lora", {}, lora)
+
+
+def test_pretrained_demo_fixed_layers_and_per_seed_selection(tmp_path, monkeypatch):
+    """``--fixed-layers``: TAPS's k layers chosen by each rule (the last k of default_targets, ...), each rule's lr
+    chosen on validation; ``--per-seed-selection``: every setting chosen on this seed's own validation split."""
+    module = _pretrained_demo()
+    grid = module.FIXED_GRID[1:3]
+    monkeypatch.setattr(module, "FIXED_GRID", grid)  # 2 learning rates: a choice, kept short
+    threads = torch.get_num_threads()
+    try:
+        report = module.main(["--quick", "--per-seed-selection", "--fixed-layers", "--tasks", "textures", "--methods",
+                              "taps", "--seed", "1", "--workers", "1", "--out", str(tmp_path)])  # in this process
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results == json.loads(json.dumps(report))
+    task = results["tasks"]["textures"]
+    assert set(task["fixed_layers"]) == {"last", "first", "random"}
+    assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in task["fixed_layers"].values()), task
+    k = task["fixed_layers_k"]
+    assert k == task["active_layers"] > 0
+    assert "fixed_layers" in results["protocol"] and "own validation split" in results["protocol"]["selection"]
+
+    base, _ = module.setup(module.parse_args(["--quick", "--tasks", "textures"]))
+    layers = module.default_targets(base, module.find_head(base))
+    assert module.fixed_layers(base, "last", 5, 0) == layers[-5:]
+    assert module.fixed_layers(base, "first", 5, 0) == layers[:5]
+    pick = module.fixed_layers(base, "random", 5, 0)
+    assert len(set(pick)) == 5 and pick == [n for n in layers if n in pick]  # module order
+    fixed = json.loads((tmp_path / "details.json").read_text())["tasks"]["textures"]["fixed_layers"]
+    for rule in ("last", "first", "random"):
+        assert fixed[rule]["layers"] == module.fixed_layers(base, rule, k, 1)
+        rows = fixed[rule]["validation"]
+        assert [r["setting"] for r in rows] == grid
+        assert fixed[rule]["chosen"] == max(rows, key=lambda r: r["accuracy"])["setting"]
+    assert fixed["last"]["layers"] == layers[len(layers) - k:]
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["seed"] == 1 and len(selection["tasks"]["textures"]["taps"]["validation"]) == 4
