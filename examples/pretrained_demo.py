@@ -778,7 +778,10 @@ def sweep(tasks: dict[str, Splits], base: nn.Module, selection: dict[str, Any],
 
 def plot_accuracy_vs_size(results: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]],
                           rows: list[dict[str, Any]], path: Path) -> None:
-    """Mean test accuracy over the tasks against the mean bytes of each method's own tensors (log scale)."""
+    """Mean test accuracy over the tasks against the mean bytes of each method's own tensors (log scale). The
+    selected settings are filled markers; ``--sweep`` points are hollow (each keeps its method's selected learning
+    rate: not re-tuned), and a line joins only points that differ in one knob (LoRA and TAPS r over r, one line per
+    lam; TAPS over lam)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8))
@@ -789,10 +792,15 @@ def plot_accuracy_vs_size(results: dict[str, dict[str, Any]], details: dict[str,
         accuracy = sum(r[method] for r in results.values()) / len(results)
         ax.scatter(sum(sizes) / len(sizes), accuracy, s=60, color=colours[method], label=NAMES[method], zorder=3)
     for method in SWEEP:
-        points = sorted((r["bytes"], r["accuracy"]) for r in rows if r["method"] == method)
-        if points:
-            ax.plot(*zip(*points), "o--", color=colours[method], alpha=0.6, markersize=4,
-                    label=f"{NAMES[method]}: {'r' if method == 'lora' else 'lam' if method == 'taps' else 'r x lam'}")
+        lines: dict[Any, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r["method"] == method:  # TAPS r: one line per lam, over r
+                key = r.get("lam") if method == "taps_lowrank" else None
+                lines.setdefault(key, []).append((r["bytes"], r["accuracy"]))
+        for i, (lam, points) in enumerate(lines.items()):
+            knob = "lam" if method == "taps" else "r" if lam is None else f"r at lam {lam:g}"
+            ax.plot(*zip(*sorted(points)), "o--" if i == 0 else "o:", color=colours[method], alpha=0.6, markersize=5,
+                    markerfacecolor="none", label=f"{NAMES[method]} over {knob} (lr not re-tuned)")
     ax.set_xscale("log")
     ax.set_xlabel("adapter bytes: the method's own tensors (head and norms left out; full FT: the whole model)")
     ax.set_ylabel(f"mean test accuracy over {len(results)} tasks")
