@@ -20,13 +20,13 @@ first, with a line per finished run:
    (average rank 8) on the convs LoRA can hold (PEFT refuses depthwise ones; head and BatchNorm layers trained). All
    but the probe end with re-estimated BatchNorm statistics.
 4. Settings: ``--select`` trains every method with each of the same number of settings per method (4 learning rates
-   on grids of the same density, the TAPS methods at a fixed lam; C for the probe) on the training split and scores
-   them on the validation split; it writes ``selection.json``. The best is chosen, for TAPS among the settings with
-   k/L <= 0.5 and for TAPS r8 among those whose adapter is no larger than LoRA's (each one's goal), when any is. The
-   job reads the chosen settings from ``--selection`` (default: the committed ``pretrained_selection.json`` beside
-   this script, made by ``--select`` with seed 0 on an earlier grid: TAPS 2 lrs x 2 lams); ``--per-seed-selection``
-   selects in the run itself on its own seed's validation split (the multi-seed tables' protocol: no seed reuses
-   another's choice).
+   on grids of the same density, the TAPS methods at TAPSConfig's defaults; C for the probe) on the training split
+   and scores them on the validation split; it writes ``selection.json``. The best is chosen, for TAPS among the
+   settings with k/L <= 0.5 and for TAPS r8 among those whose adapter is no larger than LoRA's (each one's goal),
+   when any is. The job reads the chosen settings from ``--selection`` (default: the committed
+   ``pretrained_selection.json`` beside this script, seed 0's own selection, made by ``--seed 0
+   --per-seed-selection``); ``--per-seed-selection`` selects in the run itself on its own seed's validation split
+   (the multi-seed tables' protocol: no seed reuses another's choice), and reports the chosen runs themselves.
    ``--fixed-layers`` (not in the default job, to keep it within 5 minutes: 12 more runs per task) adds, after TAPS
    on each task, fine-tuning of the same number k of layers TAPS opened there, chosen by rule in module order: the
    last k, the first k, k at random (seeded); TAPS's deltas, norms, head and recipe on exactly those layers, gates
