@@ -706,7 +706,8 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                         "methods at TAPSConfig's defaults: lam 0.5, warmed up over half the steps), so no other "
                         "seed's split is involved"
                         if selection.get("per_seed") else
-                        f"`python examples/pretrained_demo.py --select` (seed {selection.get('seed', 'n/a')}), read "
+                        f"the search of `--select` / `--per-seed-selection` on seed {selection.get('seed', 'n/a')}'s "
+                        "validation split, read "
                         f"from {selection.get('source', 'nowhere (every method ran its grid first setting)')}")
                      + "; for TAPS, the best among the settings that keep at most half the layers task-specific (k/L "
                      "<= 0.5) on validation, and for TAPS r8 among those whose adapter is no larger than LoRA's, "
