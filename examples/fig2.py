@@ -9,6 +9,9 @@ Reads what the main job wrote (nothing is trained here):
     python examples/pretrained_demo.py --fixed-layers --out runs/pretrained     # the references (results.json)
     python examples/fig2.py --sweep runs/fig2/lam_sweep.json --results runs/pretrained/results.json \\
         --out docs/fig2_accuracy_vs_layers.png
+
+``--results`` takes several files of one seed (say a full job and a ``--methods taps --fixed-layers`` one): each
+task's references are merged, the first file that has a value wins.
 """
 
 from __future__ import annotations
@@ -54,14 +57,31 @@ def plot(sweep: list[dict[str, Any]], results: dict[str, Any], path: Path) -> No
     fig.savefig(path, dpi=110)
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``results.json`` from several of one seed: per task, a key comes from the first file that has it.
+
+    >>> merge([{"tasks": {"a": {"taps": 0.9}}}, {"tasks": {"a": {"taps": 0.8, "full_ft": 0.95}}}])
+    {'tasks': {'a': {'taps': 0.9, 'full_ft': 0.95}}}
+    """
+    seeds = {r["protocol"]["seed"] for r in results if "protocol" in r}
+    if len(seeds) > 1:
+        raise SystemExit(f"--results mixes seeds {sorted(seeds)}: give the files of one seed")
+    tasks: dict[str, dict[str, Any]] = {}
+    for r in results:
+        for task, values in r["tasks"].items():
+            tasks[task] = {**values, **tasks.get(task, {})}
+    return {"tasks": tasks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", type=Path, required=True, help="lam_sweep.json of pretrained_demo.py --lam-sweep")
-    parser.add_argument("--results", type=Path, required=True, help="results.json of the main job (the references)")
+    parser.add_argument("--results", type=Path, nargs="+", required=True,
+                        help="results.json of the main job (the references); several are merged per task")
     parser.add_argument("--out", type=Path, default=Path("runs/fig2.png"))
     args = parser.parse_args()
     sweep = json.loads(args.sweep.read_text())["rows"]
-    plot(sweep, json.loads(args.results.read_text()), args.out)
+    plot(sweep, merge([json.loads(path.read_text()) for path in args.results]), args.out)
     print(f"wrote {args.out}")
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,3 +21,17 @@ def test_fig2_draws_accuracy_against_task_specific_layers(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "examples" / "fig2.py"), "--sweep", str(tmp_path / "lam_sweep.json"),
                     "--results", str(tmp_path / "results.json"), "--out", str(out)], check=True, timeout=120)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_fig2_merges_the_references_of_one_seed_and_refuses_two_seeds():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import fig2
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    full = {"protocol": {"seed": 1}, "tasks": {"t": {"taps": 0.9, "full_ft": 0.95, "head_only": 0.5}}}
+    fixed = {"protocol": {"seed": 1}, "tasks": {"t": {"taps": 0.8, "fixed_layers": {"last": 0.7}}}}
+    assert fig2.merge([full, fixed])["tasks"]["t"] == {"taps": 0.9, "full_ft": 0.95, "head_only": 0.5,
+                                                       "fixed_layers": {"last": 0.7}}
+    with pytest.raises(SystemExit, match=r"mixes seeds \[1, 2\]"):
+        fig2.merge([full, {"protocol": {"seed": 2}, "tasks": {}}])
