@@ -967,7 +967,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         selection = read_selection(args)
     results, details = compare(base, tasks, selection, args, kept)
     summary = summarise(results)
-    total_layers = next((r["total_layers"] for r in results.values() if "total_layers" in r), None)
+    total_layers = len(default_targets(base, find_head(base)))  # TAPS's gated layers, whichever methods ran
     report = {
         "base": {"name": args.model, "pretrained": True,
                  "weights": args.weights.name if args.weights else (
@@ -987,7 +987,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print("k/L = TAPS's task-specific layers; adapter = its adapter_model.safetensors; probe = converged linear probe")
     atomic_write(args.out / "results.json", json.dumps(report, indent=2))
     atomic_write(args.out / "details.json", json.dumps({"config": config, "tasks": details}, indent=2))
-    if total_layers:
+    taps_ran = "taps" in args.methods
+    if taps_ran:
         demo.plot_layer_map({t: {**results[t], **details[t]} for t in results if "layers" in details[t]},
                             args.out / "layer_map.png", dpi=100)
     rows: list[dict[str, Any]] = []
@@ -995,8 +996,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         rows = sweep(tasks, base, selection, args)
         atomic_write(args.out / "sweep.json", json.dumps({"config": config, "rows": rows}, indent=2))
     plot_accuracy_vs_size(results, details, rows, args.out / "accuracy_vs_size.png")
-    print(f"wrote {args.out}/results.json, details.json, layer_map.png, accuracy_vs_size.png and one TAPS adapter per "
-          f"task ({timing()})")
+    written = "layer_map.png, accuracy_vs_size.png and one TAPS adapter per task" if taps_ran else "accuracy_vs_size.png"
+    print(f"wrote {args.out}/results.json, details.json, {written} ({timing()})")
     return report
 
 

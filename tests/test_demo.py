@@ -212,3 +212,18 @@ def test_pretrained_demo_per_seed_selection_reports_the_chosen_runs_without_trai
         rows, chosen = selection[method]["validation"], selection[method]["chosen"]
         assert details["validation"][method] == next(r["accuracy"] for r in rows if r["setting"] == chosen)
         assert {k: v for k, v in details["settings"][method].items() if k != "selected_on_validation"} == chosen
+
+
+def test_pretrained_demo_without_taps_still_names_the_gated_layers_and_draws_no_layer_map(tmp_path, capsys):
+    """A run of baselines alone (say full FT for a longer-schedule reference) reports the base's gated layers and
+    writes no TAPS layer map."""
+    module = _pretrained_demo()
+    threads = torch.get_num_threads()
+    try:
+        report = module.main(["--quick", "--tasks", "textures", "--methods", "head_only", "--workers", "1",
+                              "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["base"]["gated_layers"] == 49
+    assert "49 gated layers" in capsys.readouterr().out
+    assert not (tmp_path / "layer_map.png").exists() and (tmp_path / "accuracy_vs_size.png").exists()
