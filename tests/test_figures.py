@@ -1,5 +1,6 @@
 """The figure scripts draw from what the main job writes (no training here)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,11 +25,9 @@ def test_fig2_draws_accuracy_against_task_specific_layers(tmp_path):
 
 
 def test_fig2_merges_the_references_of_one_seed_and_refuses_two_seeds():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import fig2
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("fig2", ROOT / "examples" / "fig2.py")
+    fig2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig2)
     full = {"protocol": {"seed": 1}, "tasks": {"t": {"taps": 0.9, "full_ft": 0.95, "head_only": 0.5}}}
     fixed = {"protocol": {"seed": 1}, "tasks": {"t": {"taps": 0.8, "fixed_layers": {"last": 0.7}}}}
     assert fig2.merge([full, fixed])["tasks"]["t"] == {"taps": 0.9, "full_ft": 0.95, "head_only": 0.5,
