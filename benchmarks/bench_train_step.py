@@ -19,6 +19,7 @@ Examples:
     python benchmarks/bench_train_step.py                       # CPU defaults (224 px, batch 16), ~40 s on 2 cores
     python benchmarks/bench_train_step.py --img-size 64 --batch 32 --steps 40   # weight-bound: 17 tokens/image
     python benchmarks/bench_train_step.py --lora --json out.json
+    python benchmarks/bench_train_step.py --model tf_efficientnet_lite0 --img-size 64 --batch 32 --faster-depthwise
     python benchmarks/bench_train_step.py --device cuda --dtype bf16 --model vit_base_patch16_224 \\
         --img-size 224 --batch 128 --steps 30 --warmup 8
 
@@ -42,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import taps_peft  # noqa: E402
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,6 +50,8 @@ from torch import nn
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+import taps_peft  # noqa: E402,F401  (registers TAPS with PEFT)
 
 GOAL = {"cpu": 1.05, "cuda": 1.00}
 GOAL_FROZEN = 0.8  # TAPS after freeze_gates() with 30% of the layers open, / full fine-tuning (the goal)
@@ -76,6 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-frozen", dest="frozen", action="store_false",
                    help="skip 'TAPS frozen' (after freeze_gates(), --active-frac of the layers open)")
     p.add_argument("--active-frac", type=float, default=0.3, help="open layers in 'TAPS frozen' (default 0.3)")
+    p.add_argument("--faster-depthwise", action="store_true", help="also time full FT and TAPS with "
+                   "taps_peft.training.faster_depthwise_convs (the main job's depthwise weight gradient)")
     p.add_argument("--compile", action="store_true", help="torch.compile every strategy's model (compiled ratio)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--sync-check", action="store_true",
@@ -149,12 +153,12 @@ def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(args.device, BASE_DTYPES[getattr(args, "base_dtype", "fp32")]), y.to(args.device)
 
 
-def make_full(base: nn.Module, args: argparse.Namespace) -> Strategy:
+def make_full(base: nn.Module, args: argparse.Namespace, name: str = "full FT") -> Strategy:
     model = copy.deepcopy(base).to(args.device).train()
     model.requires_grad_(True)
     cls, kw = _optimizer_cls(args)
     opt = cls([p for p in model.parameters() if p.requires_grad], lr=args.lr, **kw)
-    return Strategy("full FT", model, opt, info=_param_info(model, opt))
+    return Strategy(name, model, opt, info=_param_info(model, opt))
 
 
 def make_taps(base: nn.Module, args: argparse.Namespace, autocast_adapter_dtype: bool = True,
@@ -334,6 +338,7 @@ def summarize(strategies: list[Strategy], args: argparse.Namespace) -> dict[str,
     frozen = next((r for r in rows if r["strategy"] == "TAPS frozen"), None)
     lora = next((r for r in rows if r["strategy"] == "LoRA r=16"), None)
     lowrank = next((r for r in rows if r["strategy"] == "TAPS r=16"), None)
+    windowed = {r["strategy"]: r["median_ms"] for r in rows if r["strategy"].endswith(", windowed")}
     lowrank_paired = lowrank and statistics.median(
         [a / b for a, b in zip(lowrank["times_ms"], lora["times_ms"])])
     goal = GOAL[args.device]
@@ -358,6 +363,10 @@ def summarize(strategies: list[Strategy], args: argparse.Namespace) -> dict[str,
         "lowrank_params_over_lora": lowrank and lowrank["trainable_params"] / lora["trainable_params"],
         "lowrank_goal": GOAL_LOWRANK,
         "lowrank_goal_met": lowrank and lowrank["median_ms"] / lora["median_ms"] <= GOAL_LOWRANK,
+        # --faster-depthwise: torch's own step / the windowed depthwise weight gradient's (above 1: faster)
+        "windowed_speedup": windowed and {
+            name: next(r["median_ms"] for r in rows if r["strategy"] == name) / windowed[f"{name}, windowed"]
+            for name in ("full FT", "TAPS")},
     }
 
 
@@ -393,7 +402,7 @@ def print_table(res: dict[str, Any]) -> None:
         f"torch {env['torch']} threads {env['torch_threads']}"
     )
     mem = cfg["device"] == "cuda"
-    head = f"{'strategy':<11} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} "
+    head = f"{'strategy':<17} {'trainable M':>11} {'opt tensors':>11} {'median ms':>10} {'p25-p75 ms':>15} "
     head += f"{'min ms':>8} "
     head += f"{'vs full':>8} {'paired':>7}" + (f" {'peak GiB':>9}" if mem else "")
     print(head)
@@ -401,7 +410,7 @@ def print_table(res: dict[str, Any]) -> None:
     notes = []
     for r in res["results"]:
         line = (
-            f"{r['strategy']:<11} {r['trainable_params'] / 1e6:>11.3f} {r['optimizer_tensors']:>11d} "
+            f"{r['strategy']:<17} {r['trainable_params'] / 1e6:>11.3f} {r['optimizer_tensors']:>11d} "
             f"{r['median_ms']:>10.2f} {r['p25_ms']:>7.2f}-{r['p75_ms']:<7.2f} {r['min_ms']:>8.2f} "
             f"{r['ratio_vs_full']:>8.3f} {r['paired_ratio_median']:>7.3f}"
         )
@@ -430,6 +439,9 @@ def print_table(res: dict[str, Any]) -> None:
             f" trainable parameters {res['lowrank_params_over_lora']:.3f}x; goal <= {res['lowrank_goal']:.2f}: "
             f"{'MET' if res['lowrank_goal_met'] else 'NOT met'}"
         )
+    if res.get("windowed_speedup"):
+        print("windowed depthwise weight gradient (faster_depthwise_convs), step speed-up: " + ", ".join(
+            f"{name} {x:.2f}x" for name, x in res["windowed_speedup"].items()))
     if res["taps_peak_mem_over_full"] is not None:
         print(f"TAPS / full FT peak memory = {res['taps_peak_mem_over_full']:.3f}")
 
@@ -458,6 +470,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         strategies.append(make_lora(base, args))
     if args.lowrank:
         strategies.append(make_taps_lowrank(base, args))
+    if args.faster_depthwise:
+        from taps_peft.training import faster_depthwise_convs
+
+        windowed = copy.deepcopy(base)
+        faster_depthwise_convs(windowed)
+        strategies += [make_full(windowed, args, "full FT, windowed"), make_taps(windowed, args, name="TAPS, windowed")]
     if args.compile:  # the penalty and the optimizer keep using the eager module's parameters
         for s in strategies:
             s.model = torch.compile(s.model)

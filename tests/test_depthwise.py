@@ -1,0 +1,91 @@
+"""``faster_depthwise_convs``: the windowed weight gradient equals torch's own, and runs only where it is meant to."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+
+import taps_peft
+from taps_peft.training import faster_depthwise_convs
+
+
+def _grads(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    x = x.clone().requires_grad_(True)
+    out = conv(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    return x.grad, conv.weight.grad, type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,size,bias", [
+    (5, 1, 2, 1, 4, False),  # EfficientNet's 5x5 on a 4x4 map
+    (5, 2, 2, 1, 4, False),
+    (3, 1, 1, 1, 2, True),
+    (3, 1, 2, 2, 2, False),  # dilated
+    ((5, 3), (2, 1), (2, 1), 1, 3, True),  # non-square, one side larger than the map
+])
+def test_the_windowed_weight_gradient_equals_torch_s_own(kernel, stride, padding, dilation, size, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 12, kernel, stride, padding, dilation, groups=12, bias=bias)
+    fast = copy.deepcopy(conv)
+    assert faster_depthwise_convs(fast) == 1
+    x = torch.randn(3, 12, size, size + 1).to(memory_format=torch.channels_last)
+    gx, gw, node = _grads(conv, x)
+    fx, fw, fast_node = _grads(fast, x)
+    assert fast_node == "_DepthwiseConv2dBackward" and node != fast_node  # the windowed path really ran
+    torch.testing.assert_close(fx, gx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, conv.bias.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), conv(x))
+
+
+def test_torch_s_own_conv_runs_wherever_onednn_is_fast_or_nothing_is_trained():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert faster_depthwise_convs(conv) == 1
+    channels_last = torch.channels_last
+    assert _grads(conv, torch.randn(2, 8, 6, 6).to(memory_format=channels_last))[2] != "_DepthwiseConv2dBackward"
+    assert _grads(conv, torch.randn(2, 8, 2, 2))[2] != "_DepthwiseConv2dBackward"  # channels first: oneDNN is faster
+    small = torch.randn(2, 8, 2, 2).to(memory_format=channels_last)
+    conv.weight.requires_grad_(False)  # a frozen base (LoRA's): only the input gradient, torch's own
+    assert type(conv(small.requires_grad_(True)).grad_fn).__name__ != "_DepthwiseConv2dBackward"
+    conv.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(conv(small).grad_fn).__name__ != "_DepthwiseConv2dBackward"
+    assert conv(small).grad_fn is not None and type(conv(small).grad_fn).__name__ == "_DepthwiseConv2dBackward"
+
+
+def test_only_depthwise_convs_change_and_the_model_keeps_its_types_state_and_copies():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
+    keys = list(model.state_dict())
+    depthwise = [m for m in model.modules() if type(m) is nn.Conv2d and m.groups == m.in_channels > 1]
+    assert faster_depthwise_convs(model) == len(depthwise) > 0
+    assert list(model.state_dict()) == keys and all(type(m) is nn.Conv2d for m in depthwise)
+    assert all("_conv_forward" in m.__dict__ for m in copy.deepcopy(model).modules() if type(m) is nn.Conv2d
+               and m.groups > 1)
+    assert all("_conv_forward" not in m.__dict__ for m in model.modules() if type(m) is nn.Conv2d and m.groups == 1)
+
+
+def test_taps_trains_through_the_windowed_gradient_as_through_torch_s_own():
+    """TAPS's formed weight W + g * dW goes through the patched conv: one step gives the same gradients."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
+    fast_base = copy.deepcopy(base)
+    faster_depthwise_convs(fast_base)
+    base, fast_base = (m.to(memory_format=torch.channels_last) for m in (base, fast_base))  # as the main job
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])  # 32 px: 5x5 kernels on 2x2 maps
+    grads = []
+    for b in (base, fast_base):
+        model = get_peft_model(b, taps_peft.TAPSConfig(lam=0.5))
+        model.train()
+        loss = F.cross_entropy(model(x), y) + model.taps_penalty()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-5 * g.abs().max().item(), msg=name)  # rounding
