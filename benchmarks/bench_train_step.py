@@ -79,7 +79,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="skip 'TAPS frozen' (after freeze_gates(), --active-frac of the layers open)")
     p.add_argument("--active-frac", type=float, default=0.3, help="open layers in 'TAPS frozen' (default 0.3)")
     p.add_argument("--faster-depthwise", action="store_true", help="also time full FT and TAPS with "
-                   "taps_peft.training.faster_depthwise_convs (the main job's depthwise weight gradient)")
+                   "taps_peft.training.faster_depthwise_convs (the main job's depthwise weight gradient); every "
+                   "strategy channels-last, as in the main job")
     p.add_argument("--compile", action="store_true", help="torch.compile every strategy's model (compiled ratio)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--sync-check", action="store_true",
@@ -139,7 +140,8 @@ def build_base(args: argparse.Namespace) -> nn.Module:
         model = timm.create_model(args.model, img_size=args.img_size, **kwargs)
     except TypeError:  # models without an img_size argument (CNNs) take any resolution
         model = timm.create_model(args.model, **kwargs)
-    return model.to(BASE_DTYPES[getattr(args, "base_dtype", "fp32")])
+    model = model.to(BASE_DTYPES[getattr(args, "base_dtype", "fp32")])
+    return model.to(memory_format=torch.channels_last) if getattr(args, "faster_depthwise", False) else model
 
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -251,6 +253,8 @@ def train_step(s: Strategy, x: torch.Tensor, y: torch.Tensor, args: argparse.Nam
     s.optimizer.zero_grad(set_to_none=True)
     with _autocast(args):
         loss = F.cross_entropy(s.model(x), y)
+        if hasattr(s.model, "taps_penalty"):  # the user's loop: the penalty in the loss
+            loss = loss + s.model.taps_penalty()
     loss.backward()
     s.optimizer.step()
 

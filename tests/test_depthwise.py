@@ -89,3 +89,24 @@ def test_taps_trains_through_the_windowed_gradient_as_through_torch_s_own():
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-5 * g.abs().max().item(), msg=name)  # rounding
+
+
+def test_the_step_benchmark_times_both_gradients_side_by_side(tmp_path, monkeypatch):
+    """``bench_train_step.py --faster-depthwise`` adds full FT and TAPS with the windowed gradient to the same rounds."""
+    pytest.importorskip("timm")
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_train_step.py")
+    spec = importlib.util.spec_from_file_location("bench_train_step_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", "tf_efficientnet_lite0", "--img-size", "32", "--batch", "4", "--steps", "1",
+                       "--warmup", "0", "--no-frozen", "--faster-depthwise", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["strategy"] for r in res["results"]] == ["full FT", "TAPS", "full FT, windowed", "TAPS, windowed"]
+    assert set(res["windowed_speedup"]) == {"full FT", "TAPS"} and all(v > 0 for v in res["windowed_speedup"].values())
