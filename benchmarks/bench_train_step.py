@@ -98,6 +98,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--steps must be >= 1, --warmup >= 0, --batch >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.faster_depthwise and (args.compile or args.device != "cpu" or args.dtype != "fp32"):
+        p.error("--faster-depthwise times the eager fp32 CPU path (elsewhere torch's own conv runs): drop --compile, "
+                "--device cuda and --dtype bf16")
     return args
 
 

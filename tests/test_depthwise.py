@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 import taps_peft
-from taps_peft.training import faster_depthwise_convs
+from taps_peft.training import depthwise, faster_depthwise_convs
 
 
 def _grads(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -70,9 +70,12 @@ def test_only_depthwise_convs_change_and_the_model_keeps_its_types_state_and_cop
     assert all("_conv_forward" not in m.__dict__ for m in model.modules() if type(m) is nn.Conv2d and m.groups == 1)
 
 
-def test_taps_trains_through_the_windowed_gradient_as_through_torch_s_own():
+def test_taps_trains_through_the_windowed_gradient_as_through_torch_s_own(monkeypatch):
     """TAPS's formed weight W + g * dW goes through the patched conv: one step gives the same gradients."""
     timm = pytest.importorskip("timm")
+    calls = []
+    original = depthwise.depthwise_weight_grad
+    monkeypatch.setattr(depthwise, "depthwise_weight_grad", lambda *a: calls.append(a) or original(*a))
     torch.manual_seed(0)
     base = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
     fast_base = copy.deepcopy(base)
@@ -86,6 +89,7 @@ def test_taps_trains_through_the_windowed_gradient_as_through_torch_s_own():
         loss = F.cross_entropy(model(x), y) + model.taps_penalty()
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert calls  # the windowed path ran (in the second model only: the first one's convs are torch's)
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-5 * g.abs().max().item(), msg=name)  # rounding
@@ -99,7 +103,8 @@ def test_the_step_benchmark_times_both_gradients_side_by_side(tmp_path, monkeypa
     import os
     import sys
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_train_step.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "bench_train_step.py")
     spec = importlib.util.spec_from_file_location("bench_train_step_under_test", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
@@ -109,4 +114,46 @@ def test_the_step_benchmark_times_both_gradients_side_by_side(tmp_path, monkeypa
                        "--warmup", "0", "--no-frozen", "--faster-depthwise", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["strategy"] for r in res["results"]] == ["full FT", "TAPS", "full FT, windowed", "TAPS, windowed"]
-    assert set(res["windowed_speedup"]) == {"full FT", "TAPS"} and all(v > 0 for v in res["windowed_speedup"].values())
+    speedup = res["windowed_speedup"]
+    assert set(speedup) == {"full FT", "TAPS"} and all(v > 0 for v in speedup.values())
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
+    nn.Conv2d(4, 4, 3, padding="same", groups=4),
+    nn.Conv2d(4, 4, 3, padding=1, groups=2),  # grouped, not depthwise
+    nn.Conv2d(4, 8, 3, padding=1, groups=4),  # two filters per channel
+    nn.Conv2d(4, 4, 3, padding=1),
+])
+def test_convs_that_are_not_plain_depthwise_ones_are_left_alone(conv):
+    assert faster_depthwise_convs(conv) == 0 and "_conv_forward" not in conv.__dict__
+
+
+def test_timm_s_conv2d_same_is_left_alone():
+    timm = pytest.importorskip("timm")
+    from timm.layers import Conv2dSame
+
+    assert faster_depthwise_convs(Conv2dSame(4, 4, 5, stride=2, groups=4)) == 0
+
+
+def test_a_pickled_copy_double_backward_and_torch_func_go_through_the_windowed_gradient():
+    import pickle
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 5, padding=2, groups=6)
+    fast = pickle.loads(pickle.dumps(copy.deepcopy(conv)))
+    assert faster_depthwise_convs(fast) == 1
+    fast = pickle.loads(pickle.dumps(fast))  # the change survives pickling (a spawned worker, torch.save)
+    x = torch.randn(2, 6, 3, 3).to(memory_format=torch.channels_last).requires_grad_(True)
+    assert _grads(fast, x.detach())[2] == "_DepthwiseConv2dBackward"
+    for model in (conv, fast):  # a gradient penalty: grad of a grad
+        model.zero_grad()
+        (gx,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-6)
+
+    def loss(weight: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        return torch.func.functional_call(model, {"weight": weight}, (x.detach(),)).square().sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(fast.weight.detach(), fast),
+                               torch.func.grad(loss)(conv.weight.detach(), conv), rtol=1e-5, atol=1e-6)
