@@ -1,9 +1,12 @@
 """The demos end to end on a tiny budget (``--quick``): the tiny-ViT multitask_demo.py and lam_sweep.py (~10-20 s on
 CPU), and the pretrained main job pretrained_demo.py (EfficientNet-Lite0)."""
 
+import ctypes
 import importlib.util
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,11 +80,12 @@ def _pretrained_demo():
 
 def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsys):
     module = _pretrained_demo()
-    threads = torch.get_num_threads()
+    threads, own_cpu = torch.get_num_threads(), time.process_time()
     try:
         report = module.main(["--quick", "--workers", "2", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
+    own_cpu = time.process_time() - own_cpu
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results == json.loads(json.dumps(report))
@@ -105,13 +109,35 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsy
         assert str(Path.home()) not in card and "site-packages" not in card and "efficientnet_lite0(" in card
     assert set(results["summary"]["goals_on_hard_tasks"]) == {
         "TAPS >= head_only + 0.03", "TAPS >= full_ft - 0.01", "mean k/L <= 0.5"}
-    assert results["seconds"]["cpu"] > 0 and results["seconds"]["wall"] > 0
+    assert results["seconds"]["wall"] > 0 and results["seconds"]["cpu"] > own_cpu + 5  # the workers' CPU time counts
     out = capsys.readouterr().out
     assert "NOT met" not in out and "goal" not in out.lower()  # results, not acceptance criteria
     assert "\r" not in out and "2 worker process(es) of 1 thread(s)" in out  # no thread waits for another
     assert out.count("digits on photos (task 1/4)") == 6 and "[24/24]" in out  # a line per run: task i/N, method j/M
     figure = tmp_path / "layer_map.png"
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrained_demo_workers_start_from_preloaded_libraries_with_one_blas_thread_and_freed_memory_kept():
+    module = _pretrained_demo()
+    # the forkserver skips a preload it cannot import without a word: every name must import
+    assert all(importlib.util.find_spec(name) is not None for name in module.PRELOAD)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(None):  # the test process's BLAS limits are put back afterwards
+        module._start(module.parse_args(["--quick", "--threads", "1"]), base=torch.nn.Identity(), tasks={})
+        blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        assert blas and all(p["num_threads"] == 1 for p in blas), blas  # the probe's fit: one thread, as torch's
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = type("MallInfo2", (ctypes.Structure,), {"_fields_": [
+            (f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                           "uordblks", "fordblks", "keepcost")]})
+    except (AttributeError, OSError):
+        pytest.skip("glibc >= 2.33 only (mallinfo2)")
+    mapped = libc.mallinfo2().hblkhd
+    x = torch.ones(12 << 20)  # 48 MiB: above glibc's largest mmap threshold, so mapped afresh unless kept from the heap
+    assert libc.mallinfo2().hblkhd == mapped, "keep_freed_memory() did not take: the buffer got its own mapping"
+    del x
 
 
 def test_pretrained_demo_selection_touches_no_test_split(tmp_path, monkeypatch):
