@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 
-
 def default_workers() -> int:
     """One worker per core this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -587,8 +586,8 @@ def run_all(runs: list[Run], args: argparse.Namespace, base: nn.Module, tasks: d
         for i in order:
             finished(i, execute(runs[i]))
     else:
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context(START_METHOD), initializer=_start,
-                                 initargs=(args,)) as pool:
+        context = multiprocessing.get_context(START_METHOD)
+        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start, initargs=(args,)) as pool:
             futures = {pool.submit(execute, runs[i]): i for i in order}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
