@@ -139,9 +139,9 @@ def test_pretrained_demo_workers_fork_from_preloaded_libraries_on_one_blas_threa
 def test_pretrained_demo_keep_freed_memory_gives_large_buffers_no_mapping_of_their_own():
     # in a fresh process: the setting cannot be undone, and the test process keeps glibc's defaults
     script = f"""
-import ctypes, importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("pretrained_demo", {str(DEMO.parent / "pretrained_demo.py")!r})
-module = importlib.util.module_from_spec(spec); sys.modules["pretrained_demo"] = module; spec.loader.exec_module(module)
+import ctypes, sys, torch
+sys.path.insert(0, {str(DEMO.parent)!r})
+import pretrained_demo as module
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = type("MallInfo2", (ctypes.Structure,), {{"_fields_": [(f, ctypes.c_size_t) for f in (
     "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]}})
