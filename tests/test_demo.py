@@ -90,8 +90,10 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsy
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results == json.loads(json.dumps(report))
-    assert set(results) == {"base", "protocol", "tasks", "summary", "seconds"}
+    assert set(results) == {"base", "protocol", "tasks", "summary", "selection_check", "seconds"}
     assert results["base"]["name"] == "tf_efficientnet_lite0" and results["base"]["pretrained"] is True
+    assert results["selection_check"] == {"compared": 0, "why": "the recipe differs from the selection's: size, "
+                                          "steps, limit"}  # --quick's: nothing to compare with the committed one
     assert list(results["tasks"]) == ["digits on photos", "digit rotation", "digits", "textures"]
     assert [r["hard"] for r in results["tasks"].values()] == [True, True, False, False]
     assert {"splits", "selection", "grids", "head_only", "budget"} <= set(results["protocol"])
@@ -185,6 +187,34 @@ def test_pretrained_demo_selection_touches_no_test_split(tmp_path, monkeypatch):
     (_, validation, _), = loaded
     assert len(scored) == 4 * len(module.METHODS) and all(labels is validation[1] for labels in scored)  # 4 settings each
     assert json.loads((tmp_path / "selection.json").read_text())["tasks"]["textures"] == json.loads(json.dumps(entry))
+
+
+def test_pretrained_demo_checks_that_the_selection_reproduces(tmp_path, capsys):
+    """A job reading a selection compares its chosen runs' validation accuracies with those the selection recorded
+    (seeded runs: equal to the last digit on the same recipe and machine), names those that differ, and compares
+    nothing when the recipe differs (here the image size)."""
+    module = _pretrained_demo()
+    common = ["--quick", "--workers", "1", "--tasks", "textures", "--methods", "full_ft", "head_only"]
+    threads = torch.get_num_threads()
+    try:
+        module.main([*common, "--select", "--out", str(tmp_path / "select")])
+        report = module.main([*common, "--selection", str(tmp_path / "select" / "selection.json"), "--out",
+                              str(tmp_path / "job")])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["selection_check"] == {"compared": 2, "reproduced": 2, "differ": {}}
+    assert "validation accuracies of the chosen settings equal to selection.json's: 2/2" in capsys.readouterr().out
+    selection = module.read_selection(module.parse_args(["--selection", str(tmp_path / "select" / "selection.json")]))
+    config = json.loads((tmp_path / "job" / "details.json").read_text())["config"]
+    details = json.loads((tmp_path / "job" / "details.json").read_text())["tasks"]
+    entry = selection["tasks"]["textures"]["full_ft"]
+    next(r for r in entry["validation"] if r["setting"] == entry["chosen"])["accuracy"] -= 0.25
+    check = module.selection_check(selection, config, details)
+    assert check["reproduced"] == 1 and list(check["differ"]) == ["full_ft on textures"]
+    assert check["differ"]["full_ft on textures"]["this run"] == details["textures"]["validation"]["full_ft"]
+    assert module.selection_check(selection, {**config, "size": 48}, details) == {
+        "compared": 0, "why": "the recipe differs from the selection's: size"}
+    assert module.selection_check({**selection, "per_seed": True}, config, details) is None
 
 
 def test_pretrained_demo_selects_taps_lowrank_within_loras_bytes():
