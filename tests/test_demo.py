@@ -116,6 +116,7 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsy
     assert workers_cpu < results["seconds"]["cpu"] <= own_cpu + workers_cpu  # (its plots come after the report)
     out = capsys.readouterr().out
     assert "NOT met" not in out and "goal" not in out.lower()  # results, not acceptance criteria
+    assert "not compared with pretrained_selection.json's: the recipe differs from the selection's: size" in out
     assert "\r" not in out and "2 worker process(es) of 1 thread(s)" in out  # no thread waits for another
     assert out.count("digits on photos (task 1/4)") == 6 and "[24/24]" in out  # a line per run: task i/N, method j/M
     figure = tmp_path / "layer_map.png"
@@ -191,29 +192,37 @@ def test_pretrained_demo_selection_touches_no_test_split(tmp_path, monkeypatch):
 
 def test_pretrained_demo_checks_that_the_selection_reproduces(tmp_path, capsys):
     """A job reading a selection compares its chosen runs' validation accuracies with those the selection recorded
-    (seeded runs: equal to the last digit on the same recipe and machine), names those that differ, and compares
-    nothing when the recipe differs (here the image size)."""
+    for the chosen settings (seeded runs: equal to the last digit on the same recipe and machine), names those that
+    differ, and compares nothing when the recipe differs (here the image size) or the selection records none."""
     module = _pretrained_demo()
     common = ["--quick", "--workers", "1", "--tasks", "textures", "--methods", "full_ft", "head_only"]
+    path = tmp_path / "select" / "selection.json"
     threads = torch.get_num_threads()
     try:
         module.main([*common, "--select", "--out", str(tmp_path / "select")])
-        report = module.main([*common, "--selection", str(tmp_path / "select" / "selection.json"), "--out",
-                              str(tmp_path / "job")])
+        report = module.main([*common, "--selection", str(path), "--out", str(tmp_path / "job")])
+        assert report["selection_check"] == {"compared": 2, "reproduced": 2, "differ": []}
+        out = capsys.readouterr().out
+        assert "validation accuracies of the chosen settings equal to selection.json's: 2/2\n" in out
+        selection = json.loads(path.read_text())
+        rows, chosen = selection["tasks"]["textures"]["full_ft"]["validation"], selection["tasks"]["textures"][
+            "full_ft"]["chosen"]
+        for row in rows:  # every setting but the chosen one is left alone: the check reads only the chosen row
+            row["accuracy"] -= 0.25 if row["setting"] == chosen else -0.5
+        path.write_text(json.dumps(selection))
+        report = module.main([*common, "--selection", str(path), "--out", str(tmp_path / "job2")])
     finally:
         torch.set_num_threads(threads)
-    assert report["selection_check"] == {"compared": 2, "reproduced": 2, "differ": {}}
-    assert "validation accuracies of the chosen settings equal to selection.json's: 2/2" in capsys.readouterr().out
-    selection = module.read_selection(module.parse_args(["--selection", str(tmp_path / "select" / "selection.json")]))
-    config = json.loads((tmp_path / "job" / "details.json").read_text())["config"]
-    details = json.loads((tmp_path / "job" / "details.json").read_text())["tasks"]
-    entry = selection["tasks"]["textures"]["full_ft"]
-    next(r for r in entry["validation"] if r["setting"] == entry["chosen"])["accuracy"] -= 0.25
-    check = module.selection_check(selection, config, details)
-    assert check["reproduced"] == 1 and list(check["differ"]) == ["full_ft on textures"]
-    assert check["differ"]["full_ft on textures"]["this run"] == details["textures"]["validation"]["full_ft"]
+    validation = json.loads((tmp_path / "job2" / "details.json").read_text())["tasks"]["textures"]["validation"]
+    assert report["selection_check"]["reproduced"] == 1 and report["selection_check"]["differ"] == [
+        {"task": "textures", "method": "full_ft", "selection": validation["full_ft"] - 0.25,
+         "this run": validation["full_ft"]}]
+    assert "equal to selection.json's: 1/2; not for full FT on textures (this machine" in capsys.readouterr().out
+    config = json.loads((tmp_path / "job2" / "details.json").read_text())["config"]
+    details = json.loads((tmp_path / "job2" / "details.json").read_text())["tasks"]
     assert module.selection_check(selection, {**config, "size": 48}, details) == {
         "compared": 0, "why": "the recipe differs from the selection's: size"}
+    assert module.selection_check({"tasks": selection["tasks"]}, config, details)["compared"] == 0
     assert module.selection_check({**selection, "per_seed": True}, config, details) is None
 
 
