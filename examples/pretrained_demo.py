@@ -823,25 +823,22 @@ def selection_check(selection: dict[str, Any], config: dict[str, Any],
         >>> selection_check(selection, {"size": 64}, {"digits": {"validation": {"lora": 0.8}}})["differ"]
         [{'task': 'digits', 'method': 'lora', 'selection': 0.9, 'this run': 0.8}]
     """
-    if selection.get("per_seed") or not selection:
+    if not selection or selection.get("per_seed"):
         return None
     if "config" not in selection:
         return {"compared": 0, "why": "the selection records no recipe"}
     changed = [k for k in RECIPE if selection["config"].get(k) != config.get(k)]
     if changed:
         return {"compared": 0, "why": f"the recipe differs from the selection's: {', '.join(changed)}"}
-    differ: list[dict[str, Any]] = []
-    compared = 0
+    pairs = []  # (task, method, the selection's accuracy, this run's) of every run the selection chose
     for task, detail in details.items():
         for method, accuracy in detail["validation"].items():
-            entry = selection.get("tasks", {}).get(task, {}).get(method)
-            recorded = next((r["accuracy"] for r in entry["validation"] if r["setting"] == entry["chosen"]),
-                            None) if entry else None
-            if recorded is not None:
-                compared += 1
-                if recorded != accuracy:
-                    differ.append({"task": task, "method": method, "selection": recorded, "this run": accuracy})
-    return {"compared": compared, "reproduced": compared - len(differ), "differ": differ}
+            setting, selected = chosen(selection, task, method)
+            rows = selection["tasks"][task][method]["validation"] if selected else []
+            pairs += [(task, method, r["accuracy"], accuracy) for r in rows if r["setting"] == setting]
+    differ = [{"task": t, "method": m, "selection": recorded, "this run": accuracy}
+              for t, m, recorded, accuracy in pairs if recorded != accuracy]
+    return {"compared": len(pairs), "reproduced": len(pairs) - len(differ), "differ": differ}
 
 
 def check_line(check: dict[str, Any], source: str) -> str:

@@ -213,13 +213,12 @@ def test_pretrained_demo_checks_that_the_selection_reproduces(tmp_path, capsys):
         report = module.main([*common, "--selection", str(path), "--out", str(tmp_path / "job2")])
     finally:
         torch.set_num_threads(threads)
-    validation = json.loads((tmp_path / "job2" / "details.json").read_text())["tasks"]["textures"]["validation"]
+    written = json.loads((tmp_path / "job2" / "details.json").read_text())
+    config, details, validation = written["config"], written["tasks"], written["tasks"]["textures"]["validation"]
     assert report["selection_check"]["reproduced"] == 1 and report["selection_check"]["differ"] == [
         {"task": "textures", "method": "full_ft", "selection": validation["full_ft"] - 0.25,
          "this run": validation["full_ft"]}]
     assert "equal to selection.json's: 1/2; not for full FT on textures (this machine" in capsys.readouterr().out
-    config = json.loads((tmp_path / "job2" / "details.json").read_text())["config"]
-    details = json.loads((tmp_path / "job2" / "details.json").read_text())["tasks"]
     assert module.selection_check(selection, {**config, "size": 48}, details) == {
         "compared": 0, "why": "the recipe differs from the selection's: size"}
     assert module.selection_check({"tasks": selection["tasks"]}, config, details)["compared"] == 0

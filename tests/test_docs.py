@@ -13,28 +13,32 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
 
 import taps_peft
 import taps_peft.training
-import torch
-import torch.nn.functional as F
 from conftest import tiny_timm_vit
-from peft import PeftModel, get_peft_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"taps_peft": taps_peft, "taps_peft.training": taps_peft.training}
 
 
+def blocks(doc: Path) -> list[str]:
+    """The ```python blocks of a Markdown file, in order."""
+    return re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+
+
 def python_blocks() -> list:
     return [pytest.param(code, id=f"{doc.name}#{i}")
             for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-            for i, code in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), re.S))]
+            for i, code in enumerate(blocks(doc))]
 
 
 def block(doc: str, containing: str) -> str:
     """The ```python block of ``doc`` (relative to the checkout) that contains ``containing``."""
-    return next(code for code in re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
-                if containing in code)
+    return next(code for code in blocks(ROOT / doc) if containing in code)
 
 
 def dotted(node: ast.AST) -> str:
