@@ -10,6 +10,9 @@ Example:
     >>> taps_peft.print_taps_summary(model)  # doctest: +SKIP
 """
 
+import importlib
+from typing import Any
+
 from .batchnorm import recalibrate_batchnorm
 from .budget import budget_usage
 from .hub.card import save_model_card
@@ -22,6 +25,14 @@ from .trust import BaseModelMismatchWarning
 from .tuner.registration import register as _register
 
 _register()
+
+
+def __getattr__(name: str) -> Any:
+    """``taps_peft.training`` on first use, as the docs and warnings write it (it imports Accelerate and the Trainer,
+    which ``import taps_peft`` does not need)."""
+    if name == "training":
+        return importlib.import_module(f"{__name__}.training")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.2.0"
 __all__ = [

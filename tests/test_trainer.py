@@ -8,7 +8,10 @@ Torch runs with one thread (a shared 2-core machine).
 
 import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import taps_peft
-from conftest import tiny_hf_vit
+from conftest import HANG, tiny_hf_vit
 from taps_peft.training import TAPSCallback, TAPSTrainer, unwrap_taps_model
 
 STEPS, SAVE_EVERY, LR = 20, 10, 1e-2
@@ -217,6 +220,19 @@ def test_lam_warmup_without_the_training_length_warns_once(tmp_path):
     with pytest.warns(UserWarning, match=r"lam_warmup=0.5 .*training length is unknown.*TAPSCallback") as seen:
         stock_run(tmp_path, config={"lam_warmup": 0.5}, max_steps=3)
     assert sum("lam_warmup" in str(w.message) for w in seen) == 1
+
+
+def test_the_warnings_callback_is_reachable_as_written_after_import_taps_peft():
+    """The warning above (and the docs) write ``taps_peft.training.TAPSCallback()``: after a bare ``import taps_peft``
+    that attribute loads the training package on first use, and only then."""
+    script = ("import sys, taps_peft\nassert 'taps_peft.training' not in sys.modules\n"
+              "print(taps_peft.training.TAPSCallback.__name__)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["TAPSCallback"], out.stderr
+    with pytest.raises(AttributeError, match="has no attribute 'trianing'"):
+        taps_peft.trianing  # noqa: B018  (a typo stays an AttributeError)
 
 
 def test_resume_from_a_checkpoint_is_exact_with_inactive_deltas(tmp_path):
