@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -455,6 +456,21 @@ def test_save_keeps_only_active_deltas_and_loads_without_warnings(tmp_path, imag
     assert all(p.device.type != "meta" for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
+
+
+def test_saving_with_every_gate_closed_warns_and_names_the_knobs(tmp_path):
+    """An adapter whose gates all closed (the 🤗 Trainer's default lr 5e-5 does that on the main job) holds no delta:
+    saving it says so, and what keeps layers open; one open gate is a normal save."""
+    model = get_peft_model(tiny_timm_vit(), TAPSConfig(lam=0.5))
+    set_scores(model, 0.05)
+    with pytest.warns(UserWarning, match=r"'default' is saved with no task-specific layer: every gate is closed "
+                                         r"\(each score < tau=0\.1\).*smaller lam \(now 0\.5\)"):
+        model.save_pretrained(tmp_path / "closed")
+    with torch.no_grad():
+        taps_layers(model)[0].taps_scores["default"].fill_(0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "one_open")
 
 
 def test_torch_compile_trains_like_eager():
