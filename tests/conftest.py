@@ -1,6 +1,7 @@
 """Tiny random-init models shared by the tests (nothing is downloaded)."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,7 +10,16 @@ import torch  # noqa: E402
 
 import taps_peft  # noqa: E402,F401  (registers TAPS with PEFT)
 
+REPO = Path(__file__).resolve().parents[1]
 HANG = 3600  # subprocess timeout: a guard against a hang, never a speed bound (a busy machine must not fail)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child Python, ``extra`` variables added and the checkout first on its path
+    (the child imports this checkout's taps_peft, installed or not)."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI machines are shared
 
 

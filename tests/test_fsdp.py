@@ -6,12 +6,10 @@ torch directly, launched by ``torch.distributed.run``.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +17,9 @@ from peft import PeftModel
 
 import taps_peft  # noqa: F401  (registers TAPS)
 
-from conftest import HANG
+from conftest import HANG, REPO, subprocess_env
 
 timm = pytest.importorskip("timm")
-REPO = Path(__file__).resolve().parents[1]
 
 
 SCRIPT = textwrap.dedent('''
@@ -93,8 +90,7 @@ def _free_port() -> int:
 def test_fsdp2_two_ranks_train_like_one_process_and_save_an_adapter(tmp_path):
     script = tmp_path / "fsdp_train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=HANG)

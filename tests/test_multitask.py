@@ -5,11 +5,9 @@ the per-task heads have different shapes. Torch runs with one thread (the shared
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +21,8 @@ from taps_peft.tuner import layer as taps_layer  # noqa: E402
 from taps_peft.training import (  # noqa: E402
     base_state_dict, load_joint, save_joint, train_joint, train_shared_then_incremental,
 )
-from conftest import HANG  # noqa: E402
+from conftest import HANG, REPO, subprocess_env  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 TASKS = ("task1", "task2")
 
@@ -255,8 +252,7 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     (Without DDP's all-reduce the two ranks' parameters differ in 38 of 52 tensors after these 3 steps.)"""
     script = tmp_path / "ddp_joint.py"
     script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]

@@ -28,9 +28,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from taps_peft.training.cli import STATE_PREFIX, TrainArgs, main, parse_args, train  # noqa: E402
 
-from conftest import HANG
+from conftest import HANG, REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 
 VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}'
 
@@ -207,8 +206,7 @@ def test_ddp_two_processes_match_single_process(data, tmp_path, freeze):
            "--dataset", f"imagefolder:{data}", "--cache-dir", str(data.parent / "hf_cache"),
            "--optimizer", "sgd", "--lr", "0.05", "--score-lr", "0.2", "--lam", "0.5", "--max-steps", "8",
            "--log-every", "1", "--eval-split", "none", "--freeze-gates-at", freeze]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(_free_port())]

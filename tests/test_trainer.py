@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import taps_peft
-from conftest import HANG, tiny_hf_vit
+from conftest import HANG, subprocess_env, tiny_hf_vit
 from taps_peft.training import TAPSCallback, TAPSTrainer, unwrap_taps_model
 
 STEPS, SAVE_EVERY, LR = 20, 10, 1e-2
@@ -227,9 +226,8 @@ def test_the_warnings_callback_is_reachable_as_written_after_import_taps_peft():
     that attribute loads the training package on first use, and only then."""
     script = ("import sys, taps_peft\nassert 'taps_peft.training' not in sys.modules\n"
               "print(taps_peft.training.TAPSCallback.__name__)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG, env=env)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG,
+                         env=subprocess_env())
     assert out.returncode == 0 and out.stdout.split() == ["TAPSCallback"], out.stderr
     with pytest.raises(AttributeError, match="has no attribute 'trianing'"):
         taps_peft.trianing  # noqa: B018  (a typo stays an AttributeError)
