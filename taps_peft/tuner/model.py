@@ -206,7 +206,8 @@ class TAPSModel(BaseTuner):
         trust.saving(config, model, adapter_name)
         scores = f".taps_scores.{adapter_name}"
         score_keys = [k for k in selected if k.endswith(scores)]
-        if score_keys and all(float(selected[k].float().max()) < config.tau for k in score_keys):
+        closed = {k for k in score_keys if float(selected[k].float().max()) < config.tau}  # one host read per score
+        if score_keys and len(closed) == len(score_keys):
             warnings.warn(
                 f"TAPS adapter {adapter_name!r} is saved with no task-specific layer: every gate is closed (each score "
                 f"< tau={config.tau:g}), so it holds only its norms and head. A larger learning rate for the deltas "
@@ -219,7 +220,7 @@ class TAPSModel(BaseTuner):
         for key in score_keys:
             name = key[: -len(scores)]
             keys = [f"{name}.{p}.{adapter_name}" for p in DELTA_PARAMS]
-            if float(selected[key].float().max()) < config.tau:
+            if key in closed:
                 for k in keys:
                     selected.pop(k, None)
             elif not any(k in selected for k in keys):  # open, but loaded for inference when closed: a zero delta
